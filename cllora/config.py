@@ -1,0 +1,314 @@
+"""Run configuration: dataclasses that hold every default, overridden by YAML and ``key=value``.
+
+Usage::
+
+    from cllora.config import load_config, save_config
+
+    cfg = load_config("examples/demo.yaml", ["train.lr=5e-4", "fed.rounds=2"])
+    cfg.train.lr          # 0.0005
+    save_config(cfg, run_dir / "config.yaml")
+
+Precedence: dataclass defaults < YAML file < ``key=value`` overrides (values are parsed as YAML,
+so ``lora.target_modules=[q_proj,v_proj]`` gives a list). Every key is validated: an unknown key
+or a bad value raises :class:`ConfigError` naming the key and what is allowed. The reference of
+all keys is in README.md ("Config reference"); ``cllora config`` prints the resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist or a value it does not allow."""
+
+
+@dataclass
+class ModelConfig:
+    # "smollm2-135m" (embedded), "tiny-llama" / "tiny-qwen2" / "tiny-mistral" (random, for tests),
+    # a local Hugging Face model directory, or a hub id already in the local HF cache.
+    name: str = "smollm2-135m"
+    dtype: Literal["fp32", "bf16"] = "bf16"
+    attn: Literal["sdpa", "eager"] = "sdpa"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # "all-linear" (every nn.Linear in the decoder layers, never the LM head) or a list of
+    # module-name suffixes such as [q_proj, v_proj].
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class DataConfig:
+    # "builtin" (Python's own documentation, ships with Python), a file, or a directory of files.
+    path: str = "builtin"
+    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
+    # Record shape; "auto" detects question/answer, instruction/input/output, messages, text.
+    shape: Literal["auto", "qa", "alpaca", "messages", "text"] = "auto"
+    # Explicit field mapping for the chosen shape, e.g. {question: Q, answer: A}.
+    fields: dict[str, str] = field(default_factory=dict)
+    max_length: int = 256
+    # What to do with a sample longer than max_length tokens (counted and reported either way).
+    overlong: Literal["truncate", "drop", "error"] = "truncate"
+    # Loss on the response tokens only (True) or on every token (False).
+    response_only: bool = True
+    # Optional cap on the number of records read (a seeded random subset), 0 = all.
+    max_records: int = 0
+
+
+@dataclass
+class PartitionConfig:
+    # "field": one client per distinct value of `field` (natural data owners);
+    # "iid": records shuffled and dealt evenly to `num_clients` clients.
+    method: Literal["field", "iid"] = "field"
+    field: str = "source"
+    num_clients: int = 4
+    test_fraction: float = 0.1
+    # Caps per client (0 = no cap); keep CPU runs short.
+    max_train_per_client: int = 0
+    max_test_per_client: int = 0
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = 8
+    batch_size: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_batch_size: int = 8
+    # torch CPU threads (0 = leave torch's default).
+    threads: int = 0
+
+
+@dataclass
+class FedConfig:
+    rounds: int = 3
+    # Fraction of the clients sampled each round (at least one client).
+    sample_fraction: float = 1.0
+    strategy: Literal["fedavg"] = "fedavg"
+    # How clients are weighted in the aggregate.
+    weighting: Literal["samples", "uniform"] = "samples"
+    # Evaluate the global model before the first round (round 0).
+    eval_initial: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    seed: int = 0
+    out_dir: str = "runs"
+    # Run directory name under out_dir; empty = "<timestamp>".
+    run_name: str = ""
+    progress: bool = True
+
+
+# Range checks that a type alone cannot express: key -> (predicate, what is allowed).
+_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "lora.r": (lambda v: v >= 1, "an integer >= 1"),
+    "lora.alpha": (lambda v: v > 0, "a number > 0"),
+    "lora.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "data.max_length": (lambda v: v >= 8, "an integer >= 8"),
+    "data.max_records": (lambda v: v >= 0, "an integer >= 0 (0 = all)"),
+    "partition.num_clients": (lambda v: v >= 1, "an integer >= 1"),
+    "partition.test_fraction": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "partition.max_train_per_client": (lambda v: v >= 0, "an integer >= 0 (0 = no cap)"),
+    "partition.max_test_per_client": (lambda v: v >= 0, "an integer >= 0 (0 = no cap)"),
+    "train.local_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "train.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "train.lr": (lambda v: v > 0, "a number > 0"),
+    "train.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "train.grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "train.eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "train.threads": (lambda v: v >= 0, "an integer >= 0 (0 = torch default)"),
+    "fed.rounds": (lambda v: v >= 1, "an integer >= 1"),
+    "fed.sample_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+}
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping of strings to strings"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key '{key}': got {value!r}; allowed: {_describe(tp)}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(key, v, typing.get_args(tp)[0]) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise bad
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise bad
+
+
+def _unknown(key: str, allowed: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], allowed, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; allowed here: {', '.join(allowed)}")
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    """Apply a nested mapping of updates onto dataclass ``obj`` in place, validating each key."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise _unknown(key, names)
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' is a section; give it a mapping of keys")
+            _merge(current, value, key + ".")
+            continue
+        setattr(obj, name, _coerce(key, value, hints[name]))
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, (ok, allowed) in _RANGES.items():
+        value = get_key(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"config key '{key}': got {value!r}; allowed: {allowed}")
+    if isinstance(cfg.lora.target_modules, str) and cfg.lora.target_modules != "all-linear":
+        raise ConfigError(
+            f"config key 'lora.target_modules': got {cfg.lora.target_modules!r}; allowed: "
+            "'all-linear' or a list of module names such as [q_proj, v_proj]"
+        )
+    if isinstance(cfg.lora.target_modules, list) and not cfg.lora.target_modules:
+        raise ConfigError("config key 'lora.target_modules': the list is empty")
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    """Value of a dotted key such as ``"train.lr"``."""
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=1e-3", "fed.rounds=2"]`` into a nested mapping (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override")
+        node[parts[-1]] = value
+    return nested
+
+
+def config_from_dict(updates: dict[str, Any] | None = None) -> Config:
+    """Defaults updated by a nested mapping (as read from YAML), validated."""
+    cfg = Config()
+    if updates:
+        if not isinstance(updates, dict):
+            raise ConfigError("the config must be a mapping of sections (model:, data:, ...)")
+        _merge(cfg, updates)
+    _check_ranges(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML file at ``path`` < ``key=value`` overrides; validated."""
+    merged: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of sections (model:, data:, ...)")
+        merged = loaded
+    cfg = config_from_dict(merged)
+    if overrides:
+        _merge(cfg, parse_overrides(overrides))
+        _check_ranges(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict of the resolved config (what is written to ``config.yaml``)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML; ``load_config(path)`` reads it back to an equal Config."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
