@@ -64,6 +64,8 @@ class DataConfig:
     overlong: Literal["truncate", "drop", "error"] = "truncate"
     # Loss on the response tokens only (True) or on every token (False).
     response_only: bool = True
+    # A malformed record (bad JSON, missing fields): stop with its file:line, or skip it and warn.
+    on_malformed: Literal["error", "skip"] = "error"
     # Optional cap on the number of records read (a seeded random subset), 0 = all.
     max_records: int = 0
 
@@ -259,7 +261,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-3)")
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. train.lr=1e-3)"
+            )
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key:
@@ -295,7 +299,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file not found: {path}")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the config must be a mapping of sections (model:, data:, ...)")
+            raise ConfigError(
+                f"{path}: the config must be a mapping of sections (model:, data:, ...)"
+            )
         merged = loaded
     cfg = config_from_dict(merged)
     if overrides:

@@ -14,3 +14,24 @@ def smol_tokenizer():
     from cllora.model.embedded import embedded_model_dir
 
     return AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+
+
+def tiny_run_overrides(tmp_path, **extra) -> list[str]:
+    """``key=value`` overrides for a fast run on a tiny random Llama and the builtin corpus."""
+    values = {
+        "model.name": "tiny-llama",
+        "model.dtype": "fp32",
+        "data.max_length": 64,
+        "partition.max_train_per_client": 12,
+        "partition.max_test_per_client": 4,
+        "train.local_steps": 3,
+        "train.batch_size": 2,
+        "train.lr": 5e-3,
+        "fed.rounds": 2,
+        "lora.r": 4,
+        "lora.dropout": 0.0,
+        "out_dir": str(tmp_path),
+        "progress": False,
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]

@@ -52,7 +52,9 @@ def embedded_model_dir() -> Path:
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
     gguf = embedded_gguf_path()
-    print(f"cllora: converting the embedded {EMBEDDED_NAME} from {gguf.name} (once) ...", flush=True)
+    print(
+        f"cllora: converting the embedded {EMBEDDED_NAME} from {gguf.name} (once) ...", flush=True
+    )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

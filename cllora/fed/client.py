@@ -1,0 +1,86 @@
+"""Local training of one client: start from the global adapter, run K AdamW steps, return.
+
+Usage::
+
+    from cllora.fed.client import client_update
+    update = client_update(model, global_state, client.train, cfg.train, pad_id, seed=123)
+    update.state        # the client's adapter after training (detached copy)
+    update.losses       # train loss of every local step
+
+``client_update`` is a function of (global adapter, client data, settings, seed) only: the shared
+base model is a workspace whose LoRA tensors it overwrites. A fresh AdamW is made per call (the
+optimizer state does not travel, as in FedAvg). A non-finite loss stops the client with
+:class:`NonFiniteLossError`, so the server can reject that update and go on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from cllora.config import TrainConfig
+from cllora.data.batching import batch_stream, collate
+from cllora.data.formatting import Sample
+from cllora.model.lora import lora_parameters, lora_state_dict, set_lora_state
+from cllora.model.loss import lm_loss_sum
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A local step produced a NaN or infinite loss; the client's update must be rejected."""
+
+
+@dataclass
+class ClientUpdate:
+    state: dict[str, torch.Tensor]
+    losses: list[float] = field(default_factory=list)
+    samples: int = 0  # training samples the client holds (the FedAvg weight)
+    tokens_seen: int = 0  # tokens in the batches it trained on
+    seconds: float = 0.0
+
+
+def client_update(
+    model: PreTrainedModel,
+    global_state: dict[str, torch.Tensor],
+    train: Sequence[Sample],
+    cfg: TrainConfig,
+    pad_id: int,
+    seed: int,
+    desc: str | None = None,
+    progress: bool = False,
+) -> ClientUpdate:
+    """Train the LoRA adapter from ``global_state`` on ``train`` for ``cfg.local_steps`` steps."""
+    start = time.perf_counter()
+    set_lora_state(model, global_state)
+    torch.manual_seed(seed)  # dropout
+    stream = batch_stream(train, cfg.batch_size, torch.Generator().manual_seed(seed))
+    params = lora_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    update = ClientUpdate(state={}, samples=len(train))
+    bar = tqdm(range(cfg.local_steps), desc=desc, leave=False, disable=not progress)
+    for step in bar:
+        b = collate(next(stream), pad_id)
+        loss_sum, n = lm_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
+        loss = loss_sum / max(n, 1)
+        if not torch.isfinite(loss):
+            model.eval()
+            raise NonFiniteLossError(f"loss is {float(loss)} at local step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        update.losses.append(float(loss.detach()))
+        update.tokens_seen += int(b["attention_mask"].sum())
+        bar.set_postfix(loss=f"{update.losses[-1]:.3f}")
+    model.eval()
+    update.state = lora_state_dict(model)
+    update.seconds = time.perf_counter() - start
+    return update
