@@ -36,7 +36,9 @@ class ModelConfig:
     # "smollm2-135m" (embedded), "tiny-llama" / "tiny-qwen2" / "tiny-mistral" (random, for tests),
     # a local Hugging Face model directory, or a hub id already in the local HF cache.
     name: str = "smollm2-135m"
-    dtype: Literal["fp32", "bf16"] = "bf16"
+    # "auto": bf16 on CUDA, fp32 on CPU. Measured on the 2-core AVX2 CPU (no native bf16):
+    # a LoRA training step of SmolLM2-135M at 256 tokens takes 1.7 s in fp32 and 46 s in bf16.
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
     attn: Literal["sdpa", "eager"] = "sdpa"
 
 

@@ -36,6 +36,13 @@ from cllora.model.embedded import EMBEDDED_NAME, embedded_model_dir
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """torch dtype for ``model.dtype``; ``auto`` is bf16 on CUDA and fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
 class ModelNotFoundError(FileNotFoundError):
     """The model is neither embedded, tiny, a local directory nor in the local HF cache."""
 
@@ -95,7 +102,7 @@ def load_model(
     cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, Any]:
     """Load the base model (frozen, eval mode) and its tokenizer as ``cfg`` says."""
-    dtype = DTYPES[cfg.dtype]
+    dtype = resolve_dtype(cfg.dtype, device)
     name = cfg.name
     tokenizer = _load_tokenizer_checked(name)
     if name.startswith("tiny-"):
