@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from cllora.data.readers import DataError
+    from cllora.fed.server import TooFewClientsError
     from cllora.model.load import ModelNotFoundError
 
     try:
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelNotFoundError, FileExistsError) as err:
         print(f"cllora: error: {err}", file=sys.stderr)
         return 2
+    except TooFewClientsError as err:
+        print(f"cllora: stopped: {err}", file=sys.stderr)
+        return 1
 
 
 def _run(cfg) -> int:

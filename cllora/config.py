@@ -50,6 +50,11 @@ class LoraConfig:
     # "all-linear" (every nn.Linear in the decoder layers, never the LM head) or a list of
     # module-name suffixes such as [q_proj, v_proj].
     target_modules: str | list[str] = "all-linear"
+    # Heterogeneous ranks: client i trains rank client_ranks[i % len] (empty = every client
+    # trains rank r). The global adapter keeps rank r under `exact` (SVD re-factoring) and grows
+    # to the largest rank under the FedAvg family (zero-padding); a client whose rank is below
+    # the global one receives the global adapter truncated to its rank by SVD.
+    client_ranks: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -102,9 +107,28 @@ class FedConfig:
     rounds: int = 3
     # Fraction of the clients sampled each round (at least one client).
     sample_fraction: float = 1.0
-    strategy: Literal["fedavg"] = "fedavg"
-    # How clients are weighted in the aggregate.
-    weighting: Literal["samples", "uniform"] = "samples"
+    # fedavg: average A and B; fedprox: fedavg plus the proximal term prox_mu on the clients;
+    # fedavgm / fedadam / fedyogi / fedadagrad: server optimizers on the averaged update;
+    # exact: SVD re-factoring of the weighted sum of B A; frozen_a: A frozen, only B averaged.
+    strategy: Literal[
+        "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "exact", "frozen_a"
+    ] = "fedavg"
+    # How clients are weighted in the aggregate: by training samples, by training tokens, by the
+    # measured quality score (1 / perplexity of the initial model on the client's responses).
+    weighting: Literal["samples", "tokens", "quality", "uniform"] = "samples"
+    prox_mu: float = 0.01
+    # Server learning rate; empty = 1.0 for fedavgm, 0.01 for fedadam/fedyogi/fedadagrad.
+    server_lr: float | None = None
+    server_momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    # The run stops (with a checkpoint of the last complete round) when fewer clients than this
+    # finish a round's local training.
+    min_clients: int = 1
+    # Simulated client failures: the probability that a sampled client crashes halfway through
+    # its local training in a round (seeded), to study and test robustness to dropped clients.
+    client_failure_rate: float = 0.0
     # Evaluate the global model before the first round (round 0).
     eval_initial: bool = True
 
@@ -144,6 +168,15 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.threads": (lambda v: v >= 0, "an integer >= 0 (0 = torch default)"),
     "fed.rounds": (lambda v: v >= 1, "an integer >= 1"),
     "fed.sample_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "fed.prox_mu": (lambda v: v >= 0, "a number >= 0"),
+    "fed.server_lr": (lambda v: v is None or v > 0, "a number > 0, or empty for the default"),
+    "fed.server_momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "fed.beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "fed.beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "fed.tau": (lambda v: v > 0, "a number > 0"),
+    "fed.min_clients": (lambda v: v >= 1, "an integer >= 1"),
+    "fed.client_failure_rate": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "lora.client_ranks": (lambda v: all(r >= 1 for r in v), "a list of integers >= 1"),
 }
 
 
@@ -157,9 +190,8 @@ def _describe(tp: Any) -> str:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
     if origin is dict:
         return "a mapping of strings to strings"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-        tp, str(tp)
-    )
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(tp, "empty (null)" if tp is type(None) else str(tp))
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -187,6 +219,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         ):
             raise bad
         return dict(value)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -11,6 +11,12 @@ Usage::
 base model is a workspace whose LoRA tensors it overwrites. A fresh AdamW is made per call (the
 optimizer state does not travel, as in FedAvg). A non-finite loss stops the client with
 :class:`NonFiniteLossError`, so the server can reject that update and go on.
+
+Options: ``prox_mu`` adds FedProx's proximal term ``mu/2 * ||theta - theta_global||^2`` over the
+adapter (mu = 0 is plain FedAvg training); ``freeze_a`` trains only B (FFA-LoRA, for the
+``frozen_a`` strategy); ``fail_after=k`` makes the client crash after k local steps with
+:class:`SimulatedClientFailure` (the server's simulated client failures). The state passed in
+may have another rank than the model's LoRA modules: they are resized to it.
 """
 
 from __future__ import annotations
@@ -26,12 +32,16 @@ from transformers import PreTrainedModel
 from cllora.config import TrainConfig
 from cllora.data.batching import batch_stream, collate
 from cllora.data.formatting import Sample
-from cllora.model.lora import lora_parameters, lora_state_dict, set_lora_state
+from cllora.model.lora import lora_modules, lora_state_dict, set_lora_state
 from cllora.model.loss import lm_loss_sum
 
 
 class NonFiniteLossError(FloatingPointError):
     """A local step produced a NaN or infinite loss; the client's update must be rejected."""
+
+
+class SimulatedClientFailure(RuntimeError):
+    """A client crash injected by ``fed.client_failure_rate`` (robustness experiments, tests)."""
 
 
 @dataclass
@@ -50,30 +60,44 @@ def client_update(
     cfg: TrainConfig,
     pad_id: int,
     seed: int,
+    *,
+    prox_mu: float = 0.0,
+    freeze_a: bool = False,
+    fail_after: int | None = None,
     desc: str | None = None,
     progress: bool = False,
 ) -> ClientUpdate:
     """Train the LoRA adapter from ``global_state`` on ``train`` for ``cfg.local_steps`` steps."""
     start = time.perf_counter()
-    set_lora_state(model, global_state)
+    set_lora_state(model, global_state, resize=True)
     torch.manual_seed(seed)  # dropout
     stream = batch_stream(train, cfg.batch_size, torch.Generator().manual_seed(seed))
-    params = lora_parameters(model)
-    for p in params:
-        p.requires_grad_(True)
+    params = []
+    for m in lora_modules(model).values():
+        m.lora_A.requires_grad_(not freeze_a)
+        m.lora_B.requires_grad_(True)
+        params += [m.lora_B] if freeze_a else [m.lora_A, m.lora_B]
+    anchors = [p.detach().clone() for p in params] if prox_mu > 0 else []
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     update = ClientUpdate(state={}, samples=len(train))
     bar = tqdm(range(cfg.local_steps), desc=desc, leave=False, disable=not progress)
     for step in bar:
+        if fail_after is not None and step >= fail_after:
+            model.eval()
+            raise SimulatedClientFailure(f"simulated crash after {step} local steps")
         b = collate(next(stream), pad_id)
         loss_sum, n = lm_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
         loss = loss_sum / max(n, 1)
         if not torch.isfinite(loss):
             model.eval()
             raise NonFiniteLossError(f"loss is {float(loss)} at local step {step}")
+        objective = loss
+        if anchors:
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+            objective = loss + 0.5 * prox_mu * prox
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()

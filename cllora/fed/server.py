@@ -14,8 +14,13 @@ between the clients and the server (their bytes are counted every round). Each r
 samples ``ceil(sample_fraction * N)`` clients (seeded), each trains from the global adapter with
 :func:`cllora.fed.client.client_update`, the updates are aggregated by the strategy, and the
 global model is evaluated on every client's test set and on their union (``__global__``).
-A client whose loss goes NaN/inf is rejected for that round and logged; a round with no
-successful client stops the run with an error.
+Strategies (``fed.strategy``) are the pure functions of :mod:`cllora.fed.strategy`; the server
+keeps the server optimizer's state between rounds and passes each client's LoRA scaling so that
+heterogeneous ranks (``lora.client_ranks``) aggregate correctly. A client whose local training
+raises (a NaN/inf loss, a simulated crash, any exception) is left out of that round and logged
+(``client_failed``); when fewer than ``fed.min_clients`` clients succeed, the run stops with
+:class:`TooFewClientsError`, keeping the checkpoint of the last complete round (written after
+every round into ``checkpoint/``).
 """
 
 from __future__ import annotations
@@ -31,13 +36,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cllora.config import Config, save_config
+from cllora.config import Config, ConfigError, save_config
 from cllora.data.formatting import build_samples
 from cllora.data.partition import Client, make_clients
 from cllora.data.readers import load_records
 from cllora.eval import EvalResult, evaluate
-from cllora.fed.client import ClientUpdate, NonFiniteLossError, client_update
-from cllora.fed.strategy import client_weights, fedavg
+from cllora.fed.checkpoint import save_checkpoint
+from cllora.fed.client import ClientUpdate, client_update
+from cllora.fed.strategy import StrategyOptions, aggregate, client_weights, to_client_rank
 from cllora.model.adapter import save_adapter
 from cllora.model.load import load_model
 from cllora.model.lora import inject_lora, lora_state_dict, set_lora_state, state_nbytes
@@ -99,20 +105,48 @@ def sample_clients(n: int, fraction: float, rng: random.Random) -> list[int]:
     return sorted(rng.sample(range(n), k)) if k < n else list(range(n))
 
 
+def global_rank(cfg: Config) -> int:
+    """Rank of the global adapter: lora.r, or the largest client rank if that is larger."""
+    return max([cfg.lora.r, *cfg.lora.client_ranks])
+
+
+def client_rank(cfg: Config, client_idx: int) -> int:
+    """Rank client ``client_idx`` trains (``lora.client_ranks`` cycled; else the global rank)."""
+    ranks = cfg.lora.client_ranks
+    return ranks[client_idx % len(ranks)] if ranks else global_rank(cfg)
+
+
+def strategy_options(cfg: Config) -> StrategyOptions:
+    """Server-optimizer settings from the config (default server lr per strategy)."""
+    f = cfg.fed
+    lr = f.server_lr if f.server_lr is not None else (1.0 if f.strategy == "fedavgm" else 0.01)
+    return StrategyOptions(
+        server_lr=lr, momentum=f.server_momentum, beta1=f.beta1, beta2=f.beta2, tau=f.tau
+    )
+
+
+def check_combination(cfg: Config) -> None:
+    """Settings that are valid alone but not together: a clear error before anything loads."""
+    if cfg.fed.strategy == "frozen_a" and len(set(cfg.lora.client_ranks)) > 1:
+        raise ConfigError(
+            "fed.strategy=frozen_a needs one rank for every client: A is shared and frozen, "
+            f"but lora.client_ranks={cfg.lora.client_ranks}"
+        )
+    if cfg.fed.min_clients > cfg.partition.num_clients and cfg.partition.method == "iid":
+        raise ConfigError(
+            f"fed.min_clients={cfg.fed.min_clients} exceeds partition.num_clients="
+            f"{cfg.partition.num_clients}"
+        )
+
+
 def prepare(cfg: Config) -> tuple[Any, Any, list[Client]]:
-    """Load the base model with LoRA injected, and the clients' data."""
+    """Load the base model with LoRA injected (at the global rank), and the clients' data."""
+    check_combination(cfg)
     model, tokenizer = load_model(cfg.model, seed=cfg.seed)
     torch.manual_seed(cfg.seed)  # LoRA A's initialisation
-    targets = inject_lora(
-        model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules
-    )
-    log.info(
-        "model %s (%s): LoRA r=%d on %d modules",
-        cfg.model.name,
-        cfg.model.dtype,
-        cfg.lora.r,
-        len(targets),
-    )
+    lora = cfg.lora
+    targets = inject_lora(model, global_rank(cfg), lora.alpha, lora.dropout, lora.target_modules)
+    log.info("model %s: LoRA r=%d on %d modules", cfg.model.name, global_rank(cfg), len(targets))
     records = load_records(cfg.data.path, cfg.data.format, cfg.data.on_malformed)
     if cfg.data.max_records and len(records) > cfg.data.max_records:
         records = random.Random(cfg.seed).sample(records, cfg.data.max_records)
@@ -128,9 +162,38 @@ def prepare(cfg: Config) -> tuple[Any, Any, list[Client]]:
     )
     log.info("data %s: %s", cfg.data.path, stats)
     clients = make_clients(samples, cfg.partition, cfg.seed)
+    if cfg.fed.min_clients > len(clients):
+        raise ConfigError(
+            f"fed.min_clients={cfg.fed.min_clients} exceeds the {len(clients)} clients of the "
+            "partition"
+        )
     for c in clients:
         log.info("client %s: %d train, %d test samples", c.name, len(c.train), len(c.test))
     return model, tokenizer, clients
+
+
+def client_stats(
+    model: Any, clients: list[Client], pad_id: int, cfg: Config, metrics: MetricsLog
+) -> dict[str, dict[str, float]]:
+    """Per-client samples, tokens and (for quality weighting) the measured quality score.
+
+    Quality = 1 / perplexity of the initial global model (the base model: LoRA starts at zero)
+    on up to 32 of the client's training responses: needs no labels; noisy or off-distribution
+    data scores low.
+    """
+    stats = {}
+    for c in clients:
+        s = {"samples": float(len(c.train)), "tokens": float(c.train_tokens)}
+        if cfg.fed.weighting == "quality":
+            r = evaluate(model, c.train[:32], pad_id, cfg.train.eval_batch_size)
+            s["quality"] = 1.0 / r.ppl
+        stats[c.name] = s
+        metrics.write(kind="client_stats", client=c.name, **s)
+    return stats
+
+
+class TooFewClientsError(RuntimeError):
+    """Fewer clients than fed.min_clients finished a round; the last checkpoint is kept."""
 
 
 def evaluate_global(
@@ -175,62 +238,134 @@ def run_experiment(cfg: Config) -> RunResult:
         handler.close()
 
 
+def _send_state(cfg: Config, global_state: dict, rank: int) -> dict:
+    """The global adapter as client of ``rank`` receives it (SVD-truncated when lower)."""
+    big = global_rank(cfg)
+    if rank == big:
+        return global_state
+    alpha = cfg.lora.alpha
+    return to_client_rank(
+        global_state, rank, global_scaling=alpha / big, client_scaling=alpha / rank
+    )
+
+
+def _train_round(
+    cfg: Config,
+    model: Any,
+    clients: list[Client],
+    pad_id: int,
+    r: int,
+    global_state: dict,
+    metrics: MetricsLog,
+    rng_fail: random.Random,
+    chosen: list[int],
+) -> tuple[list[tuple[int, ClientUpdate]], int]:
+    """Local training of the chosen clients; failures are logged and left out.
+
+    Returns the successful ``(client index, update)`` pairs and the bytes sent down to clients.
+    """
+    updates, bytes_down = [], 0
+    for i in chosen:
+        c = clients[i]
+        fails = rng_fail.random() < cfg.fed.client_failure_rate
+        sent = _send_state(cfg, global_state, client_rank(cfg, i))
+        bytes_down += state_nbytes(sent)
+        try:
+            u = client_update(
+                model,
+                sent,
+                c.train,
+                cfg.train,
+                pad_id,
+                seed=client_seed(cfg.seed, r, i),
+                prox_mu=cfg.fed.prox_mu if cfg.fed.strategy == "fedprox" else 0.0,
+                freeze_a=cfg.fed.strategy == "frozen_a",
+                fail_after=cfg.train.local_steps // 2 if fails else None,
+                desc=f"round {r} {c.name}",
+                progress=cfg.progress,
+            )
+        except Exception as err:  # one client's failure must not stop the round
+            log.warning("round %d: client %s failed: %s: %s", r, c.name, type(err).__name__, err)
+            log.debug("traceback", exc_info=True)
+            metrics.write(
+                kind="client_failed", round=r, client=c.name, error=f"{type(err).__name__}: {err}"
+            )
+            continue
+        updates.append((i, u))
+        metrics.write(
+            kind="client_train",
+            round=r,
+            client=c.name,
+            rank=client_rank(cfg, i),
+            losses=u.losses,
+            samples=u.samples,
+            tokens_seen=u.tokens_seen,
+            seconds=round(u.seconds, 3),
+        )
+    return updates, bytes_down
+
+
+def _json_safe(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in info.items() if isinstance(v, int | float | str | bool | list)}
+
+
 def _run(cfg: Config, run_dir: Path, metrics: MetricsLog) -> RunResult:
     model, tokenizer, clients = prepare(cfg)
     pad_id = tokenizer.pad_token_id
     result = RunResult(run_dir=run_dir, global_state=lora_state_dict(model))
+    stats = client_stats(model, clients, pad_id, cfg, metrics)
     if cfg.fed.eval_initial:
         result.rows.append(evaluate_global(model, clients, pad_id, cfg, 0, metrics))
-    rng = random.Random(cfg.seed)
+    strategy = "fedavg" if cfg.fed.strategy == "fedprox" else cfg.fed.strategy
+    opts, server_state = strategy_options(cfg), {}
+    alpha, big = cfg.lora.alpha, global_rank(cfg)
+    rng, rng_fail = random.Random(cfg.seed), random.Random(cfg.seed + 7919)
     for r in tqdm(range(1, cfg.fed.rounds + 1), desc="rounds", disable=not cfg.progress):
         start = time.perf_counter()
         chosen = sample_clients(len(clients), cfg.fed.sample_fraction, rng)
-        updates: list[ClientUpdate] = []
-        for i in chosen:
-            c = clients[i]
-            try:
-                u = client_update(
-                    model,
-                    result.global_state,
-                    c.train,
-                    cfg.train,
-                    pad_id,
-                    seed=client_seed(cfg.seed, r, i),
-                    desc=f"round {r} {c.name}",
-                    progress=cfg.progress,
-                )
-            except NonFiniteLossError as err:
-                log.warning("round %d: client %s rejected: %s", r, c.name, err)
-                metrics.write(kind="client_failed", round=r, client=c.name, error=str(err))
-                continue
-            updates.append(u)
-            metrics.write(
-                kind="client_train",
-                round=r,
-                client=c.name,
-                losses=u.losses,
-                samples=u.samples,
-                tokens_seen=u.tokens_seen,
-                seconds=round(u.seconds, 3),
+        updates, bytes_down = _train_round(
+            cfg, model, clients, pad_id, r, result.global_state, metrics, rng_fail, chosen
+        )
+        if len(updates) < cfg.fed.min_clients:
+            save_checkpoint(
+                run_dir / "checkpoint", r - 1, result.global_state, server_state, result.rows
             )
-        if not updates:
-            raise RuntimeError(f"round {r}: no client finished its local training; stopping")
-        weights = client_weights([u.samples for u in updates], cfg.fed.weighting)
-        result.global_state = fedavg([u.state for u in updates], weights)
-        set_lora_state(model, result.global_state)
+            raise TooFewClientsError(
+                f"round {r}: only {len(updates)} of {len(chosen)} clients finished local "
+                f"training, fewer than fed.min_clients={cfg.fed.min_clients}; the global "
+                f"adapter of round {r - 1} is in {run_dir / 'checkpoint'}"
+            )
+        key = cfg.fed.weighting if cfg.fed.weighting != "uniform" else "samples"
+        weights = client_weights(
+            [stats[clients[i].name][key] for i, _ in updates], cfg.fed.weighting
+        )
+        agg = aggregate(
+            strategy,
+            result.global_state,
+            [u.state for _, u in updates],
+            weights,
+            server_state,
+            opts,
+            client_scalings=[alpha / client_rank(cfg, i) for i, _ in updates],
+            global_scaling=alpha / big,
+        )
+        result.global_state, server_state = agg.state, agg.server_state
+        set_lora_state(model, result.global_state, resize=True)
         row = evaluate_global(model, clients, pad_id, cfg, r, metrics)
         result.rows.append(row)
-        per_client = state_nbytes(result.global_state)
         metrics.write(
             kind="round",
             round=r,
             clients=[clients[i].name for i in chosen],
             succeeded=len(updates),
-            bytes_down=per_client * len(chosen),
-            bytes_up=sum(state_nbytes(u.state) for u in updates),
+            weights=weights,
+            bytes_down=bytes_down,
+            bytes_up=sum(state_nbytes(u.state) for _, u in updates),
             seconds=round(time.perf_counter() - start, 3),
             global_loss=row["global_loss"],
+            **_json_safe(agg.info),
         )
+        save_checkpoint(run_dir / "checkpoint", r, result.global_state, server_state, result.rows)
         log.info("round %d: global loss %.4f (ppl %.2f)", r, row["global_loss"], row["global_ppl"])
     save_adapter(model, run_dir / "adapter", base_model=cfg.model.name, state=result.global_state)
     write_summary(run_dir / "summary.csv", result.rows)

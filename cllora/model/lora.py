@@ -47,6 +47,16 @@ class LoRALinear(nn.Module):
         if base.bias is not None:
             base.bias.requires_grad_(False)
 
+    def set_rank(self, r: int) -> None:
+        """Re-allocate A (r, in) and B (out, r) at a new rank (zero; load values next) and set
+        the scaling to alpha / r. Used to train clients of heterogeneous ranks on one model."""
+        if r == self.r:
+            return
+        device = self.lora_A.device
+        self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        self.r, self.scaling = r, self.alpha / r
+
     @property
     def in_features(self) -> int:
         return self.base.in_features
@@ -138,9 +148,18 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def set_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy an adapter state dict into the model's LoRA modules (keys and shapes must match)."""
+def set_lora_state(model: nn.Module, state: dict[str, torch.Tensor], resize: bool = False) -> None:
+    """Copy an adapter state dict into the model's LoRA modules (keys and shapes must match).
+
+    ``resize=True`` first sets each module to the rank of its tensors in ``state`` (scaling
+    alpha / rank), for adapters of another rank than the model's (heterogeneous clients).
+    """
     modules = lora_modules(model)
+    if resize:
+        for name, m in modules.items():
+            key = f"{name}.lora_A"
+            if key in state:
+                m.set_rank(state[key].shape[0])
     expected = {f"{n}.{part}" for n in modules for part in ("lora_A", "lora_B")}
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:

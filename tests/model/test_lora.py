@@ -131,3 +131,34 @@ def test_local_directory_and_bf16(tiny, tmp_path, smol_tokenizer):
     assert model.dtype == torch.bfloat16
     assert not any(p.requires_grad for p in model.parameters())
     assert tok.pad_token_id is not None
+
+
+def test_hub_id_from_the_local_cache(tiny, smol_tokenizer, tmp_path):
+    """A hub id already in the Hugging Face cache loads offline (in a fresh process whose
+    HF_HUB_CACHE points at a cache laid out as huggingface_hub lays it out)."""
+    import os
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny-chat" / "snapshots" / "0123abcd"
+    tiny.save_pretrained(snapshot)
+    smol_tokenizer.save_pretrained(snapshot)
+    (tmp_path / "hub" / "models--acme--tiny-chat" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-chat" / "refs" / "main").write_text("0123abcd")
+    code = (
+        "from cllora.config import ModelConfig\n"
+        "from cllora.model.load import load_model\n"
+        "m, t = load_model(ModelConfig(name='acme/tiny-chat', dtype='fp32'))\n"
+        "print(type(m).__name__, m.config.hidden_size)\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "64"
