@@ -20,6 +20,6 @@ def _keys(obj, prefix=""):
 
 def test_config_reference_is_complete():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### Config reference", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("### Config reference", 1)[1].split("\n#", 1)[0]
     documented = set(re.findall(r"^\| `([a-z_.]+)` \|", section, flags=re.M))
     assert documented == set(_keys(Config()))
