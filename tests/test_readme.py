@@ -21,5 +21,5 @@ def _keys(obj, prefix=""):
 def test_config_reference_is_complete():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("### Config reference", 1)[1].split("\n#", 1)[0]
-    documented = set(re.findall(r"^\| `([a-z_.]+)` \|", section, flags=re.M))
+    documented = set(re.findall(r"^\| `([a-z0-9_.]+)` \|", section, flags=re.M))
     assert documented == set(_keys(Config()))
