@@ -2,18 +2,23 @@
 
 Usage::
 
-    save_checkpoint(run_dir / "checkpoint", round_idx=3, global_state=g, server_state=s, rows=rows)
-    ckpt = load_checkpoint(run_dir / "checkpoint")    # Checkpoint(round, global_state, ...)
+    save_checkpoint(run_dir / "checkpoint", 3, global_state, server_state, rows, extra={...})
+    ckpt = load_checkpoint(run_dir / "checkpoint")  # newest intact one: Checkpoint(round, ...)
 
-Written atomically: into a temporary sibling directory, then renamed over the previous one, so
-a run killed while writing keeps the last complete checkpoint. Tensors go to safetensors (never
-pickle); everything else (round, summary rows, server-optimizer scalars) to ``state.json``.
-Resuming a run from it (``cllora run --resume``) is the scale-out issue's work.
+Layout: ``checkpoint/round-0003/`` holding ``adapter.safetensors``, ``server_state.safetensors``
+and ``state.json`` (round, summary rows, server-optimizer scalars, ``extra`` such as RNG states,
+and the SHA-256 of both tensor files). Each round directory is written under a temporary name
+and renamed when complete, so a run killed while writing never leaves a half checkpoint under a
+real name; the two newest are kept. :func:`load_checkpoint` verifies the checksums and falls back
+to the previous checkpoint, with a warning, when the newest is damaged (e.g. truncated on disk).
+Tensors go to safetensors only (never pickle).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +27,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+log = logging.getLogger("cllora")
 _SEP = "/"
+KEEP = 2
+
+
+class CheckpointError(RuntimeError):
+    """No intact checkpoint could be read."""
 
 
 @dataclass
@@ -31,6 +42,8 @@ class Checkpoint:
     global_state: dict[str, torch.Tensor]
     server_state: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
 
 
 def _split(tree: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
@@ -59,42 +72,81 @@ def _join(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, A
     return tree
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_checkpoint(
     directory: Path,
     round_idx: int,
     global_state: dict[str, torch.Tensor],
     server_state: dict[str, Any],
     rows: list[dict[str, Any]],
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (replacing the previous one)."""
+    """Write ``directory/round-NNNN`` atomically; keep the two newest round checkpoints."""
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"round-{round_idx:04d}"
+    tmp = directory / f".tmp-round-{round_idx:04d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     save_file(
         {k: v.contiguous() for k, v in global_state.items()}, str(tmp / "adapter.safetensors")
     )
     server_tensors, server_rest = _split(server_state)
     save_file(server_tensors, str(tmp / "server_state.safetensors"))
-    meta = {"round": round_idx, "server_state": server_rest, "rows": rows}
+    meta = {
+        "round": round_idx,
+        "server_state": server_rest,
+        "rows": rows,
+        "extra": extra or {},
+        "sha256": {
+            f: _sha256(tmp / f) for f in ("adapter.safetensors", "server_state.safetensors")
+        },
+    }
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    old = directory.with_name(directory.name + ".old")
-    if directory.exists():
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in _round_dirs(directory)[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-    return directory
+    return final
+
+
+def _round_dirs(directory: Path) -> list[Path]:
+    """Round checkpoint directories, newest first."""
+    return sorted(directory.glob("round-*"), reverse=True) if directory.is_dir() else []
+
+
+def _read(path: Path) -> Checkpoint:
+    meta = json.loads((path / "state.json").read_text())
+    for name, digest in meta["sha256"].items():
+        if _sha256(path / name) != digest:
+            raise CheckpointError(f"{path / name}: checksum mismatch (damaged or truncated)")
+    server = _join(load_file(str(path / "server_state.safetensors")), meta["server_state"])
+    return Checkpoint(
+        round=int(meta["round"]),
+        global_state=load_file(str(path / "adapter.safetensors")),
+        server_state=server,
+        rows=meta["rows"],
+        extra=meta.get("extra", {}),
+        path=path,
+    )
 
 
 def load_checkpoint(directory: Path) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`."""
-    directory = Path(directory)
-    meta = json.loads((directory / "state.json").read_text())
-    server = _join(load_file(str(directory / "server_state.safetensors")), meta["server_state"])
-    return Checkpoint(
-        round=int(meta["round"]),
-        global_state=load_file(str(directory / "adapter.safetensors")),
-        server_state=server,
-        rows=meta["rows"],
-    )
+    """The newest intact checkpoint under ``directory`` (falls back past damaged ones)."""
+    errors = []
+    for path in _round_dirs(Path(directory)):
+        try:
+            ckpt = _read(path)
+        except (OSError, ValueError, KeyError, CheckpointError) as err:
+            log.warning("checkpoint %s is unusable (%s); trying the previous one", path, err)
+            errors.append(f"{path.name}: {err}")
+            continue
+        return ckpt
+    raise CheckpointError(f"no intact checkpoint in {directory}: {'; '.join(errors) or 'none'}")
