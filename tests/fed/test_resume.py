@@ -39,7 +39,7 @@ def test_open_resume_refuses_another_config(tmp_path):
     assert (
         open_resume(tmp_path, load_config(None, ["fed.rounds=4", "progress=false"]))[1].round == 2
     )
-    with pytest.raises(ConfigError, match="differing keys: fed.rounds, seed"):
+    with pytest.raises(ConfigError, match=r"differing keys: fed\.rounds, seed"):
         open_resume(tmp_path, load_config(None, ["fed.rounds=5", "seed=1"]))
     with pytest.raises(ConfigError, match="not a cllora run directory"):
         open_resume(tmp_path / "checkpoint")
