@@ -14,7 +14,8 @@ overwrites the logits with ``scale * (softmax - onehot)``; ``dh_c = dlogits_c W`
 Peak extra memory is one (C, V) fp32 chunk plus dL/dh (N, H); the chunk driver is shared with
 the reference (:func:`cllora_kernels.reference.chunked_linear_ce`). ``ignore_index`` rows give 0
 loss and 0 gradient; ``mean`` divides by the non-ignored count (loss 0 if there is none).
-The LM-head weight gets no gradient (it is frozen in LoRA training).
+When the LM-head weight trains, ``dW += dlogits_c^T h_c`` is accumulated in the same pass (fp32);
+in LoRA training it is frozen and that work is skipped.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import IGNORE_INDEX, _check_frozen, chunked_linear_ce
+from .reference import IGNORE_INDEX, chunked_linear_ce
 
 
 @triton.jit
@@ -76,22 +77,32 @@ def ce_rows_triton(
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Forward: ``L = sum_{i valid} (logsumexp_v z_iv - z_{i,t_i}) * scale`` with ``z = h W^T``,
     ``scale = 1 / n_valid`` (mean) or 1 (sum); ``dL/dh = (softmax(z) - onehot(t)) W * scale`` is
-    formed chunk by chunk in the same pass and saved. Backward: ``grad_h = dL/dh * grad_out``."""
+    formed chunk by chunk in the same pass and saved (``dL/dW = sum_c dlogits_c^T h_c`` too when W
+    requires grad). Backward: ``grad_h = dL/dh * grad_out`` (and ``dL/dW * grad_out``)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size):
-        need = hidden.requires_grad
-        loss, dh = chunked_linear_ce(
-            hidden, weight, targets, ignore_index, reduction, chunk_size, ce_rows_triton, need
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, dh, dw = chunked_linear_ce(
+            hidden,
+            weight,
+            targets,
+            ignore_index,
+            reduction,
+            chunk_size,
+            ce_rows_triton,
+            need_h,
+            need_w,
         )
-        ctx.save_for_backward(dh if need else None)
+        ctx.save_for_backward(dh, dw)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        (dh,) = ctx.saved_tensors
+        dh, dw = ctx.saved_tensors
         grad_h = None if dh is None else dh * grad_out.to(dh.dtype)
-        return grad_h, None, None, None, None, None
+        grad_w = None if dw is None else dw * grad_out.to(dw.dtype)
+        return grad_h, grad_w, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -103,7 +114,6 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``CE(hidden (N, H) @ weight (V, H)^T, targets (N,))``, mean over non-ignored or sum."""
-    _check_frozen(weight)
     return LinearCrossEntropyFunction.apply(
         hidden, weight, targets, ignore_index, reduction, chunk_size
     )

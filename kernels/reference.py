@@ -122,11 +122,14 @@ def chunked_linear_ce(
     chunk_size: int | None,
     ce_rows: CERows,
     need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Loss (scalar fp32) and d(loss)/d(hidden) (N, H) or None, one token chunk at a time.
+    need_grad_w: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Loss (scalar fp32), dL/dhidden (N, H) and dL/dweight (V, H) (None when not needed), one
+    token chunk at a time.
 
     Per chunk: ``logits = h_c W^T`` (C, V) in fp32, ``ce_rows`` turns them into per-row losses
-    and, in place, ``dlogits = scale * (softmax - onehot)``, then ``dh_c = dlogits W``.
+    and, in place, ``dlogits = scale * (softmax - onehot)``, then ``dh_c = dlogits W`` and
+    ``dW += dlogits^T h_c`` (fp32 accumulator).
     ``scale`` is 1/n_valid for ``mean`` (loss 0 and zero grads when every token is ignored).
     """
     if reduction not in ("mean", "sum"):
@@ -137,35 +140,53 @@ def chunked_linear_ce(
     chunk = chunk_size or default_chunk_size(n_tokens, hidden.shape[1], weight.shape[0])
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     dh = torch.empty_like(hidden) if need_grad else None
+    dw = (
+        torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if need_grad_w
+        else None
+    )
+    need_dlogits = need_grad or need_grad_w
     for start in range(0, n_tokens, chunk):
         h_c = hidden[start : start + chunk]  # (C, H)
         logits = (h_c @ weight.T).float()  # (C, V)
         t_c = targets[start : start + chunk]  # (C,)
-        rows = ce_rows(logits, t_c, ignore_index, scale if need_grad else None)
+        rows = ce_rows(logits, t_c, ignore_index, scale if need_dlogits else None)
         total += rows.sum()
         if dh is not None:
             dh[start : start + chunk] = logits.to(weight.dtype) @ weight  # (C, H)
-    return total * scale, dh
+        if dw is not None:
+            dw += logits.T @ h_c.float()  # (V, H)
+    return total * scale, dh, None if dw is None else dw.to(weight.dtype)
 
 
 class _ReferenceLinearCE(torch.autograd.Function):
     """Forward: chunked ``CE(h W^T, t)``, storing ``dL/dh`` (the grad is formed in the same pass).
-    Backward: ``dh * grad_output``; no gradient for W (the LM head is frozen) or the targets."""
+    Backward: ``dh * grad_output`` and, only when W trains, ``dW * grad_output`` (dW accumulated
+    over chunks in the forward pass too; a frozen LM head costs nothing)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size):
-        need = hidden.requires_grad
-        loss, dh = chunked_linear_ce(
-            hidden, weight, targets, ignore_index, reduction, chunk_size, ce_rows_reference, need
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, dh, dw = chunked_linear_ce(
+            hidden,
+            weight,
+            targets,
+            ignore_index,
+            reduction,
+            chunk_size,
+            ce_rows_reference,
+            need_h,
+            need_w,
         )
-        ctx.save_for_backward(dh if need else None)
+        ctx.save_for_backward(dh, dw)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        (dh,) = ctx.saved_tensors
+        dh, dw = ctx.saved_tensors
         grad_h = None if dh is None else dh * grad_out.to(dh.dtype)
-        return grad_h, None, None, None, None, None
+        grad_w = None if dw is None else dw * grad_out.to(dw.dtype)
+        return grad_h, grad_w, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -178,11 +199,5 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden (N, H) @ weight (V, H)^T`` against ``targets (N,)``, never
     materialising more than ``chunk_size`` rows of logits. Mean over non-ignored tokens (0 when
-    all are ignored) or sum. ``weight`` gets no gradient (frozen LM head); raise if it wants one."""
-    _check_frozen(weight)
+    all are ignored) or sum. ``weight`` gets a gradient only if it requires one."""
     return _ReferenceLinearCE.apply(hidden, weight, targets, ignore_index, reduction, chunk_size)
-
-
-def _check_frozen(weight: torch.Tensor) -> None:
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("linear_cross_entropy gives no gradient for the LM head weight; freeze it")
