@@ -19,7 +19,8 @@ forces Triton, e.g. in the interpreter).
 What is swapped:
 
 - ``LoRALinear`` -> :class:`FusedLoRALinear`: base product and LoRA term in one kernel; the base
-  may be an ``nn.Linear`` or a bitsandbytes NF4 ``Linear4bit`` (decoded inside the kernel). The
+  may be an ``nn.Linear`` or a bitsandbytes NF4 ``Linear4bit`` such as
+  ``cllora.model.quant.FrozenLinear4bit`` (decoded inside the kernel; FP4 falls back). The
   fused path has no dropout: while training with LoRA dropout > 0 the module falls back to the
   unfused ``LoRALinear.forward`` (in eval, dropout is the identity and the fused path runs).
 - ``*RMSNorm`` with ``variance_epsilon`` -> :class:`KernelRMSNorm`.
@@ -49,7 +50,8 @@ def _base_weight(base: nn.Module) -> tuple[torch.Tensor | ck.NF4Weight, torch.Te
     """The base layer's weight for the fused kernel (dense or NF4), or None if unsupported."""
     state = getattr(getattr(base, "weight", None), "quant_state", None)
     if state is not None:  # bitsandbytes Linear4bit (a subclass of nn.Linear): NF4 only
-        if getattr(state, "quant_type", None) != "nf4":
+        cpu_layout = getattr(base.weight, "packing_format_for_cpu", False)  # bnb's inference repack
+        if getattr(state, "quant_type", None) != "nf4" or cpu_layout:
             return None
         return ck.NF4Weight.from_bnb(base.weight, state), getattr(base, "bias", None)
     if type(base) is nn.Linear:

@@ -42,10 +42,14 @@ def _loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, fused: bool
     return loss_sum / n
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", [*TINY_FAMILIES, "llama-nf4"])
 def test_enable_kernels_same_loss_and_lora_grads(family, gen):
-    model, _ = load_model(ModelConfig(name=f"tiny-{family}", dtype="fp32"), seed=0)
+    model, _ = load_model(ModelConfig(name=f"tiny-{family.split('-')[0]}", dtype="fp32"), seed=0)
     inject_lora(model, r=4, alpha=8, dropout=0.0)
+    if family.endswith("nf4"):  # 4-bit bases: the kernel decodes NF4 in its tiles
+        from cllora.model.quant import quantize_base
+
+        quantize_base(model, quant_type="nf4", double_quant=True)
     with torch.no_grad():
         for p in lora_parameters(model):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
