@@ -1,0 +1,440 @@
+"""End-to-end training-step benchmark per context length: cllora vs transformers + PEFT.
+
+Usage::
+
+    python benchmarks/bench_e2e.py --contexts 256,512,1024 --steps 2          # CPU, small scale
+    python benchmarks/bench_e2e.py --providers cllora,hf-peft --workloads fixed \\
+        --contexts 1024,4096 --model smollm2-135m --dtype bf16 --find-max-context --budget-gb 8
+
+    from benchmarks.bench_e2e import BenchSpec, run_benchmark    # what `cllora bench` calls
+    csv_path = run_benchmark(BenchSpec(contexts=[256, 512]))
+
+One training step = forward + backward + AdamW step over the LoRA parameters (r=16, alpha=32,
+dropout 0.05, every linear of the decoder), the same model, LoRA config, data and seed for every
+provider. Every cell (provider x workload x context) runs in a **fresh process**, so the peak
+memory is that cell's own: CUDA max allocated on GPU, peak RSS (``ru_maxrss``, model included) on
+CPU. The parent polls the child's RSS and kills it past ``--budget-gb``: an out-of-memory cell is
+recorded as ``status=oom``, never a crash.
+
+Providers (``PROVIDERS``):
+
+- ``cllora``: packed rows (no padding), varlen attention (:mod:`cllora.model.attention`),
+  chunked LM loss on target positions only, gradient checkpointing per decoder layer.
+- ``cllora-nockpt``: the same without checkpointing (cllora's default settings).
+- ``hf-peft``: ``transformers`` + ``peft`` LoRA, SDPA, right-padding collator, ``model(...,
+  labels=...).loss`` (full logits).
+- ``hf-peft-4bit``: the same on a bitsandbytes NF4 base (``BitsAndBytesConfig``).
+
+Workloads: ``fixed`` (every sequence exactly the context length, random tokens: engine speed and
+memory) and ``real`` (MedQuAD records formatted with the chat template and cut at the context
+length, ``--real-batch`` samples per step: padded to the longest for the baselines, one packed row
+for cllora; tokens/s counts real tokens only). ``--find-max-context`` binary-searches, per
+provider, the longest ``fixed`` context (a multiple of 256) whose step fits the budget.
+
+Output: ``benchmarks/results/e2e-<device>-<timestamp>.csv`` in long format (provider, workload,
+context, batch, metric, value, unit, device, dtype, commit, timestamp) and a PNG next to it
+(tokens/s and peak memory against context length, one line per provider, one column per
+workload).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PROVIDERS = ("cllora", "cllora-nockpt", "hf-peft", "hf-peft-4bit")
+WORKLOADS = ("fixed", "real")
+FIELDS = ("provider", "workload", "context", "batch", "metric", "value", "unit", "device",
+          "dtype", "commit", "timestamp")  # fmt: skip
+
+
+@dataclass
+class BenchSpec:
+    providers: list[str] = field(default_factory=lambda: ["cllora", "hf-peft", "hf-peft-4bit"])
+    workloads: list[str] = field(default_factory=lambda: ["fixed", "real"])
+    contexts: list[int] = field(default_factory=lambda: [256, 512, 1024])
+    batch: int = 1  # sequences per step, fixed workload
+    real_batch: int = 4  # samples per step, real workload
+    model: str = "smollm2-135m"
+    dtype: str = "fp32"
+    device: str = "cpu"
+    steps: int = 2  # timed steps per cell (after one warm-up step)
+    budget_gb: float = 20.0
+    find_max_context: bool = False
+    max_context_hi: int = 16384
+    data: str = str(ROOT.parent / "shared" / "data" / "medquad")
+    seed: int = 0
+    threads: int = 0
+    out_dir: str = str(RESULTS)
+    note: str = ""
+
+
+@dataclass
+class Cell:
+    provider: str
+    workload: str
+    context: int
+    batch: int
+    spec: dict
+
+
+# ---------------------------------------------------------------- one cell, in a child process
+
+
+def _build(provider: str, spec: BenchSpec):
+    """(model, params) for a provider: the same base weights and LoRA config everywhere."""
+    import torch
+
+    from cllora.config import ModelConfig
+    from cllora.model.load import load_model, resolve_dtype
+
+    dtype = resolve_dtype(spec.dtype, spec.device)
+    if provider.startswith("cllora"):
+        from cllora.model.attention import enable_packed_attention
+        from cllora.model.checkpointing import enable_checkpointing
+        from cllora.model.lora import inject_lora, lora_parameters
+
+        model, _ = load_model(
+            ModelConfig(name=spec.model, dtype=spec.dtype), spec.seed, spec.device
+        )
+        torch.manual_seed(spec.seed)
+        inject_lora(model, r=16, alpha=32, dropout=0.05)
+        enable_packed_attention(model)
+        if provider == "cllora":
+            enable_checkpointing(model)
+        return model, lora_parameters(model)
+    from peft import LoraConfig, get_peft_model
+
+    if provider == "hf-peft-4bit":
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        from cllora.model.load import _resolve_path
+
+        model = AutoModelForCausalLM.from_pretrained(
+            str(_resolve_path(spec.model)), dtype=dtype, attn_implementation="sdpa",
+            device_map=spec.device, local_files_only=True,
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            ),
+        )  # fmt: skip
+    else:
+        model, _ = load_model(
+            ModelConfig(name=spec.model, dtype=spec.dtype), spec.seed, spec.device
+        )
+    torch.manual_seed(spec.seed)
+    lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
+    model = get_peft_model(model, lcfg)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def _batches(cell: Cell, spec: BenchSpec, count: int) -> list[list]:
+    """``count`` steps' worth of Samples (the same for every provider: seeded by spec.seed)."""
+    import torch
+
+    from cllora.data.formatting import Sample
+
+    g = torch.Generator().manual_seed(spec.seed)
+    if cell.workload == "fixed":
+        out = []
+        for _ in range(count):
+            rows = torch.randint(3, 49000, (cell.batch, cell.context), generator=g).tolist()
+            out.append([Sample(r, list(r)) for r in rows])
+        return out
+    from cllora.data.formatting import build_samples
+    from cllora.data.readers import read_records
+    from cllora.model.load import load_tokenizer
+
+    tok = load_tokenizer(spec.model)
+    records = read_records(spec.data)
+    order = torch.randperm(len(records), generator=g)[: count * cell.batch * 2].tolist()
+    samples, _ = build_samples([records[i] for i in order], tok, max_length=cell.context)
+    samples = [s for s in samples if s.num_target_tokens > 0]
+    return [samples[i * cell.batch : (i + 1) * cell.batch] for i in range(count)]
+
+
+def _step_fn(provider: str, model, samples: list, device: str):
+    """A closure running forward + backward for one step; returns the real token count."""
+    if provider.startswith("cllora"):
+        from cllora.data.packing import collate_packed, collate_packed_rows
+        from cllora.model.attention import packed_lm_loss_sum
+
+        same = all(len(s.input_ids) == len(samples[0].input_ids) for s in samples)
+        # fixed: one row per sequence; real: the step's samples packed into one row
+        batch = collate_packed_rows([[s] for s in samples], 0) if same else collate_packed(samples)
+
+        def run() -> None:
+            loss, n = packed_lm_loss_sum(model, batch)
+            (loss / max(n, 1)).backward()
+
+        return run
+    from cllora.data.batching import collate
+
+    b = {k: v.to(device) for k, v in collate(samples, pad_id=0).items()}
+
+    def run() -> None:
+        model(**b).loss.backward()
+
+    return run
+
+
+def run_cell(cell: Cell) -> dict:
+    """Run one cell in this process; returns its measurements (see the module docstring)."""
+    import resource
+
+    import torch
+
+    spec = BenchSpec(**cell.spec)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    t0 = time.perf_counter()
+    model, params = _build(cell.provider, spec)
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    steps = _batches(cell, spec, spec.steps + 1)
+    load_s = time.perf_counter() - t0
+    if spec.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, tokens = [], 0
+    for i, samples in enumerate(steps):
+        run = _step_fn(cell.provider, model, samples, spec.device)
+        start = time.perf_counter()
+        run()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if spec.device == "cuda":
+            torch.cuda.synchronize()
+        if i > 0:  # step 0 is the warm-up
+            times.append(time.perf_counter() - start)
+            tokens += sum(len(s.input_ids) for s in samples)
+    if spec.device == "cuda":
+        peak, unit = torch.cuda.max_memory_allocated() / 2**30, "GiB (cuda max allocated)"
+    else:
+        peak, unit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "GiB (peak RSS)"
+    return {
+        "tokens_per_s": tokens / sum(times),
+        "step_s": sum(times) / len(times),
+        "tokens_per_step": tokens / len(times),
+        "peak_mem": peak,
+        "peak_mem_unit": unit,
+        "load_s": load_s,
+    }
+
+
+# ---------------------------------------------------------------- the parent: cells, CSV, plot
+
+
+def _rss_gb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_cell_isolated(cell: Cell, budget_gb: float, timeout_s: float = 3600) -> dict:
+    """Run a cell in a fresh Python process; status ok / oom / error / timeout."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--cell", json.dumps(asdict(cell))]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    start, peak_seen = time.time(), 0.0
+    while proc.poll() is None:
+        peak_seen = max(peak_seen, _rss_gb(proc.pid))
+        if peak_seen > budget_gb or time.time() - start > timeout_s:
+            proc.kill()
+            proc.wait()
+            status = "oom" if peak_seen > budget_gb else "timeout"
+            return {"status": status, "peak_mem": peak_seen}
+        time.sleep(0.1)
+    out, err = proc.communicate()
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        oom = "out of memory" in err.lower() or proc.returncode in (-9, 137)
+        return {"status": "oom" if oom else "error", "error": err.strip()[-400:]}
+    return {"status": "ok", **json.loads(lines[-1])}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _device_name(spec: BenchSpec) -> str:
+    if spec.device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {cpu}, {os.cpu_count()} cores"
+
+
+def _rows(cell: Cell, res: dict, base: dict) -> list[dict]:
+    row = {**base, "provider": cell.provider, "workload": cell.workload,
+           "context": cell.context, "batch": cell.batch}  # fmt: skip
+    out = [{**row, "metric": "status", "value": res["status"], "unit": ""}]
+    if res["status"] != "ok":
+        if res.get("error"):
+            out.append({**row, "metric": "error", "value": res["error"][-200:], "unit": ""})
+        return out
+    for metric, unit in (("tokens_per_s", "tokens/s"), ("step_s", "s"),
+                         ("tokens_per_step", "tokens"), ("load_s", "s")):  # fmt: skip
+        out.append({**row, "metric": metric, "value": f"{res[metric]:.4g}", "unit": unit})
+    out.append({**row, "metric": "peak_mem", "value": f"{res['peak_mem']:.4g}",
+                "unit": res["peak_mem_unit"]})  # fmt: skip
+    return out
+
+
+def find_max_context(provider: str, spec: BenchSpec, base: dict, log) -> list[dict]:
+    """Binary search (multiples of 256) for the longest fixed context that fits the budget."""
+    lo, hi, rows = 0, spec.max_context_hi // 256, []
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        probe = {**asdict(spec), "steps": 1}
+        cell = Cell(provider, "fixed", mid * 256, spec.batch, probe)
+        res = run_cell_isolated(cell, spec.budget_gb)
+        log(f"  max-context probe {provider} {mid * 256}: {res['status']}")
+        rows += [{**r, "workload": "max-context-probe"} for r in _rows(cell, res, base)]
+        lo, hi = (mid, hi) if res["status"] == "ok" else (lo, mid - 1)
+    rows.append({**base, "provider": provider, "workload": "fixed", "context": lo * 256,
+                 "batch": spec.batch, "metric": "max_context", "value": lo * 256,
+                 "unit": f"tokens under {spec.budget_gb:g} GiB"})  # fmt: skip
+    return rows
+
+
+def run_benchmark(spec: BenchSpec, log=print) -> Path:
+    """Run every cell of ``spec`` (each in a fresh process); write the CSV and the PNG."""
+    for p in spec.providers:
+        if p not in PROVIDERS:
+            raise ValueError(f"unknown provider {p!r}; use {PROVIDERS}")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    base = {"device": _device_name(spec), "dtype": spec.dtype, "commit": _commit(),
+            "timestamp": stamp}  # fmt: skip
+    rows: list[dict] = []
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"e2e-{spec.device}-{stamp}.csv"
+    for workload in spec.workloads:
+        batch = spec.batch if workload == "fixed" else spec.real_batch
+        for context in spec.contexts:
+            for provider in spec.providers:  # side by side: providers interleaved per context
+                cell = Cell(provider, workload, context, batch, asdict(spec))
+                res = run_cell_isolated(cell, spec.budget_gb)
+                tps = f"{res['tokens_per_s']:.1f} tok/s" if res["status"] == "ok" else ""
+                mem = f"{res.get('peak_mem', 0):.2f} GiB" if res["status"] == "ok" else ""
+                log(f"{workload:5s} {context:6d} {provider:14s} {res['status']:7s} {tps} {mem}")
+                rows += _rows(cell, res, base)
+                _write_csv(path, rows)
+    if spec.find_max_context:
+        for provider in spec.providers:
+            rows += find_max_context(provider, spec, base, log)
+            _write_csv(path, rows)
+    if spec.note:
+        rows.append({**base, "provider": "", "workload": "", "context": "", "batch": "",
+                     "metric": "note", "value": spec.note, "unit": ""})  # fmt: skip
+    _write_csv(path, rows)
+    plot(path)
+    return path
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot(csv_path: Path) -> Path:
+    """Tokens/s and peak memory against context length, one line per provider (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path) as f:
+        rows = [r for r in csv.DictReader(f) if r["workload"] in WORKLOADS]
+    workloads = [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]
+    fig, axes = plt.subplots(2, max(len(workloads), 1), figsize=(6 * max(len(workloads), 1), 8),
+                             squeeze=False)  # fmt: skip
+    for j, w in enumerate(workloads):
+        for i, (metric, label) in enumerate((("tokens_per_s", "tokens/s"),
+                                             ("peak_mem", "peak memory (GiB)"))):  # fmt: skip
+            ax = axes[i][j]
+            for p in dict.fromkeys(r["provider"] for r in rows):
+                pts = sorted(
+                    (int(r["context"]), float(r["value"]))
+                    for r in rows
+                    if (r["workload"], r["provider"], r["metric"]) == (w, p, metric)
+                )
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=p)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context length (tokens)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{w}: {label}")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    png = csv_path.with_suffix(".png")
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    d = BenchSpec()
+
+    def ints(s: str) -> list[int]:
+        return [int(x) for x in s.split(",") if x]
+
+    def strs(s: str) -> list[str]:
+        return [x for x in s.split(",") if x]
+
+    ap.add_argument("--cell", help=argparse.SUPPRESS)
+    ap.add_argument("--providers", type=strs, default=d.providers)
+    ap.add_argument("--workloads", type=strs, default=d.workloads)
+    ap.add_argument("--contexts", type=ints, default=d.contexts)
+    for name in ("batch", "real_batch", "steps", "seed", "threads", "max_context_hi"):
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("model", "dtype", "device", "data", "out_dir", "note"):
+        ap.add_argument("--" + name.replace("_", "-"), default=getattr(d, name))
+    ap.add_argument("--budget-gb", type=float, default=d.budget_gb)
+    ap.add_argument("--find-max-context", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.cell:
+        sys.path.insert(0, str(ROOT))
+        print(json.dumps(run_cell(Cell(**json.loads(args.cell)))), flush=True)
+        return 0
+    spec = BenchSpec(**{k: v for k, v in vars(args).items() if k != "cell"})
+    path = run_benchmark(spec)
+    print(f"results: {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
