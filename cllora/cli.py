@@ -1,10 +1,12 @@
-"""Command line: ``cllora run``, ``cllora config``.
+"""Command line: ``cllora run``, ``cllora config``, ``cllora sweep``, ``cllora report``.
 
 Usage::
 
     cllora run                                   # the demo: embedded SmolLM2-135M, builtin corpus
     cllora run examples/medquad.yaml fed.rounds=5 train.lr=5e-4
     cllora config examples/demo.yaml seed=3      # print the resolved config, run nothing
+    cllora sweep examples/length_heterogeneity.yaml [key=value ...]   # a grid of runs, resumable
+    cllora report runs/length                    # plots + report.html of a run or a sweep
     python -m cllora run ...                     # same thing
 
 Arguments after the optional config file are ``key=value`` overrides (see README's config
@@ -18,6 +20,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 import yaml
 
@@ -40,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     cfg = sub.add_parser("config", help="print the resolved config and exit")
     cfg.add_argument("args", nargs="*", metavar="[CONFIG] key=value")
+    sweep = sub.add_parser("sweep", help="run a grid of experiments (resumable), one results CSV")
+    sweep.add_argument("sweep_file", metavar="SWEEP.yaml")
+    sweep.add_argument("args", nargs="*", metavar="key=value", help="overrides of every cell")
+    report = sub.add_parser("report", help="plots and an HTML report of a run or sweep directory")
+    report.add_argument("directory", metavar="RUN_OR_SWEEP_DIR")
     return p
 
 
@@ -52,13 +60,26 @@ def main(argv: list[str] | None = None) -> int:
     from cllora.model.load import ModelNotFoundError
 
     try:
+        if args.command == "sweep":
+            return _sweep(args.sweep_file, args.args)
+        if args.command == "report":
+            from cllora.report.html import make_report
+
+            print(f"report: {make_report(Path(args.directory))}")
+            return 0
         path, overrides = _split_args(args.args)
         cfg = load_config(path, overrides)
         if args.command == "config":
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
             return 0
         return _run(cfg)
-    except (ConfigError, DataError, ModelNotFoundError, FileExistsError) as err:
+    except (
+        ConfigError,
+        DataError,
+        ModelNotFoundError,
+        FileExistsError,
+        FileNotFoundError,
+    ) as err:
         print(f"cllora: error: {err}", file=sys.stderr)
         return 2
     except TooFewClientsError as err:
@@ -72,7 +93,7 @@ def _run(cfg) -> int:
     start = time.perf_counter()
     result = run_experiment(cfg)
     print()
-    n_clients = len(result.rows[0]) - 3
+    n_clients = sum(k.startswith("loss[") for k in result.rows[0])
     print(f"Federated LoRA: {cfg.model.name}, {n_clients} clients, {cfg.fed.rounds} rounds")
     print(result.table)
     first, last = result.rows[0]["global_loss"], result.final_global_loss
@@ -80,7 +101,20 @@ def _run(cfg) -> int:
         f"\nglobal test loss {first:.4f} -> {last:.4f} ({(last - first) / first:+.1%})"
         f" in {time.perf_counter() - start:.0f} s"
     )
-    print(f"run directory: {result.run_dir} (config.yaml, metrics.jsonl, summary.csv, adapter/)")
+    print(
+        f"run directory: {result.run_dir} (config.yaml, metrics.jsonl, summary.csv, clients.csv,"
+        " adapter/); plots and report: cllora report " + str(result.run_dir)
+    )
+    return 0
+
+
+def _sweep(path: str, overrides: list[str]) -> int:
+    from cllora.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(path, overrides)
+    print(f"sweep {sweep.name}: {len(sweep.cells)} cells in {sweep.root}", file=sys.stderr)
+    results = run_sweep(sweep)
+    print(f"results: {results}; report: cllora report {sweep.root}")
     return 0
 
 

@@ -75,19 +75,60 @@ class DataConfig:
     on_malformed: Literal["error", "skip"] = "error"
     # Optional cap on the number of records read (a seeded random subset), 0 = all.
     max_records: int = 0
+    # Per-client context windows in tokens: client i uses client_max_length[i % len] (empty =
+    # every client uses max_length). Applied after partitioning, with the `overlong` policy.
+    client_max_length: list[int] = field(default_factory=list)
 
 
 @dataclass
 class PartitionConfig:
     # "field": one client per distinct value of `field` (natural data owners);
-    # "iid": records shuffled and dealt evenly to `num_clients` clients.
-    method: Literal["field", "iid"] = "field"
+    # "iid": records shuffled and dealt evenly to `num_clients` clients;
+    # "dirichlet": `num_clients` clients whose length mix (alpha_len) and/or size (alpha_qty)
+    # are drawn from Dirichlet distributions (see cllora/data/partition.py).
+    method: Literal["field", "iid", "dirichlet"] = "field"
     field: str = "source"
     num_clients: int = 4
+    # Dirichlet concentration of each client's mix over the token-length buckets (small = each
+    # client sees mostly one length range; large = near-IID); empty = the global mix.
+    alpha_len: float | None = None
+    # Dirichlet concentration of the clients' shares of the samples (small = a few clients hold
+    # most samples); empty = equal shares.
+    alpha_qty: float | None = None
+    # Token-length bucket edges, e.g. [128, 256, 512] -> [0,128) [128,256) [256,512) [512,inf);
+    # used by alpha_len, the per-client tables and the per-bucket evaluation. Empty = the
+    # quartiles of the sample lengths.
+    length_buckets: list[int] = dataclasses.field(default_factory=list)
     test_fraction: float = 0.1
     # Caps per client (0 = no cap); keep CPU runs short.
     max_train_per_client: int = 0
     max_test_per_client: int = 0
+
+
+@dataclass
+class QualityConfig:
+    # Corruption of the clients' training samples (test sets stay clean). Client i corrupts a
+    # fraction rates[i % len] of its training samples; empty rates = rates drawn from the
+    # Dirichlet `alpha` around `mean_rate` (no alpha: every client mean_rate).
+    rates: list[float] = field(default_factory=list)
+    mean_rate: float = 0.0
+    alpha: float | None = None
+    # Operators a corrupted sample gets one of (seeded choice): shuffle, replace, swap,
+    # truncate, boilerplate (documented in cllora/data/quality.py).
+    operators: list[str] = field(
+        default_factory=lambda: ["shuffle", "replace", "swap", "truncate", "boilerplate"]
+    )
+    # Fraction of a corrupted response that replace / truncate / boilerplate change.
+    strength: float = 0.5
+    # Training samples per client scored by the base model (the label-free quality score).
+    score_samples: int = 16
+
+
+@dataclass
+class EvalConfig:
+    # Evaluate every local model (after local training, before aggregation) on its own test set
+    # and on the global test set each round.
+    local: bool = True
 
 
 @dataclass
@@ -141,6 +182,8 @@ class Config:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     out_dir: str = "runs"
     # Run directory name under out_dir; empty = "<timestamp>".
@@ -177,6 +220,18 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "fed.min_clients": (lambda v: v >= 1, "an integer >= 1"),
     "fed.client_failure_rate": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "lora.client_ranks": (lambda v: all(r >= 1 for r in v), "a list of integers >= 1"),
+    "data.client_max_length": (lambda v: all(n >= 8 for n in v), "a list of integers >= 8"),
+    "partition.alpha_len": (lambda v: v is None or v > 0, "a number > 0, or empty (off)"),
+    "partition.alpha_qty": (lambda v: v is None or v > 0, "a number > 0, or empty (off)"),
+    "partition.length_buckets": (
+        lambda v: all(e >= 1 for e in v) and v == sorted(set(v)),
+        "a strictly increasing list of integers >= 1",
+    ),
+    "quality.rates": (lambda v: all(0 <= r <= 1 for r in v), "a list of numbers in [0, 1]"),
+    "quality.mean_rate": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "quality.alpha": (lambda v: v is None or v > 0, "a number > 0, or empty (off)"),
+    "quality.strength": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "quality.score_samples": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
 }
 
 
@@ -284,6 +339,35 @@ def _check_ranges(cfg: Config) -> None:
         )
     if isinstance(cfg.lora.target_modules, list) and not cfg.lora.target_modules:
         raise ConfigError("config key 'lora.target_modules': the list is empty")
+    _check_measurement(cfg)
+
+
+OPERATORS = ("shuffle", "replace", "swap", "truncate", "boilerplate")
+
+
+def _check_measurement(cfg: Config) -> None:
+    """Partition and quality settings that are only meaningful together."""
+    p, q = cfg.partition, cfg.quality
+    if p.method == "dirichlet" and p.alpha_len is None and p.alpha_qty is None:
+        raise ConfigError(
+            "partition.method=dirichlet needs partition.alpha_len and/or partition.alpha_qty "
+            "(numbers > 0); use partition.method=iid for an even random split"
+        )
+    if p.method != "dirichlet" and (p.alpha_len is not None or p.alpha_qty is not None):
+        raise ConfigError(
+            f"partition.alpha_len / alpha_qty need partition.method=dirichlet (got {p.method!r})"
+        )
+    bad = [op for op in q.operators if op not in OPERATORS]
+    if bad or not q.operators:
+        raise ConfigError(
+            f"config key 'quality.operators': got {q.operators!r}; allowed: a non-empty list "
+            f"of {', '.join(OPERATORS)}"
+        )
+    if q.rates and (q.alpha is not None or q.mean_rate):
+        raise ConfigError(
+            "quality.rates (explicit per-client rates) excludes quality.mean_rate / quality.alpha"
+            " (Dirichlet-drawn rates): set one or the other"
+        )
 
 
 def get_key(cfg: Config, key: str) -> Any:
@@ -339,6 +423,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(
                 f"{path}: the config must be a mapping of sections (model:, data:, ...)"
+            )
+        if "sweep" in loaded:
+            raise ConfigError(
+                f"{path} is a sweep file (it has a 'sweep:' section): run it with 'cllora sweep'"
             )
         merged = loaded
     cfg = config_from_dict(merged)

@@ -1,13 +1,16 @@
-"""Evaluation: token-weighted loss and perplexity of a model on samples.
+"""Evaluation: token-weighted loss and perplexity of a model on samples, per sample or in total.
 
 Usage::
 
-    from cllora.eval import evaluate
+    from cllora.eval import by_bucket, evaluate, evaluate_samples
     result = evaluate(model, test_samples, pad_id=tokenizer.pad_token_id, batch_size=8)
     result.loss, result.ppl, result.tokens
+    per_sample = evaluate_samples(model, test_samples, pad_id)      # one EvalResult each
+    by_bucket(test_samples, per_sample, edges=[128, 256])           # {"<128": EvalResult, ...}
 
 Losses of several sets combine exactly through their sums: ``EvalResult.combine([...])`` gives the
-loss of the union (this is how the global test loss is formed from the clients' test sets).
+loss of the union (this is how the global test loss is formed from the clients' test sets, and how
+a length bucket's loss is formed from its samples).
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from cllora.data.batching import collate, eval_batches
+from cllora.data.batching import collate
 from cllora.data.formatting import Sample
-from cllora.model.loss import lm_loss_sum
+from cllora.model.loss import IGNORE_INDEX
 
 
 @dataclass
@@ -42,8 +46,46 @@ class EvalResult:
     def combine(results: Sequence[EvalResult]) -> EvalResult:
         return EvalResult(sum(r.loss_sum for r in results), sum(r.tokens for r in results))
 
+    def as_dict(self) -> dict[str, float]:
+        return {"loss": self.loss, "ppl": self.ppl, "tokens": self.tokens}
+
+
+def _row_losses(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[list, list]:
+    """Summed next-token cross-entropy of each row over its targets, and its target count."""
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    mask = targets != IGNORE_INDEX
+    rows = torch.arange(targets.shape[0]).unsqueeze(1).expand_as(targets)[mask]  # (N,)
+    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (N, V)
+    ce = F.cross_entropy(logits, targets[mask], reduction="none")  # (N,)
+    sums = torch.zeros(targets.shape[0]).index_add_(0, rows, ce)
+    return sums.tolist(), mask.sum(1).tolist()
+
 
 @torch.no_grad()
+def evaluate_samples(
+    model: PreTrainedModel,
+    samples: Sequence[Sample],
+    pad_id: int,
+    batch_size: int = 8,
+    desc: str | None = None,
+    progress: bool = False,
+) -> list[EvalResult]:
+    """Loss sum and target count of every sample (batched by length; model left in eval mode)."""
+    model.eval()
+    order = sorted(range(len(samples)), key=lambda i: samples[i].num_tokens)
+    out: list[EvalResult] = [EvalResult(0.0, 0)] * len(samples)
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
+        idx = order[start : start + batch_size]
+        sums, counts = _row_losses(model, collate([samples[i] for i in idx], pad_id))
+        for i, s, n in zip(idx, sums, counts, strict=True):
+            out[i] = EvalResult(float(s), int(n))
+    return out
+
+
 def evaluate(
     model: PreTrainedModel,
     samples: Sequence[Sample],
@@ -53,19 +95,17 @@ def evaluate(
     progress: bool = False,
 ) -> EvalResult:
     """Mean next-token loss over every target token of ``samples`` (model left in eval mode)."""
-    model.eval()
-    loss_sum, tokens = 0.0, 0
-    n_batches = math.ceil(len(samples) / batch_size)
-    bar = tqdm(
-        eval_batches(samples, batch_size),
-        total=n_batches,
-        desc=desc,
-        leave=False,
-        disable=not progress,
-    )
-    for batch in bar:
-        b = collate(batch, pad_id)
-        s, n = lm_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
-        loss_sum += float(s)
-        tokens += n
-    return EvalResult(loss_sum, tokens)
+    return EvalResult.combine(evaluate_samples(model, samples, pad_id, batch_size, desc, progress))
+
+
+def by_bucket(
+    samples: Sequence[Sample], results: Sequence[EvalResult], edges: Sequence[int]
+) -> dict[str, EvalResult]:
+    """Results combined per token-length bucket (label -> result; every bucket listed)."""
+    from cllora.data.partition import bucket_index, bucket_labels, sample_length
+
+    labels = bucket_labels(edges)
+    groups: dict[str, list[EvalResult]] = {label: [] for label in labels}
+    for s, r in zip(samples, results, strict=True):
+        groups[labels[bucket_index(sample_length(s), edges)]].append(r)
+    return {label: EvalResult.combine(rs) for label, rs in groups.items()}

@@ -37,20 +37,21 @@ import torch
 from tqdm.auto import tqdm
 
 from cllora.config import Config, ConfigError, save_config
-from cllora.data.formatting import build_samples
-from cllora.data.partition import Client, make_clients
-from cllora.data.readers import load_records
-from cllora.eval import EvalResult, evaluate
+from cllora.data.partition import Client, sample_length
+from cllora.data.pipeline import ClientData, build_clients
+from cllora.data.quality import quality_score
 from cllora.fed.checkpoint import save_checkpoint
 from cllora.fed.client import ClientUpdate, client_update
+from cllora.fed.evaluation import GLOBAL, Evaluator
 from cllora.fed.strategy import StrategyOptions, aggregate, client_weights, to_client_rank
 from cllora.model.adapter import save_adapter
 from cllora.model.load import load_model
 from cllora.model.lora import inject_lora, lora_state_dict, set_lora_state, state_nbytes
 from cllora.report.metrics import MetricsLog, format_table, write_summary
+from cllora.report.tables import client_table, heterogeneity_summary, write_csv
 
 log = logging.getLogger("cllora")
-GLOBAL = "__global__"
+__all__ = ["GLOBAL", "RunResult", "TooFewClientsError", "prepare", "run_experiment"]
 
 
 @dataclass
@@ -132,14 +133,18 @@ def check_combination(cfg: Config) -> None:
             "fed.strategy=frozen_a needs one rank for every client: A is shared and frozen, "
             f"but lora.client_ranks={cfg.lora.client_ranks}"
         )
-    if cfg.fed.min_clients > cfg.partition.num_clients and cfg.partition.method == "iid":
+    if cfg.fed.weighting == "quality" and cfg.quality.score_samples == 0:
+        raise ConfigError(
+            "fed.weighting=quality needs the quality score: set quality.score_samples >= 1"
+        )
+    if cfg.fed.min_clients > cfg.partition.num_clients and cfg.partition.method != "field":
         raise ConfigError(
             f"fed.min_clients={cfg.fed.min_clients} exceeds partition.num_clients="
             f"{cfg.partition.num_clients}"
         )
 
 
-def prepare(cfg: Config) -> tuple[Any, Any, list[Client]]:
+def prepare_run(cfg: Config) -> tuple[Any, Any, ClientData]:
     """Load the base model with LoRA injected (at the global rank), and the clients' data."""
     check_combination(cfg)
     model, tokenizer = load_model(cfg.model, seed=cfg.seed)
@@ -147,79 +152,59 @@ def prepare(cfg: Config) -> tuple[Any, Any, list[Client]]:
     lora = cfg.lora
     targets = inject_lora(model, global_rank(cfg), lora.alpha, lora.dropout, lora.target_modules)
     log.info("model %s: LoRA r=%d on %d modules", cfg.model.name, global_rank(cfg), len(targets))
-    records = load_records(cfg.data.path, cfg.data.format, cfg.data.on_malformed)
-    if cfg.data.max_records and len(records) > cfg.data.max_records:
-        records = random.Random(cfg.seed).sample(records, cfg.data.max_records)
-    samples, stats = build_samples(
-        records,
-        tokenizer,
-        shape=cfg.data.shape,
-        fields=cfg.data.fields or None,
-        max_length=cfg.data.max_length,
-        overlong=cfg.data.overlong,
-        response_only=cfg.data.response_only,
-        progress=cfg.progress,
-    )
-    log.info("data %s: %s", cfg.data.path, stats)
-    clients = make_clients(samples, cfg.partition, cfg.seed)
-    if cfg.fed.min_clients > len(clients):
+    data = build_clients(cfg, tokenizer)
+    if cfg.fed.min_clients > len(data.clients):
         raise ConfigError(
-            f"fed.min_clients={cfg.fed.min_clients} exceeds the {len(clients)} clients of the "
-            "partition"
+            f"fed.min_clients={cfg.fed.min_clients} exceeds the {len(data.clients)} clients of "
+            "the partition"
         )
-    for c in clients:
-        log.info("client %s: %d train, %d test samples", c.name, len(c.train), len(c.test))
-    return model, tokenizer, clients
+    return model, tokenizer, data
+
+
+def prepare(cfg: Config) -> tuple[Any, Any, list[Client]]:
+    """The base model with LoRA, its tokenizer and the clients (see :func:`prepare_run`)."""
+    model, tokenizer, data = prepare_run(cfg)
+    return model, tokenizer, data.clients
 
 
 def client_stats(
-    model: Any, clients: list[Client], pad_id: int, cfg: Config, metrics: MetricsLog
+    model: Any, tokenizer: Any, data: ClientData, cfg: Config, metrics: MetricsLog, run_dir: Path
 ) -> dict[str, dict[str, float]]:
-    """Per-client samples, tokens and (for quality weighting) the measured quality score.
+    """Measure every client, write ``clients.csv`` / ``samples.csv`` and ``client_stats`` records.
 
-    Quality = 1 / perplexity of the initial global model (the base model: LoRA starts at zero)
-    on up to 32 of the client's training responses: needs no labels; noisy or off-distribution
-    data scores low.
+    The quality score (:func:`cllora.data.quality.quality_score`: 1 / perplexity of the initial
+    global model, i.e. the base model since LoRA starts at zero, on the client's first
+    ``quality.score_samples`` training responses) needs no labels; it also weights clients under
+    ``fed.weighting=quality``. Returns per client: samples, tokens and (when scored) quality.
     """
+    pad_id, n = tokenizer.pad_token_id, cfg.quality.score_samples
+    quality, scored = {}, []
+    for c in data.clients if n else []:
+        losses, quality[c.name] = quality_score(
+            model, c.train[:n], pad_id, cfg.train.eval_batch_size
+        )
+        for s, loss in zip(c.train[:n], losses, strict=True):
+            scored.append(
+                {"client": c.name, "where": s.meta.get("where", ""), "length": sample_length(s),
+                 "corruption": s.meta.get("corruption", ""), "loss": loss}
+            )  # fmt: skip
+    rows = client_table(data.clients, data.edges, tokenizer, quality)
+    write_csv(run_dir / "clients.csv", rows)
+    if scored:
+        write_csv(run_dir / "samples.csv", scored)
+    summary = heterogeneity_summary(rows)
+    metrics.write(kind="partition", **summary, **_json_safe(data.stats))
     stats = {}
-    for c in clients:
-        s = {"samples": float(len(c.train)), "tokens": float(c.train_tokens)}
-        if cfg.fed.weighting == "quality":
-            r = evaluate(model, c.train[:32], pad_id, cfg.train.eval_batch_size)
-            s["quality"] = 1.0 / r.ppl
-        stats[c.name] = s
-        metrics.write(kind="client_stats", client=c.name, **s)
+    for c, row in zip(data.clients, rows, strict=True):
+        metrics.write(kind="client_stats", **row, samples=len(c.train), tokens=c.train_tokens)
+        stats[c.name] = {"samples": float(len(c.train)), "tokens": float(c.train_tokens)}
+        if c.name in quality:
+            stats[c.name]["quality"] = quality[c.name]
     return stats
 
 
 class TooFewClientsError(RuntimeError):
     """Fewer clients than fed.min_clients finished a round; the last checkpoint is kept."""
-
-
-def evaluate_global(
-    model: Any, clients: list[Client], pad_id: int, cfg: Config, round_idx: int, metrics: MetricsLog
-) -> dict[str, Any]:
-    """Evaluate the current model on each client's test set and their union; one summary row."""
-    results = {}
-    for c in tqdm(clients, desc=f"eval round {round_idx}", leave=False, disable=not cfg.progress):
-        results[c.name] = evaluate(model, c.test, pad_id, cfg.train.eval_batch_size)
-    results[GLOBAL] = EvalResult.combine(list(results.values()))
-    for name, r in results.items():
-        metrics.write(
-            kind="global_eval",
-            round=round_idx,
-            client=name,
-            loss=r.loss,
-            ppl=r.ppl,
-            tokens=r.tokens,
-        )
-    row: dict[str, Any] = {
-        "round": round_idx,
-        "global_loss": results[GLOBAL].loss,
-        "global_ppl": results[GLOBAL].ppl,
-    }
-    row.update({f"loss[{c.name}]": results[c.name].loss for c in clients})
-    return row
 
 
 def run_experiment(cfg: Config) -> RunResult:
@@ -259,6 +244,7 @@ def _train_round(
     metrics: MetricsLog,
     rng_fail: random.Random,
     chosen: list[int],
+    evaluator: Evaluator,
 ) -> tuple[list[tuple[int, ClientUpdate]], int]:
     """Local training of the chosen clients; failures are logged and left out.
 
@@ -302,6 +288,8 @@ def _train_round(
             tokens_seen=u.tokens_seen,
             seconds=round(u.seconds, 3),
         )
+        if cfg.eval.local:  # the model still holds this client's local adapter
+            evaluator.local(model, i, r)
     return updates, bytes_down
 
 
@@ -310,12 +298,13 @@ def _json_safe(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(cfg: Config, run_dir: Path, metrics: MetricsLog) -> RunResult:
-    model, tokenizer, clients = prepare(cfg)
-    pad_id = tokenizer.pad_token_id
+    model, tokenizer, data = prepare_run(cfg)
+    clients, pad_id = data.clients, tokenizer.pad_token_id
     result = RunResult(run_dir=run_dir, global_state=lora_state_dict(model))
-    stats = client_stats(model, clients, pad_id, cfg, metrics)
+    stats = client_stats(model, tokenizer, data, cfg, metrics, run_dir)
+    evaluator = Evaluator(clients, data.edges, pad_id, cfg, metrics)
     if cfg.fed.eval_initial:
-        result.rows.append(evaluate_global(model, clients, pad_id, cfg, 0, metrics))
+        result.rows.append(evaluator.global_round(model, 0))
     strategy = "fedavg" if cfg.fed.strategy == "fedprox" else cfg.fed.strategy
     opts, server_state = strategy_options(cfg), {}
     alpha, big = cfg.lora.alpha, global_rank(cfg)
@@ -324,7 +313,16 @@ def _run(cfg: Config, run_dir: Path, metrics: MetricsLog) -> RunResult:
         start = time.perf_counter()
         chosen = sample_clients(len(clients), cfg.fed.sample_fraction, rng)
         updates, bytes_down = _train_round(
-            cfg, model, clients, pad_id, r, result.global_state, metrics, rng_fail, chosen
+            cfg,
+            model,
+            clients,
+            pad_id,
+            r,
+            result.global_state,
+            metrics,
+            rng_fail,
+            chosen,
+            evaluator,
         )
         if len(updates) < cfg.fed.min_clients:
             save_checkpoint(
@@ -351,7 +349,8 @@ def _run(cfg: Config, run_dir: Path, metrics: MetricsLog) -> RunResult:
         )
         result.global_state, server_state = agg.state, agg.server_state
         set_lora_state(model, result.global_state, resize=True)
-        row = evaluate_global(model, clients, pad_id, cfg, r, metrics)
+        row = evaluator.global_round(model, r)
+        evaluator.finish_round(row)
         result.rows.append(row)
         metrics.write(
             kind="round",

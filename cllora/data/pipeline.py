@@ -1,0 +1,112 @@
+"""From records to ready clients: tokenize, measure, partition, corrupt, window.
+
+Usage::
+
+    from cllora.data.pipeline import build_clients
+    data = build_clients(cfg, tokenizer)          # reads cfg.data.path
+    data.clients, data.edges, data.stats          # clients, length-bucket edges, counts
+
+Order (every step seeded by ``cfg.seed``): records are tokenized once at full length (up to
+:data:`MEASURE_LENGTH` tokens) so that partitioning sees the true lengths; the length buckets are
+fixed (:func:`cllora.data.partition.bucket_edges`); samples are partitioned and split into
+train/test per client; each client's training samples are corrupted at its rate
+(:mod:`cllora.data.quality`; test sets stay clean); then each client's context window is applied
+to its training samples (``data.client_max_length[i % len]``, else ``data.max_length``) and the
+common window ``data.max_length`` to every test set, with the ``data.overlong`` policy. What the
+windows truncated or dropped is counted per client. A client left without a training or test
+sample is an error before any training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from cllora.config import Config
+from cllora.data.formatting import Sample, build_samples
+from cllora.data.partition import Client, apply_window, bucket_edges, make_clients
+from cllora.data.quality import BOILERPLATE, CorruptionContext, client_rates, corrupt
+from cllora.data.readers import DataError, load_records
+
+log = logging.getLogger("cllora")
+MEASURE_LENGTH = 16384  # tokens kept when measuring lengths (longer samples are cut here)
+
+
+@dataclass
+class ClientData:
+    clients: list[Client]
+    edges: list[int]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def client_window(cfg: Config, client_idx: int) -> int:
+    """Context window (tokens) of client ``client_idx``'s training samples."""
+    windows = cfg.data.client_max_length
+    return windows[client_idx % len(windows)] if windows else cfg.data.max_length
+
+
+def load_samples(cfg: Config, tokenizer: Any) -> tuple[list[Sample], dict[str, int]]:
+    """Records read, subsampled (``data.max_records``) and tokenized at full length."""
+    records = load_records(cfg.data.path, cfg.data.format, cfg.data.on_malformed)
+    if cfg.data.max_records and len(records) > cfg.data.max_records:
+        records = random.Random(cfg.seed).sample(records, cfg.data.max_records)
+    return build_samples(
+        records,
+        tokenizer,
+        shape=cfg.data.shape,
+        fields=cfg.data.fields or None,
+        max_length=max(MEASURE_LENGTH, cfg.data.max_length, *cfg.data.client_max_length),
+        overlong="truncate",
+        response_only=cfg.data.response_only,
+        progress=cfg.progress,
+    )
+
+
+def _corrupt_clients(cfg: Config, clients: list[Client], ctx: CorruptionContext) -> None:
+    rates = client_rates(cfg.quality, len(clients), cfg.seed)
+    for i, (c, rate) in enumerate(zip(clients, rates, strict=True)):
+        c.corruption_rate = rate
+        if rate > 0:
+            if len(c.train) < 2 and "swap" in cfg.quality.operators:
+                raise DataError(f"client {c.name!r}: swap needs at least 2 training samples")
+            c.train, c.corrupted = corrupt(c.train, rate, cfg.quality, ctx, cfg.seed * 7 + i)
+
+
+def _window_clients(cfg: Config, clients: list[Client]) -> dict[str, int]:
+    counts = {"test_truncated": 0, "test_dropped": 0}
+    for i, c in enumerate(clients):
+        c.window = client_window(cfg, i)
+        c.train, c.truncated, c.dropped = apply_window(c.train, c.window, cfg.data.overlong)
+        c.test, t_cut, t_drop = apply_window(c.test, cfg.data.max_length, cfg.data.overlong)
+        counts["test_truncated"] += t_cut
+        counts["test_dropped"] += t_drop
+        for part, kept in (("training", c.train), ("test", c.test)):
+            if not kept:
+                raise DataError(
+                    f"client {c.name!r} has no {part} sample left after its context window "
+                    f"({c.window if part == 'training' else cfg.data.max_length} tokens, "
+                    f"data.overlong={cfg.data.overlong}); raise the window or use truncate"
+                )
+    return counts
+
+
+def build_clients(cfg: Config, tokenizer: Any) -> ClientData:
+    """The clients of a run, measured, partitioned, corrupted and windowed (see module doc)."""
+    samples, stats = load_samples(cfg, tokenizer)
+    for s in samples:
+        s.meta["length"] = s.num_tokens  # the measured length, kept through corruption/windows
+    edges = bucket_edges([s.num_tokens for s in samples], cfg.partition.length_buckets)
+    clients = make_clients(samples, cfg.partition, cfg.seed, edges)
+    boiler = tokenizer.encode(BOILERPLATE, add_special_tokens=False)
+    _corrupt_clients(cfg, clients, CorruptionContext.from_samples(samples, boiler))
+    stats.update(_window_clients(cfg, clients))
+    stats["length_buckets"] = edges
+    log.info("data %s: %s", cfg.data.path, stats)
+    for c in clients:
+        log.info(
+            "client %s: %d train (%d truncated, %d dropped at %d tokens), %d test; corrupted %s",
+            c.name, len(c.train), c.truncated, c.dropped, c.window, len(c.test), c.corrupted,
+        )  # fmt: skip
+    return ClientData(clients, edges, stats)

@@ -1,0 +1,98 @@
+"""Evaluation bookkeeping of a federated run: global and local models, by client and length.
+
+Usage::
+
+    from cllora.fed.evaluation import Evaluator
+    ev = Evaluator(clients, edges, pad_id, cfg, metrics)
+    row = ev.global_round(model, round_idx)        # writes `global_eval` records; a summary row
+    ev.local(model, client_idx, round_idx)         # writes `local_eval` records (after training)
+    ev.finish_round(row)                           # adds the round's mean local losses to the row
+
+The **global test set** is the union of the clients' test sets (each clean and cut to the common
+window ``data.max_length``). Every sample is evaluated once per model: the global model's results
+are split by owner (``global_eval``, one record per client plus ``client="__global__"``); a local
+model (the client's adapter after local training, before aggregation) gets two ``local_eval``
+records, ``test="own"`` (its own test set, a slice of the same pass) and ``test="__global__"``.
+Each record holds ``loss``, ``ppl``, ``tokens`` and ``buckets``: ``{label: {loss, tokens}}`` per
+token-length bucket with at least one target token (buckets by the measured length, see
+:func:`cllora.data.partition.sample_length`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from cllora.config import Config
+from cllora.data.partition import Client
+from cllora.eval import EvalResult, by_bucket, evaluate_samples
+from cllora.report.metrics import MetricsLog
+
+GLOBAL = "__global__"
+
+
+class Evaluator:
+    """Evaluates models on the clients' test sets and writes the records (see module doc)."""
+
+    def __init__(
+        self,
+        clients: Sequence[Client],
+        edges: Sequence[int],
+        pad_id: int,
+        cfg: Config,
+        metrics: MetricsLog,
+    ) -> None:
+        self.clients, self.edges, self.pad_id = list(clients), list(edges), pad_id
+        self.cfg, self.metrics = cfg, metrics
+        self.samples = [s for c in self.clients for s in c.test]
+        self.slices: dict[str, slice] = {}
+        start = 0
+        for c in self.clients:
+            self.slices[c.name] = slice(start, start + len(c.test))
+            start += len(c.test)
+        self._local: dict[str, tuple[float, float]] = {}
+
+    def _pass(self, model: Any, desc: str) -> list[EvalResult]:
+        bs = self.cfg.train.eval_batch_size
+        return evaluate_samples(model, self.samples, self.pad_id, bs, desc, self.cfg.progress)
+
+    def _record(self, results: list[EvalResult], part: slice) -> dict[str, Any]:
+        buckets = by_bucket(self.samples[part], results[part], self.edges)
+        total = EvalResult.combine(results[part])
+        per_bucket = {k: {"loss": b.loss, "tokens": b.tokens} for k, b in buckets.items()}
+        per_bucket = {k: v for k, v in per_bucket.items() if v["tokens"]}
+        return {**total.as_dict(), "buckets": per_bucket}
+
+    def global_round(self, model: Any, round_idx: int) -> dict[str, Any]:
+        """Evaluate the global model; write its records; return the round's summary row."""
+        results = self._pass(model, f"eval round {round_idx}")
+        records = {name: self._record(results, part) for name, part in self.slices.items()}
+        records[GLOBAL] = self._record(results, slice(0, len(self.samples)))
+        for name, rec in records.items():
+            self.metrics.write(kind="global_eval", round=round_idx, client=name, **rec)
+        row: dict[str, Any] = {
+            "round": round_idx,
+            "global_loss": records[GLOBAL]["loss"],
+            "global_ppl": records[GLOBAL]["ppl"],
+        }
+        row.update({f"loss[{c.name}]": records[c.name]["loss"] for c in self.clients})
+        row.update(local_own=math.nan, local_global=math.nan)
+        return row
+
+    def local(self, model: Any, client_idx: int, round_idx: int) -> None:
+        """Evaluate client ``client_idx``'s local model (now in ``model``); write its records."""
+        c = self.clients[client_idx]
+        results = self._pass(model, f"eval local {c.name}")
+        own = self._record(results, self.slices[c.name])
+        glob = self._record(results, slice(0, len(self.samples)))
+        for test, rec in (("own", own), (GLOBAL, glob)):
+            self.metrics.write(kind="local_eval", round=round_idx, client=c.name, test=test, **rec)
+        self._local[c.name] = (own["loss"], glob["loss"])
+
+    def finish_round(self, row: dict[str, Any]) -> None:
+        """Put the mean loss of this round's local models (own / global test) into ``row``."""
+        if self._local:
+            own, glob = zip(*self._local.values(), strict=True)
+            row.update(local_own=sum(own) / len(own), local_global=sum(glob) / len(glob))
+        self._local = {}

@@ -1,0 +1,187 @@
+"""``cllora report DIR``: PNG plots and one self-contained HTML page for a run or a sweep.
+
+Usage::
+
+    cllora report runs/my-run          # -> runs/my-run/report/report.html and *.png
+    cllora report runs/length          # a sweep directory: every cell's report, plus the sweep's
+
+    from cllora.report.html import make_report
+    make_report(Path("runs/length"))   # returns the path of report.html
+
+A **run** report shows the global and local models' loss vs round, the train loss per local step,
+the loss by token-length bucket and the per-client table (``clients.csv``). A **sweep** report
+(a directory holding ``sweep.yaml``) shows, for each grid key other than ``seed``, the final
+global loss and the final mean local loss vs the key's value with the spread over the other
+cells (seeds), the final global loss by length bucket vs the key, a table of every cell with its
+heterogeneity summary, and links to the cells' own reports. Images are embedded (base64), so
+``report.html`` can be mailed on its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import html
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cllora.report.metrics import read_metrics
+from cllora.report.plots import GLOBAL, plot_buckets, plot_knob, plot_rounds, plot_train_loss
+
+_STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+    "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;"
+    "text-align:right}th{background:#eee}img{max-width:100%}"
+)
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<p><img alt="{path.stem}" src="data:image/png;base64,{data}"></p>'
+
+
+class Raw(str):
+    """Table cell content that is already HTML (not escaped)."""
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, Raw):
+        return str(v)
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "<p>(none)</p>"
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _page(title: str, parts: list[str]) -> str:
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>"
+    )
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = list(csv.DictReader(path.open(encoding="utf-8")))
+    for r in rows:
+        for k, v in r.items():
+            with contextlib.suppress(ValueError, TypeError):
+                r[k] = float(v) if "." in v or "e" in v or v == "nan" else int(v)
+    return rows
+
+
+def run_report(run_dir: Path) -> Path:
+    """Plots and ``report/report.html`` of one run directory."""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    pngs = [
+        plot_rounds(records, out / "rounds.png"),
+        plot_train_loss(records, out / "train_loss.png"),
+        plot_buckets(records, out / "buckets.png"),
+    ]
+    part = next((r for r in records if r["kind"] == "partition"), {})
+    parts = [
+        "<h2>Loss vs round</h2>", _img(pngs[0]), _img(pngs[1]),
+        "<h2>By token-length bucket</h2>", _img(pngs[2]),
+        "<h2>Clients</h2>", _table(_read_csv(run_dir / "clients.csv")),
+        "<h2>Heterogeneity</h2>", _table([{k: v for k, v in part.items() if k != "kind"}]),
+        "<h2>Rounds (global model; mean local models)</h2>",
+        _table(_read_csv(run_dir / "summary.csv")),
+    ]  # fmt: skip
+    path = out / "report.html"
+    path.write_text(_page(f"cllora run {run_dir.name}", parts), encoding="utf-8")
+    return path
+
+
+def _final(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final-round summary of one run: global loss, mean local losses, per-bucket global loss."""
+    glob = [r for r in records if r["kind"] == "global_eval" and r["client"] == GLOBAL]
+    last = max(r["round"] for r in glob)
+    final = next(r for r in glob if r["round"] == last)
+    loc = [r for r in records if r["kind"] == "local_eval" and r["round"] == last]
+    own = [r["loss"] for r in loc if r["test"] == "own"]
+    on_glob = [r["loss"] for r in loc if r["test"] == GLOBAL]
+    part = next((r for r in records if r["kind"] == "partition"), {})
+    return {
+        "round": last,
+        "global": final["loss"],
+        "global_round0": glob[0]["loss"],
+        "local_own": sum(own) / len(own) if own else math.nan,
+        "local_global": sum(on_glob) / len(on_glob) if on_glob else math.nan,
+        "buckets": {k: b["loss"] for k, b in final.get("buckets", {}).items()},
+        **{
+            k: part[k]
+            for k in ("mean_tv_len", "cv_samples", "mean_corrupted", "std_corrupted")
+            if k in part
+        },
+    }
+
+
+def sweep_report(root: Path) -> Path:
+    """Every finished cell's run report, then the sweep's plots and ``report/report.html``."""
+    spec = yaml.safe_load((root / "sweep.yaml").read_text())
+    out = root / "report"
+    out.mkdir(exist_ok=True)
+    cells = []
+    for c in spec["cells"]:
+        run_dir = root / "cells" / c["name"]
+        if (run_dir / "summary.csv").is_file():
+            run_report(run_dir)
+            cells.append((c, _final(read_metrics(run_dir / "metrics.jsonl"))))
+    parts = [f"<p>{len(cells)} of {len(spec['cells'])} cells finished.</p>"]
+    for knob in [k for k in spec["keys"] if k != "seed"]:
+        points: dict[Any, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        buckets: dict[Any, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for c, f in cells:
+            x = c["values"][knob]
+            x = x if isinstance(x, int | float) else str(x)
+            points[x]["global model"].append(f["global"])
+            points[x]["mean local (own test)"].append(f["local_own"])
+            points[x]["mean local (global test)"].append(f["local_global"])
+            for b, loss in f["buckets"].items():
+                buckets[x][f"global, {b}"].append(loss)
+        xs = [x for x in points if isinstance(x, int | float)]
+        log_x = len(xs) == len(points) and min(xs) > 0 and max(xs) / min(xs) >= 20
+        safe = knob.replace(".", "_")
+        parts += [f"<h2>{html.escape(knob)}</h2>",
+                  _img(plot_knob(points, knob, out / f"knob_{safe}.png", log_x)),
+                  _img(plot_knob(buckets, knob, out / f"buckets_{safe}.png", log_x))]  # fmt: skip
+    rows = [{"cell": Raw(f"<a href='../cells/{c['name']}/report/report.html'>{c['name']}</a>"),
+             **{k: v for k, v in f.items() if k != "buckets"}} for c, f in cells]  # fmt: skip
+    table = (
+        _table(rows)
+        .replace("&lt;a href=", "<a href=")
+        .replace("&gt;", ">")
+        .replace("&lt;/a", "</a")
+    )
+    parts += ["<h2>Cells (final round)</h2>", table]
+    path = out / "report.html"
+    path.write_text(_page(f"cllora sweep {spec['name']}", parts), encoding="utf-8")
+    return path
+
+
+def make_report(path: Path) -> Path:
+    """A sweep report for a directory with ``sweep.yaml``, else a run report."""
+    path = Path(path)
+    if (path / "sweep.yaml").is_file():
+        return sweep_report(path)
+    if (path / "metrics.jsonl").is_file():
+        return run_report(path)
+    raise FileNotFoundError(f"{path} holds neither a run (metrics.jsonl) nor a sweep (sweep.yaml)")

@@ -1,0 +1,150 @@
+"""Plots of runs and sweeps (matplotlib, headless), each saved as a PNG.
+
+Usage::
+
+    from cllora.report.plots import plot_rounds, plot_knob
+    plot_rounds(records, out_dir / "rounds.png")        # records of a metrics.jsonl
+
+Every function takes plain records or rows (as read from ``metrics.jsonl`` / ``results.csv``) and
+a path, draws one figure and returns the path. Used by :mod:`cllora.report.html`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+GLOBAL = "__global__"
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_rounds(records: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Left: the global model's loss vs round (global test set bold, each client's test thin).
+    Right: local models after local training on their own test set (per client) and the mean of
+    the local models on the global test set, with the global model's line for comparison."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    glob: dict[str, list] = defaultdict(list)
+    for r in records:
+        if r["kind"] == "global_eval":
+            glob[r["client"]].append((r["round"], r["loss"]))
+    for name, pts in sorted(glob.items()):
+        x, y = zip(*pts, strict=True)
+        bold = name == GLOBAL
+        ax1.plot(
+            x,
+            y,
+            "k-o" if bold else "-",
+            lw=2.5 if bold else 1,
+            label=name,
+            alpha=1 if bold else 0.7,
+        )
+    ax1.set(title="global model", xlabel="round", ylabel="test loss")
+    ax1.legend(fontsize=7)
+    own: dict[str, list] = defaultdict(list)
+    on_global: dict[int, list] = defaultdict(list)
+    for r in records:
+        if r["kind"] == "local_eval":
+            if r["test"] == "own":
+                own[r["client"]].append((r["round"], r["loss"]))
+            else:
+                on_global[r["round"]].append(r["loss"])
+    for name, pts in sorted(own.items()):
+        x, y = zip(*pts, strict=True)
+        ax2.plot(x, y, "--", lw=1, label=f"{name} (own test)")
+    if on_global:
+        xs = sorted(on_global)
+        ax2.plot(
+            xs, [np.mean(on_global[x]) for x in xs], "r-s", lw=2, label="mean local, global test"
+        )
+    if GLOBAL in glob:
+        x, y = zip(*glob[GLOBAL], strict=True)
+        ax2.plot(x, y, "k-o", lw=2.5, label="global model")
+    ax2.set(title="local models (before aggregation)", xlabel="round")
+    ax2.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_train_loss(records: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Train loss of every local step, per client, steps of all rounds in order."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    per: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        if r["kind"] == "client_train":
+            per[r["client"]].extend(r["losses"])
+    for name, losses in sorted(per.items()):
+        ax.plot(range(1, len(losses) + 1), losses, lw=1, label=name)
+    ax.set(title="train loss per local step", xlabel="local step (all rounds)", ylabel="loss")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_buckets(records: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Loss per length bucket on the global test set: the global model at the first and last
+    round, and the mean of the last round's local models."""
+    evals = [r for r in records if r["kind"] == "global_eval" and r["client"] == GLOBAL]
+    locals_ = [r for r in records if r["kind"] == "local_eval" and r["test"] == GLOBAL]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    if not evals:
+        return _save(fig, path)
+    first, last = evals[0], evals[-1]
+    labels = list(last["buckets"])
+    series = {f"global, round {first['round']}": first, f"global, round {last['round']}": last}
+    x = np.arange(len(labels))
+    width = 0.8 / (len(series) + bool(locals_))
+    for j, (name, rec) in enumerate(series.items()):
+        ax.bar(
+            x + j * width,
+            [rec["buckets"].get(b, {}).get("loss", np.nan) for b in labels],
+            width,
+            label=name,
+        )
+    if locals_:
+        final = [r for r in locals_ if r["round"] == locals_[-1]["round"]]
+        means = [
+            np.nanmean([r["buckets"].get(b, {}).get("loss", np.nan) for r in final]) for b in labels
+        ]
+        ax.bar(
+            x + len(series) * width, means, width, label=f"mean local, round {final[0]['round']}"
+        )
+    ax.set_xticks(x + width * (len(series) - 1 + bool(locals_)) / 2, labels)
+    ax.set(
+        title="global test loss by token-length bucket",
+        xlabel="measured length (tokens)",
+        ylabel="loss",
+    )
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_knob(
+    points: dict[Any, dict[str, list[float]]], knob: str, path: Path, log_x: bool = False
+) -> Path:
+    """Final metrics vs one knob: ``points[value][series]`` = values over seeds; mean +- std."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    xs = sorted(points)
+    names = sorted({s for v in points.values() for s in v})
+    for name in names:
+        vals = [points[x].get(name, []) for x in xs]
+        mean = [np.mean(v) if v else np.nan for v in vals]
+        std = [np.std(v) if v else np.nan for v in vals]
+        n = max(len(v) for v in vals)
+        ax.errorbar(xs, mean, yerr=std, marker="o", capsize=4, label=f"{name} (n={n})")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set(title=f"final loss vs {knob} (mean +- std over seeds)", xlabel=knob, ylabel="test loss")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
