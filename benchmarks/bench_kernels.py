@@ -15,8 +15,9 @@ script says so.
 
 Rows are appended to one long-format CSV (default ``benchmarks/results/kernels.csv``): timestamp,
 git commit, device, op, provider, mode, tokens, dtype, shape, median/p20/p80 ms, peak memory in MB
-and what that memory number is (``cuda_max_allocated`` on GPUs; on CPUs ``cpu_maxrss_delta``,
-the growth of the process' peak RSS during the measurement, 0 once an earlier run reached it).
+and what that memory number is: ``cuda_max_allocated`` on GPUs (peak allocated above what was
+allocated before the timed runs); on CPUs ``cpu_peak_rss_over_baseline``, each (op, tokens,
+provider, mode) in a fresh process, its peak RSS above the RSS before its inputs were made.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import csv
 import datetime as dt
 import importlib.util
+import json
 import resource
 import statistics
 import subprocess
@@ -46,7 +48,7 @@ FIELDS = [
     "ms_median", "ms_p20", "ms_p80", "peak_mem_mb", "mem_kind",
 ]  # fmt: skip
 # SmolLM2-135M dimensions: hidden 576, MLP 1536, 9 heads / 3 KV heads of 64, vocab 49152.
-MEM_KIND = {"cuda": "cuda_max_allocated", "cpu": "cpu_maxrss_delta"}
+MEM_KIND = {"cuda": "cuda_max_allocated", "cpu": "cpu_peak_rss_over_baseline"}
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, RANK = 576, 1536, 9, 3, 64, 49152, 16
 
 # A case: (inputs needing grad, forward callable returning a tensor or tuple, shape label)
@@ -176,10 +178,20 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rss_mb() -> float:
+    """Resident set size now (MB), from /proc (Linux); 0 elsewhere."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * resource.getpagesize() / 2**20
+
+
 def measure(
-    case: Case, mode: str, dev: str, reps: int, warmup: int = 2
+    case: Case, mode: str, dev: str, reps: int, warmup: int = 2, rss_base: float | None = None
 ) -> tuple[list[float], float]:
-    """Per-repetition milliseconds of ``mode`` and the peak memory (MB, see module docstring)."""
+    """Per-repetition milliseconds of ``mode`` and the peak memory (MB, see module docstring);
+    on CPU the peak is the process' peak RSS above ``rss_base`` (MB, default: RSS now)."""
     inputs, fn, _ = case
 
     def outputs() -> tuple[torch.Tensor, ...]:
@@ -200,7 +212,8 @@ def measure(
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    rss0, times = _maxrss_mb(), []
+    rss0 = _rss_mb() if rss_base is None else rss_base
+    times: list[float] = []
     for _ in range(reps):
         _sync(dev)
         t0 = time.perf_counter()
@@ -209,7 +222,7 @@ def measure(
         times.append((time.perf_counter() - t0) * 1e3)
     if dev == "cuda":
         return times, (torch.cuda.max_memory_allocated() - base) / 2**20
-    return times, _maxrss_mb() - rss0
+    return times, max(0.0, _maxrss_mb() - rss0)
 
 
 def device_name(dev: str) -> str:
@@ -256,24 +269,41 @@ def append_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def bench_cell(
-    meta: dict, op: str, t: int, provider: str, modes: list[str], reps: int
-) -> list[dict]:
-    """Rows for one (op, tokens, provider): one per mode (none if the provider lacks the op)."""
+def measure_cell(meta: dict, op: str, t: int, provider: str, mode: str, reps: int) -> dict | None:
+    """One CSV row (in this process), or None if the provider lacks the op."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[meta["dtype"]]
     torch.manual_seed(0)
+    rss_base = _rss_mb()  # before the inputs exist: the CPU peak includes them
     case = build_case(provider, op, t, dtype, dev)
     if case is None:
-        return []
+        return None
+    times, mem = measure(case, mode, dev, reps, rss_base=rss_base)
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
+    stats = {"ms_median": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3]}
+    return {**meta, "op": op, "provider": provider, "mode": mode, "tokens": t, "shape": case[2],
+            **{k: round(v, 4) for k, v in stats.items()}, "peak_mem_mb": round(mem, 2),
+            "mem_kind": MEM_KIND[dev]}  # fmt: skip
+
+
+def bench_cell(
+    meta: dict, op: str, t: int, provider: str, modes: list[str], reps: int
+) -> list[dict]:
+    """Rows for one (op, tokens, provider), one per mode. On CPU each mode runs in a fresh
+    process so that its peak RSS is its own (the CUDA allocator tracks peaks in-process)."""
     rows = []
     for mode in modes:
-        times, mem = measure(case, mode, dev, reps)
-        q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
-        row = {**meta, "op": op, "provider": provider, "mode": mode, "tokens": t,
-               "shape": case[2], "ms_median": round(statistics.median(times), 4),
-               "ms_p20": round(q[0], 4), "ms_p80": round(q[3], 4), "peak_mem_mb": round(mem, 2),
-               "mem_kind": MEM_KIND[dev]}  # fmt: skip
+        if torch.cuda.is_available():
+            row = measure_cell(meta, op, t, provider, mode, reps)
+        else:
+            cell = json.dumps({"meta": meta, "op": op, "t": t, "provider": provider,
+                               "mode": mode, "reps": reps})  # fmt: skip
+            done = subprocess.run([sys.executable, __file__, "--cell", cell], capture_output=True,
+                                  text=True, check=True)  # fmt: skip
+            lines = [x for x in done.stdout.splitlines() if x.startswith("ROW ")]
+            row = json.loads(lines[-1][4:]) if lines else None
+        if row is None:
+            continue
         spread = f"[{row['ms_p20']:.3f}, {row['ms_p80']:.3f}]"
         print(f"{op:22s} {provider:10s} {mode:8s} T={t:<6d} {row['ms_median']:10.3f} ms "
               f"{spread}  {row['peak_mem_mb']:8.1f} MB")  # fmt: skip
@@ -290,7 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--out", type=Path, default=DEFAULT_CSV)
+    p.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: one isolated cell
     args = p.parse_args(argv)
+    if args.cell:
+        c = json.loads(args.cell)
+        row = measure_cell(c["meta"], c["op"], c["t"], c["provider"], c["mode"], c["reps"])
+        print("ROW " + json.dumps(row) if row else "ROW-NONE")
+        return 0
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     available = available_providers(dev)
     providers = [x for x in args.providers.split(",") if x] or available
