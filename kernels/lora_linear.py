@@ -236,10 +236,13 @@ class LoRALinearFunction(torch.autograd.Function):
         weight = ctx.nf4 if ctx.nf4 is not None else dense_w
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()  # (M, N)
         s = ctx.scaling
-        dx, dyb = lora_backward_dx(dy2, weight, a, b, s, x2.shape[1])
+        if ctx.needs_input_grad[0]:
+            dx, dyb = lora_backward_dx(dy2, weight, a, b, s, x2.shape[1])
+            dx = dx.reshape(ctx.shape)
+        else:  # e.g. the first layer's projections: only dy B (M, r) is needed
+            dx, dyb = None, dy2.float() @ b
         da = _reduce_tn(dyb, x2, s) if ctx.needs_input_grad[2] else None  # (r, K)
         db = _reduce_tn(dy2, xa, s) if ctx.needs_input_grad[3] else None  # (N, r)
-        dx = dx.reshape(ctx.shape) if ctx.needs_input_grad[0] else None
         return dx, None, da, db, None, None, None
 
 

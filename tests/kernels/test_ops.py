@@ -171,6 +171,18 @@ def test_lora_linear_dense(gen, lead, k, n, r, bias):
         assert_close(got, want, 1e-4, 1e-4, f"d{name}")
 
 
+def test_lora_linear_input_without_grad(gen):
+    """x needs no gradient (first layer): the dx kernel is skipped, dA and dB still match."""
+    x, w = randn(gen, 2, 9, 20), randn(gen, 24, 20)
+    a, b = randn(gen, 4, 20, grad=True), randn(gen, 24, 4, grad=True)
+    with ck.backend("triton"):
+        y = ck.lora_linear(x, w, a, b, 0.5)
+    dy = randn(gen, *y.shape)
+    got, want = _grads(y, (a, b), dy), _grads(ref.lora_linear(x, w, a, b, 0.5), (a, b), dy)
+    for g1, g2 in zip(got, want, strict=True):
+        assert_close(g1, g2, 1e-5, 1e-5, "grad")
+
+
 def test_lora_linear_frozen_adapter_part(gen):
     """Only B trains (e.g. frozen-A strategies): the Function skips dA and still gives dx, dB."""
     x, w = randn(gen, 9, 20, grad=True), randn(gen, 24, 20)
