@@ -15,9 +15,10 @@ script says so.
 
 Rows are appended to one long-format CSV (default ``benchmarks/results/kernels.csv``): timestamp,
 git commit, device, op, provider, mode, tokens, dtype, shape, median/p20/p80 ms, peak memory in MB
-and what that memory number is: ``cuda_max_allocated`` on GPUs (peak allocated above what was
-allocated before the timed runs); on CPUs ``cpu_peak_rss_over_baseline``, each (op, tokens,
-provider, mode) in a fresh process, its peak RSS above the RSS before its inputs were made.
+and what that memory number is: the peak above the level before the inputs were made (so inputs,
+saved tensors, outputs and gradients count), ``cuda_peak_allocated_incl_inputs`` from the CUDA
+allocator, or on CPUs ``cpu_peak_rss_incl_inputs``, each (op, tokens, provider, mode) in a fresh
+process so that the peak RSS is its own.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ FIELDS = [
     "ms_median", "ms_p20", "ms_p80", "peak_mem_mb", "mem_kind",
 ]  # fmt: skip
 # SmolLM2-135M dimensions: hidden 576, MLP 1536, 9 heads / 3 KV heads of 64, vocab 49152.
-MEM_KIND = {"cuda": "cuda_max_allocated", "cpu": "cpu_peak_rss_over_baseline"}
+MEM_KIND = {"cuda": "cuda_peak_allocated_incl_inputs", "cpu": "cpu_peak_rss_incl_inputs"}
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, RANK = 576, 1536, 9, 3, 64, 49152, 16
 
 # A case: (inputs needing grad, forward callable returning a tensor or tuple, shape label)
@@ -56,7 +57,8 @@ Case = tuple[list[torch.Tensor], Callable[[], object], str]
 
 
 def _rand(*shape: int, dtype: torch.dtype, dev: str, grad: bool = False, scale: float = 1.0):
-    return (torch.randn(shape, device=dev) * scale).to(dtype).requires_grad_(grad)
+    t = torch.randn(shape, device=dev).mul_(scale)  # in place: no transient second copy
+    return t.to(dtype).requires_grad_(grad)
 
 
 def make_case(op: str, fns: object, t: int, dtype: torch.dtype, dev: str) -> Case:
@@ -178,6 +180,11 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _mem_now_mb(dev: str) -> float:
+    """Memory in use now: CUDA allocated, or the process' RSS on CPU (MB)."""
+    return torch.cuda.memory_allocated() / 2**20 if dev == "cuda" else _rss_mb()
+
+
 def _rss_mb() -> float:
     """Resident set size now (MB), from /proc (Linux); 0 elsewhere."""
     try:
@@ -188,10 +195,11 @@ def _rss_mb() -> float:
 
 
 def measure(
-    case: Case, mode: str, dev: str, reps: int, warmup: int = 2, rss_base: float | None = None
+    case: Case, mode: str, dev: str, reps: int, warmup: int = 2, base_mb: float | None = None
 ) -> tuple[list[float], float]:
     """Per-repetition milliseconds of ``mode`` and the peak memory (MB, see module docstring);
-    on CPU the peak is the process' peak RSS above ``rss_base`` (MB, default: RSS now)."""
+    the peak is above ``base_mb`` (default: now), CUDA allocated memory or, on CPU, the process'
+    RSS; callers pass the level before the inputs were made, so the peak includes them."""
     inputs, fn, _ = case
 
     def outputs() -> tuple[torch.Tensor, ...]:
@@ -209,10 +217,7 @@ def measure(
     for _ in range(warmup):
         run()
     _sync(dev)
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    rss0 = _rss_mb() if rss_base is None else rss_base
+    base = _mem_now_mb(dev) if base_mb is None else base_mb
     times: list[float] = []
     for _ in range(reps):
         _sync(dev)
@@ -221,8 +226,8 @@ def measure(
         _sync(dev)
         times.append((time.perf_counter() - t0) * 1e3)
     if dev == "cuda":
-        return times, (torch.cuda.max_memory_allocated() - base) / 2**20
-    return times, max(0.0, _maxrss_mb() - rss0)
+        return times, torch.cuda.max_memory_allocated() / 2**20 - base
+    return times, max(0.0, _maxrss_mb() - base)
 
 
 def device_name(dev: str) -> str:
@@ -274,12 +279,14 @@ def measure_cell(meta: dict, op: str, t: int, provider: str, mode: str, reps: in
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[meta["dtype"]]
     torch.manual_seed(0)
-    rss_base = _rss_mb()  # before the inputs exist: the CPU peak includes them
-    case = build_case(provider, op, t, dtype, dev)
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base_mb = _mem_now_mb(dev)
+    case = build_case(provider, op, t, dtype, dev)  # the peak includes the inputs
     if case is None:
         return None
-    times, mem = measure(case, mode, dev, reps, rss_base=rss_base)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
+    times, mem = measure(case, mode, dev, reps, base_mb=base_mb)
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
     stats = {"ms_median": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3]}
     return {**meta, "op": op, "provider": provider, "mode": mode, "tokens": t, "shape": case[2],
             **{k: round(v, 4) for k, v in stats.items()}, "peak_mem_mb": round(mem, 2),
