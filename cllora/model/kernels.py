@@ -43,7 +43,6 @@ from cllora.model.lora import LoRALinear
 IGNORE_INDEX = -100  # as cllora.model.loss (not imported: loss.py imports this module)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _SILU = ("silu", "swish")
-ROPE_NOTE = "not swapped: transformers applies RoPE through a module-level function"
 
 
 def _base_weight(base: nn.Module) -> tuple[torch.Tensor | ck.NF4Weight, torch.Tensor | None] | None:
