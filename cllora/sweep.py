@@ -17,15 +17,17 @@ A sweep file is a normal config file (the base of every cell) plus a ``sweep:`` 
         seed: [0, 1]
 
 Precedence per cell: defaults < the file's config < ``key=value`` arguments < the cell's grid
-values. Every cell's config is built and validated, and every cell's data partitioned (tokenizer
-only, no model), before the first cell trains: an unknown key, a bad value or a partition that
-cannot be made stops the sweep at once, naming the cell. Cells run in grid order as runs named
-``cells/<key=value__key=value>``; a cell whose run finished (``summary.csv`` written) is not run
-again, an unfinished one is removed and run again. After each cell, ``results.csv`` is rewritten
-in long format, one row per (cell, round, evaluated model, test set, length bucket): columns
-``cell``, the grid keys, ``round``, ``model`` (``global`` or ``local``), ``client`` (the local
-model's owner), ``test`` (a client's test set or ``__global__``), ``bucket`` (``all`` or a
-length bucket), ``loss``, ``tokens``.
+values. Arguments starting with ``sweep.`` change the sweep itself, e.g. ``sweep.grid.seed=[0]``
+or ``sweep.name=small``. Every cell's config is built and validated, and every cell's data
+partitioned (tokenizer only, no model), before the first cell trains: an unknown key, a bad value
+or a partition that cannot be made stops the sweep at once, naming the cell.
+
+Cells run in grid order as runs named ``cells/<key=value__key=value>``; a cell whose run finished
+(``summary.csv`` written) is not run again, an unfinished one is removed and run again. After
+each cell, ``results.csv`` is rewritten in long format, one row per (cell, round, evaluated model,
+test set, length bucket): columns ``cell``, the grid keys, ``round``, ``model`` (``global`` or
+``local``), ``client`` (the local model's owner), ``test`` (a client's test set or
+``__global__``), ``bucket`` (``all`` or a length bucket), ``loss``, ``tokens``.
 """
 
 from __future__ import annotations
@@ -87,20 +89,34 @@ def _read_spec(path: Path) -> tuple[dict, dict]:
         raise ConfigError(
             f"{path}: unknown sweep setting(s) {sorted(unknown)}; allowed: name, grid"
         )
+    _check_spec(path, spec)
+    return loaded, spec
+
+
+def _check_spec(path: Path, spec: dict) -> None:
     grid = spec.get("grid")
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(f"{path}: sweep.grid must map config keys to lists of values")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: sweep.grid.{key} must be a non-empty list of values")
-    return loaded, spec
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """Read a sweep file and build (and validate) the config of every cell."""
     path = Path(path)
     base, spec = _read_spec(path)
-    base = _deep_update(base, parse_overrides(overrides or []))
+    mine = [o for o in overrides or [] if o.startswith("sweep.")]
+    for item in mine:  # grid keys are dotted config keys: never nest them
+        key, _, raw = item.partition("=")
+        key = key.removeprefix("sweep.")
+        value = yaml.safe_load(raw)
+        if key.startswith("grid."):
+            spec["grid"] = {**spec["grid"], key.removeprefix("grid."): value}
+        else:
+            spec[key] = value
+    _check_spec(path, spec)
+    base = _deep_update(base, parse_overrides([o for o in overrides or [] if o not in mine]))
     grid: dict[str, list] = spec["grid"]
     for key in grid:
         try:

@@ -82,12 +82,14 @@ def _window_clients(cfg: Config, clients: list[Client]) -> dict[str, int]:
         c.test, t_cut, t_drop = apply_window(c.test, cfg.data.max_length, cfg.data.overlong)
         counts["test_truncated"] += t_cut
         counts["test_dropped"] += t_drop
-        for part, kept in (("training", c.train), ("test", c.test)):
+        for part, kept, lost in (("training", c.train, c.dropped), ("test", c.test, t_drop)):
             if not kept:
+                window = c.window if part == "training" else cfg.data.max_length
                 raise DataError(
-                    f"client {c.name!r} has no {part} sample left after its context window "
-                    f"({c.window if part == 'training' else cfg.data.max_length} tokens, "
-                    f"data.overlong={cfg.data.overlong}); raise the window or use truncate"
+                    f"client {c.name!r} has no {part} sample left after its context window of "
+                    f"{window} tokens: {lost} dropped (data.overlong={cfg.data.overlong}; a "
+                    "truncated sample is dropped when no response token is left inside the "
+                    "window); raise the window"
                 )
     return counts
 

@@ -121,6 +121,10 @@ def plot_buckets(records: Sequence[dict[str, Any]], path: Path) -> Path:
             x + len(series) * width, means, width, label=f"mean local, round {final[0]['round']}"
         )
     ax.set_xticks(x + width * (len(series) - 1 + bool(locals_)) / 2, labels)
+    heights = [p.get_height() for p in ax.patches if np.isfinite(p.get_height())]
+    if heights:  # zoom on the differences: losses sit far from zero
+        lo, hi = min(heights), max(heights)
+        ax.set_ylim(lo - 0.1 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
     ax.set(
         title="global test loss by token-length bucket",
         xlabel="measured length (tokens)",
