@@ -1,0 +1,104 @@
+"""The measurement through the real server loop (tiny Llama): per-client tables, windows,
+corruption, local and global evaluation by length bucket, and its bookkeeping."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from cllora.cli import main
+from cllora.config import load_config
+from cllora.fed.server import run_experiment
+from tests.conftest import tiny_run_overrides
+
+
+def _records(run_dir, kind):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _combine_buckets(rec) -> tuple[float, int]:
+    tokens = sum(b["tokens"] for b in rec["buckets"].values())
+    loss = sum(b["loss"] * b["tokens"] for b in rec["buckets"].values()) / tokens
+    return loss, tokens
+
+
+def test_heterogeneous_run_writes_tables_and_every_evaluation(tmp_path):
+    cfg = load_config(
+        None,
+        tiny_run_overrides(
+            tmp_path,
+            run_name="m",
+            fed__rounds=1,
+            train__local_steps=1,
+            partition__method="dirichlet",
+            partition__num_clients=3,
+            partition__alpha_len=0.5,
+            partition__alpha_qty=2.0,
+            quality__rates="[0.0, 0.5]",
+            quality__score_samples=4,
+            data__client_max_length="[48, 64]",
+        ),
+    )
+    run = run_experiment(cfg).run_dir
+    rows = list(csv.DictReader((run / "clients.csv").open()))
+    assert [r["window"] for r in rows] == ["48", "64", "48"]
+    assert all(int(r["truncated"]) > 0 for r in rows)  # builtin samples are longer than 64
+    assert [float(r["corruption_rate"]) for r in rows] == [0.0, 0.5, 0.0]
+    assert (
+        float(rows[1]["corrupted"]) == pytest.approx(0.5, abs=0.05) and rows[0]["operators"] == ""
+    )
+    assert all(0 < float(r["quality"]) < 1 and 0 <= float(r["tv_len"]) <= 1 for r in rows)
+    assert len(list(csv.DictReader((run / "samples.csv").open()))) == 3 * 4
+    (part,) = _records(run, "partition")
+    assert part["length_buckets"] and "mean_tv_len" in part and "cv_samples" in part
+
+    glob = {r["client"]: r for r in _records(run, "global_eval") if r["round"] == 1}
+    names = [r["client"] for r in rows]
+    assert glob["__global__"]["tokens"] == sum(glob[n]["tokens"] for n in names)
+    for rec in glob.values():  # the buckets partition the test tokens exactly
+        loss, tokens = _combine_buckets(rec)
+        assert tokens == rec["tokens"] and loss == pytest.approx(rec["loss"], rel=1e-6)
+    local = _records(run, "local_eval")
+    assert sorted((r["client"], r["test"]) for r in local) == sorted(
+        (n, t) for n in names for t in ("own", "__global__")
+    )
+    for r in local:
+        ref = glob[r["client"] if r["test"] == "own" else "__global__"]
+        assert r["tokens"] == ref["tokens"]  # same test set as the global model's
+        assert _combine_buckets(r)[1] == r["tokens"]
+    summary = list(csv.DictReader((run / "summary.csv").open()))
+    assert math.isnan(float(summary[0]["local_own"])) and float(summary[1]["local_own"]) > 0
+
+
+def test_with_one_client_the_local_model_is_the_global_model(tmp_path):
+    cfg = load_config(
+        None,
+        tiny_run_overrides(
+            tmp_path, fed__rounds=1, partition__method="iid", partition__num_clients=1
+        ),
+    )
+    run = run_experiment(cfg).run_dir
+    (g,) = [
+        r for r in _records(run, "global_eval") if r["round"] == 1 and r["client"] != "__global__"
+    ]
+    own, on_global = sorted(_records(run, "local_eval"), key=lambda r: r["test"] != "own")
+    assert own["test"] == "own" and on_global["test"] == "__global__"
+    assert own["loss"] == pytest.approx(g["loss"], rel=1e-6)  # FedAvg of one = its local model
+    assert own["buckets"].keys() == g["buckets"].keys()
+    for k, b in own["buckets"].items():
+        assert b["tokens"] == g["buckets"][k]["tokens"]
+        assert b["loss"] == pytest.approx(g["buckets"][k]["loss"], rel=1e-6)
+    assert on_global["loss"] == pytest.approx(own["loss"], rel=1e-6)
+
+
+def test_a_client_emptied_by_its_window_stops_before_training(tmp_path, capsys):
+    args = tiny_run_overrides(
+        tmp_path, run_name="w", data__overlong="drop", data__client_max_length="[8]"
+    )
+    assert main(["run", *args]) == 2
+    assert "has no training sample left after its context window of 8" in capsys.readouterr().err
+    assert not _records(tmp_path / "w", "client_train")
