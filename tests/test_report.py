@@ -1,0 +1,38 @@
+"""Pieces of the per-client tables and reports that need no run."""
+
+from __future__ import annotations
+
+import pytest
+
+from cllora.report.html import markdown_table
+from cllora.report.tables import count_sentences, heterogeneity_summary
+
+
+@pytest.mark.parametrize(
+    "text, n",
+    [
+        ("Hello there. How are you? Fine", 3),
+        ("Take 1.5 mg per day.", 1),
+        ("Symptoms\n\n- fever\n- cough.", 2),
+        ("", 0),
+        ("...", 0),
+    ],
+)
+def test_count_sentences(text, n):
+    assert count_sentences(text) == n
+
+
+def test_heterogeneity_summary():
+    rows = [
+        {"train_samples": 10, "corrupted": 0.0, "tv_len": 0.2},
+        {"train_samples": 30, "corrupted": 0.5, "tv_len": 0.4},
+    ]
+    s = heterogeneity_summary(rows)
+    assert s["mean_tv_len"] == pytest.approx(0.3) and s["cv_samples"] == pytest.approx(0.5)
+    assert s["mean_corrupted"] == pytest.approx(0.25) and s["std_corrupted"] == pytest.approx(0.25)
+
+
+def test_markdown_table():
+    text = markdown_table([{"cell": "a=1", "loss": 2.345678}, {"cell": "a=2", "x": 1}])
+    assert text.splitlines()[0] == "| cell | loss | x |"
+    assert "| a=1 | 2.346 |  |" in text
