@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 IGNORE_INDEX = -100
+CHUNKED_LOGITS = 64 * 2**20  # target-logit elements (256 MB in fp32) above which we chunk
 
 
 def lm_loss_sum(
@@ -41,5 +42,10 @@ def lm_loss_sum(
     if n == 0:
         return hidden.sum() * 0.0, 0
     picked = hidden[:, :-1][mask]  # (N, H)
-    logits = model.get_output_embeddings()(picked).float()  # (N, V)
+    head = model.get_output_embeddings()
+    if head.bias is None and (picked.is_cuda or n * head.weight.shape[0] > CHUNKED_LOGITS):
+        from cllora.model.kernels import fused_lm_loss_sum
+
+        return fused_lm_loss_sum(picked, head.weight, targets[mask])
+    logits = head(picked).float()  # (N, V)
     return F.cross_entropy(logits, targets[mask], reduction="sum"), n
