@@ -393,7 +393,8 @@ def plot(csv_path: Path) -> Path:
             ax.set_ylabel(label)
             ax.set_title(f"{w}: {label}")
             ax.grid(alpha=0.3)
-            ax.legend()
+            if ax.get_lines():
+                ax.legend()
     fig.tight_layout()
     png = csv_path.with_suffix(".png")
     fig.savefig(png, dpi=100)
