@@ -129,10 +129,17 @@ def _final(records: list[dict[str, Any]]) -> dict[str, Any]:
     own = [r["loss"] for r in loc if r["test"] == "own"]
     on_glob = [r["loss"] for r in loc if r["test"] == GLOBAL]
     part = next((r for r in records if r["kind"] == "partition"), {})
+    per_client = [
+        r["loss"]
+        for r in records
+        if r["kind"] == "global_eval" and r["round"] == last and r["client"] != GLOBAL
+    ]
     return {
         "round": last,
         "global": final["loss"],
         "global_round0": glob[0]["loss"],
+        "global_change": final["loss"] - glob[0]["loss"],
+        "global_on_own": sum(per_client) / len(per_client),
         "local_own": sum(own) / len(own) if own else math.nan,
         "local_global": sum(on_glob) / len(on_glob) if on_glob else math.nan,
         "buckets": {k: b["loss"] for k, b in final.get("buckets", {}).items()},
@@ -175,13 +182,13 @@ def sweep_report(root: Path) -> Path:
                   _img(plot_knob(buckets, knob, out / f"buckets_{safe}.png", log_x))]  # fmt: skip
     rows = [{"cell": Raw(f"<a href='../cells/{c['name']}/report/report.html'>{c['name']}</a>"),
              **{k: v for k, v in f.items() if k != "buckets"}} for c, f in cells]  # fmt: skip
-    table = (
-        _table(rows)
-        .replace("&lt;a href=", "<a href=")
-        .replace("&gt;", ">")
-        .replace("&lt;/a", "</a")
-    )
-    parts += ["<h2>Cells (final round)</h2>", table]
+    parts += ["<h2>Cells (final round)</h2>", _table(rows)]
+    plain = []
+    for c, f in cells:
+        per_bucket = {f"global[{b}]": v for b, v in f["buckets"].items()}
+        scalars = {k: v for k, v in f.items() if k != "buckets"}
+        plain.append({"cell": c["name"], **scalars, **per_bucket})
+    (out / "cells.md").write_text(markdown_table(plain), encoding="utf-8")
     path = out / "report.html"
     path.write_text(_page(f"cllora sweep {spec['name']}", parts), encoding="utf-8")
     return path
