@@ -45,7 +45,7 @@ def test_sweep_runs_every_cell_resumes_and_reports(tmp_path, capsys):
 
     assert main(["report", str(root)]) == 0
     page = (root / "report" / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and "train.lr=0.01" in page
+    assert page.count("data:image/png;base64,") == 3 and "train.lr=0.01" in page
     assert "| train.lr=0.001 |" in (root / "report" / "cells.md").read_text()
     assert (root / "report" / "knob_train_lr.png").stat().st_size > 1000
     cell_page = (root / "cells" / cells[0] / "report" / "report.html").read_text()

@@ -12,7 +12,8 @@ A **run** report shows the global and local models' loss vs round, the train los
 the loss by token-length bucket and the per-client table (``clients.csv``). A **sweep** report
 (a directory holding ``sweep.yaml``) shows, for each grid key other than ``seed``, the final
 global loss and the final mean local loss vs the key's value with the spread over the other
-cells (seeds), the final global loss by length bucket vs the key, a table of every cell with its
+cells (seeds), the global model's change from round 0 (comparable when the test sets differ
+between cells), the final global loss by length bucket vs the key, a table of every cell with its
 heterogeneity summary, and links to the cells' own reports. Images are embedded (base64), so
 ``report.html`` can be mailed on its own.
 """
@@ -166,10 +167,12 @@ def sweep_report(root: Path) -> Path:
     for knob in [k for k in spec["keys"] if k != "seed"]:
         points: dict[Any, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         buckets: dict[Any, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        change: dict[Any, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for c, f in cells:
             x = c["values"][knob]
             x = x if isinstance(x, int | float) else str(x)
             points[x]["global model"].append(f["global"])
+            change[x]["global model, final - round 0"].append(f["global_change"])
             points[x]["mean local (own test)"].append(f["local_own"])
             points[x]["mean local (global test)"].append(f["local_global"])
             for b, loss in f["buckets"].items():
@@ -179,6 +182,7 @@ def sweep_report(root: Path) -> Path:
         safe = knob.replace(".", "_")
         parts += [f"<h2>{html.escape(knob)}</h2>",
                   _img(plot_knob(points, knob, out / f"knob_{safe}.png", log_x)),
+                  _img(plot_knob(change, knob, out / f"change_{safe}.png", log_x)),
                   _img(plot_knob(buckets, knob, out / f"buckets_{safe}.png", log_x))]  # fmt: skip
     rows = [{"cell": Raw(f"<a href='../cells/{c['name']}/report/report.html'>{c['name']}</a>"),
              **{k: v for k, v in f.items() if k != "buckets"}} for c, f in cells]  # fmt: skip
