@@ -28,8 +28,4 @@ def _documented(text: str, heading: str) -> set[str]:
 def test_config_reference_is_complete():
     root = Path(__file__).resolve().parents[1]
     documented = _documented((root / "README.md").read_text(), "### Config reference")
-    # Rows waiting to be merged into README (docs/measurement.md, issue 3).
-    extra = root / "docs" / "measurement.md"
-    if extra.is_file():
-        documented |= _documented(extra.read_text(), "### Config reference additions")
     assert documented == set(_keys(Config()))
