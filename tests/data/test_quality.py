@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -136,8 +137,11 @@ def test_corrupted_responses_score_worse_with_the_real_model():
     from cllora.data.readers import read_records
     from cllora.model.load import load_model
 
+    path = Path(__file__).resolve().parents[3] / "shared" / "data" / "medquad" / "NINDS.jsonl"
+    if not path.is_file():
+        pytest.skip(f"MedQuAD not found at {path}")
     model, tok = load_model(ModelConfig(name="smollm2-135m", dtype="fp32"))
-    records = read_records("../shared/data/medquad/NINDS.jsonl")[:6]
+    records = read_records(path)[:6]
     clean = [tokenize_record(r, tok, max_length=256) for r in records]
     ctx = CorruptionContext.from_samples(clean, tok.encode("Visit our website. "))
     _, base = quality_score(model, clean, tok.pad_token_id)
