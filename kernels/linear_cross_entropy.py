@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import IGNORE_INDEX, chunked_linear_ce
+from .reference import IGNORE_INDEX, ChunkedLinearCE
 
 
 @triton.jit
@@ -74,37 +74,6 @@ def ce_rows_triton(
     return loss
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Forward: ``L = sum_{i valid} (logsumexp_v z_iv - z_{i,t_i}) * scale`` with ``z = h W^T``,
-    ``scale = 1 / n_valid`` (mean) or 1 (sum); ``dL/dh = (softmax(z) - onehot(t)) W * scale`` is
-    formed chunk by chunk in the same pass and saved (``dL/dW = sum_c dlogits_c^T h_c`` too when W
-    requires grad). Backward: ``grad_h = dL/dh * grad_out`` (and ``dL/dW * grad_out``)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, dh, dw = chunked_linear_ce(
-            hidden,
-            weight,
-            targets,
-            ignore_index,
-            reduction,
-            chunk_size,
-            ce_rows_triton,
-            need_h,
-            need_w,
-        )
-        ctx.save_for_backward(dh, dw)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        dh, dw = ctx.saved_tensors
-        grad_h = None if dh is None else dh * grad_out.to(dh.dtype)
-        grad_w = None if dw is None else dw * grad_out.to(dw.dtype)
-        return grad_h, grad_w, None, None, None, None
-
-
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -114,6 +83,6 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``CE(hidden (N, H) @ weight (V, H)^T, targets (N,))``, mean over non-ignored or sum."""
-    return LinearCrossEntropyFunction.apply(
-        hidden, weight, targets, ignore_index, reduction, chunk_size
+    return ChunkedLinearCE.apply(
+        hidden, weight, targets, ignore_index, reduction, chunk_size, ce_rows_triton
     )

@@ -159,13 +159,14 @@ def chunked_linear_ce(
     return total * scale, dh, None if dw is None else dw.to(weight.dtype)
 
 
-class _ReferenceLinearCE(torch.autograd.Function):
+class ChunkedLinearCE(torch.autograd.Function):
     """Forward: chunked ``CE(h W^T, t)``, storing ``dL/dh`` (the grad is formed in the same pass).
     Backward: ``dh * grad_output`` and, only when W trains, ``dW * grad_output`` (dW accumulated
-    over chunks in the forward pass too; a frozen LM head costs nothing)."""
+    over chunks in the forward pass too; a frozen LM head costs nothing). ``ce_rows`` is the
+    per-chunk row function: the torch one here, the Triton kernel in linear_cross_entropy.py."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size):
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size, ce_rows):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, dh, dw = chunked_linear_ce(
             hidden,
@@ -174,7 +175,7 @@ class _ReferenceLinearCE(torch.autograd.Function):
             ignore_index,
             reduction,
             chunk_size,
-            ce_rows_reference,
+            ce_rows,
             need_h,
             need_w,
         )
@@ -186,7 +187,7 @@ class _ReferenceLinearCE(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         grad_h = None if dh is None else dh * grad_out.to(dh.dtype)
         grad_w = None if dw is None else dw * grad_out.to(dw.dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -200,4 +201,6 @@ def linear_cross_entropy(
     """Cross-entropy of ``hidden (N, H) @ weight (V, H)^T`` against ``targets (N,)``, never
     materialising more than ``chunk_size`` rows of logits. Mean over non-ignored tokens (0 when
     all are ignored) or sum. ``weight`` gets a gradient only if it requires one."""
-    return _ReferenceLinearCE.apply(hidden, weight, targets, ignore_index, reduction, chunk_size)
+    return ChunkedLinearCE.apply(
+        hidden, weight, targets, ignore_index, reduction, chunk_size, ce_rows_reference
+    )
