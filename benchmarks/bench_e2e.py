@@ -10,17 +10,24 @@ Usage::
     csv_path = run_benchmark(BenchSpec(contexts=[256, 512]))
 
 One training step = forward + backward + AdamW step over the LoRA parameters (r=16, alpha=32,
-dropout 0.05, every linear of the decoder), the same model, LoRA config, data and seed for every
-provider. Every cell (provider x workload x context) runs in a **fresh process**, so the peak
+``--lora-dropout`` (default 0, as Unsloth's default: the fused LoRA kernel has no dropout, and
+cllora falls back to the unfused path with dropout > 0; CSVs before 2026-11-26 used 0.05), every
+linear of the decoder), the same model, LoRA config, data and seed for every provider. Every
+cell (provider x workload x context) runs in a **fresh process**, so the peak
 memory is that cell's own: CUDA max allocated on GPU, peak RSS (``ru_maxrss``, model included) on
 CPU. The parent polls the child's RSS and kills it past ``--budget-gb``: an out-of-memory cell is
 recorded as ``status=oom``, never a crash.
 
 Providers (``PROVIDERS``):
 
-- ``cllora``: packed rows (no padding), varlen attention (:mod:`cllora.model.attention`),
-  chunked LM loss on target positions only, gradient checkpointing per decoder layer.
-- ``cllora-nockpt``: the same without checkpointing (cllora's default settings).
+- ``cllora``: the model ``cllora run`` builds (:func:`cllora.model.setup.build_model`) with
+  ``model.attn=varlen``, ``train.packing=true``, ``train.checkpointing=true`` and the defaults
+  ``model.kernels=auto`` (the Triton kernels on CUDA) and ``train.loss=auto`` (the fused LM-head
+  loss on CUDA, on target positions only): packed rows (no padding), varlen attention,
+  gradient checkpointing per decoder layer.
+- ``cllora-nockpt``: the same without checkpointing.
+- ``cllora-4bit``: ``cllora`` with ``model.quant=nf4`` (double quantization; on CUDA the fused
+  LoRA kernel decodes NF4 inside the matmul).
 - ``hf-peft``: ``transformers`` + ``peft`` LoRA, SDPA, right-padding collator, ``model(...,
   labels=...).loss`` (full logits).
 - ``hf-peft-4bit``: the same on a bitsandbytes NF4 base (``BitsAndBytesConfig``).
@@ -29,7 +36,14 @@ Workloads: ``fixed`` (every sequence exactly the context length, random tokens: 
 memory) and ``real`` (MedQuAD records formatted with the chat template and cut at the context
 length, ``--real-batch`` samples per step: padded to the longest for the baselines, one packed row
 for cllora; tokens/s counts real tokens only). ``--find-max-context`` binary-searches, per
-provider, the longest ``fixed`` context (a multiple of 256) whose step fits the budget.
+provider, the longest ``fixed`` context (a multiple of 256) whose step fits the budget: on CPU
+each probe is a fresh process killed past the budget; on CUDA one process per provider builds the
+model once, caps the allocator at the budget (``torch.cuda.set_per_process_memory_fraction``)
+and catches ``torch.OutOfMemoryError`` per probe.
+
+Presets (``--model llama-3.1-8b`` etc., :mod:`cllora.model.presets`) are random-weight models of
+real shapes built on the device; ``hf-peft-4bit`` on a preset quantizes the same bitsandbytes
+``Linear4bit`` layers that transformers' ``BitsAndBytesConfig`` loading makes (nothing to load).
 
 Output: ``benchmarks/results/e2e-<device>-<timestamp>.csv`` in long format (provider, workload,
 context, batch, metric, value, unit, device, dtype, commit, timestamp) and a PNG next to it
@@ -52,7 +66,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-PROVIDERS = ("cllora", "cllora-nockpt", "hf-peft", "hf-peft-4bit")
+PROVIDERS = ("cllora", "cllora-nockpt", "cllora-4bit", "hf-peft", "hf-peft-4bit")
 WORKLOADS = ("fixed", "real")
 FIELDS = ("provider", "workload", "context", "batch", "metric", "value", "unit", "device",
           "dtype", "commit", "timestamp")  # fmt: skip
@@ -74,6 +88,7 @@ class BenchSpec:
     max_context_hi: int = 16384
     data: str = str(ROOT.parent / "shared" / "data" / "medquad")
     seed: int = 0
+    lora_dropout: float = 0.0
     threads: int = 0
     out_dir: str = str(RESULTS)
     note: str = ""
@@ -91,31 +106,39 @@ class Cell:
 # ---------------------------------------------------------------- one cell, in a child process
 
 
+def _engine_config(provider: str, spec: BenchSpec):
+    """The cllora Config of a ``cllora*`` provider: what ``cllora run`` would build."""
+    from cllora.config import Config
+
+    cfg = Config()
+    cfg.seed = spec.seed
+    cfg.model.name, cfg.model.dtype, cfg.model.device = spec.model, spec.dtype, spec.device
+    cfg.model.attn = "varlen"
+    cfg.model.quant = "nf4" if provider == "cllora-4bit" else "none"
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 16, 32.0, spec.lora_dropout
+    cfg.train.packing = True
+    cfg.train.checkpointing = provider != "cllora-nockpt"
+    return cfg
+
+
 def _build(provider: str, spec: BenchSpec):
     """(model, params) for a provider: the same base weights and LoRA config everywhere."""
     import torch
 
     from cllora.config import ModelConfig
     from cllora.model.load import load_model, resolve_dtype
+    from cllora.model.presets import PRESETS
 
     dtype = resolve_dtype(spec.dtype, spec.device)
     if provider.startswith("cllora"):
-        from cllora.model.attention import enable_packed_attention
-        from cllora.model.checkpointing import enable_checkpointing
-        from cllora.model.lora import inject_lora, lora_parameters
+        from cllora.model.lora import lora_parameters
+        from cllora.model.setup import build_model
 
-        model, _ = load_model(
-            ModelConfig(name=spec.model, dtype=spec.dtype), spec.seed, spec.device
-        )
-        torch.manual_seed(spec.seed)
-        inject_lora(model, r=16, alpha=32, dropout=0.05)
-        enable_packed_attention(model)
-        if provider == "cllora":
-            enable_checkpointing(model)
+        model, _, _ = build_model(_engine_config(provider, spec))
         return model, lora_parameters(model)
     from peft import LoraConfig, get_peft_model
 
-    if provider == "hf-peft-4bit":
+    if provider == "hf-peft-4bit" and spec.model not in PRESETS:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         from cllora.model.load import _resolve_path
@@ -124,20 +147,28 @@ def _build(provider: str, spec: BenchSpec):
             str(_resolve_path(spec.model)), dtype=dtype, attn_implementation="sdpa",
             device_map=spec.device, local_files_only=True,
             quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True,
             ),
         )  # fmt: skip
     else:
         model, _ = load_model(
             ModelConfig(name=spec.model, dtype=spec.dtype), spec.seed, spec.device
         )
+        if provider == "hf-peft-4bit":  # a preset has no checkpoint to load through BnB config:
+            # the same bitsandbytes Linear4bit layers transformers would make (LM head dense)
+            from cllora.model.quant import quantize_base
+
+            quantize_base(model, "nf4", double_quant=True, compute_dtype=dtype)
     torch.manual_seed(spec.seed)
-    lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
+    lcfg = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=spec.lora_dropout, target_modules="all-linear"
+    )
     model = get_peft_model(model, lcfg)
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def _batches(cell: Cell, spec: BenchSpec, count: int) -> list[list]:
+def _batches(cell: Cell, spec: BenchSpec, count: int, vocab: int = 49152) -> list[list]:
     """``count`` steps' worth of Samples (the same for every provider: seeded by spec.seed)."""
     import torch
 
@@ -147,7 +178,8 @@ def _batches(cell: Cell, spec: BenchSpec, count: int) -> list[list]:
     if cell.workload == "fixed":
         out = []
         for _ in range(count):
-            rows = torch.randint(3, 49000, (cell.batch, cell.context), generator=g).tolist()
+            shape = (cell.batch, cell.context)
+            rows = torch.randint(3, min(vocab, 49000), shape, generator=g).tolist()
             out.append([Sample(r, list(r)) for r in rows])
         return out
     from cllora.data.formatting import build_samples
@@ -173,7 +205,7 @@ def _step_fn(provider: str, model, samples: list, device: str):
         batch = collate_packed_rows([[s] for s in samples], 0) if same else collate_packed(samples)
 
         def run() -> None:
-            loss, n = packed_lm_loss_sum(model, batch)
+            loss, n = packed_lm_loss_sum(model, batch, loss="auto")
             (loss / max(n, 1)).backward()
 
         return run
@@ -200,7 +232,7 @@ def run_cell(cell: Cell) -> dict:
     model, params = _build(cell.provider, spec)
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4)
-    steps = _batches(cell, spec, spec.steps + 1)
+    steps = _batches(cell, spec, spec.steps + 1, model.config.vocab_size)
     load_s = time.perf_counter() - t0
     if spec.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -267,6 +299,9 @@ def run_cell_isolated(cell: Cell, budget_gb: float, timeout_s: float = 3600) -> 
 
 
 def _commit() -> str:
+    """Short commit of the checkout (``CLLORA_COMMIT`` where the tree travels without .git)."""
+    if os.environ.get("CLLORA_COMMIT"):
+        return os.environ["CLLORA_COMMIT"]
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True
@@ -305,8 +340,69 @@ def _rows(cell: Cell, res: dict, base: dict) -> list[dict]:
     return out
 
 
+def max_context_cuda(provider: str, spec: BenchSpec) -> list[dict]:
+    """In this process: build once, cap the CUDA allocator at the budget, binary-search the
+    longest fixed context (multiple of 256) whose training step fits. One dict per probe."""
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, spec.budget_gb * 2**30 / total))
+    model, params = _build(provider, spec)
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    lo, hi, probes = 0, spec.max_context_hi // 256, []
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        cell = Cell(provider, "fixed", mid * 256, spec.batch, asdict(spec))
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        try:
+            (samples,) = _batches(cell, spec, 1, model.config.vocab_size)
+            _step_fn(provider, model, samples, spec.device)()
+            opt.step()
+            torch.cuda.synchronize()
+            status = "ok"
+        except torch.OutOfMemoryError:
+            status = "oom"
+        opt.zero_grad(set_to_none=True)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        probes.append({"context": mid * 256, "status": status, "peak_mem": peak,
+                       "step_s": time.perf_counter() - start})  # fmt: skip
+        print(f"  max-context probe {provider} {mid * 256}: {status} {peak:.1f} GiB", flush=True)
+        lo, hi = (mid, hi) if status == "ok" else (lo, mid - 1)
+    return probes
+
+
+def _find_max_context_cuda(provider: str, spec: BenchSpec, base: dict, log) -> list[dict]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--max-context-cell",
+           json.dumps({"provider": provider, "spec": asdict(spec)})]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("[")]
+    row = {**base, "provider": provider, "workload": "fixed", "batch": spec.batch}
+    if done.returncode != 0 or not lines:
+        log(f"  max-context {provider}: error {done.stderr.strip()[-300:]}")
+        return [{**row, "context": "", "metric": "error", "value": done.stderr.strip()[-200:],
+                 "unit": ""}]  # fmt: skip
+    rows, best = [], 0
+    for p in json.loads(lines[-1]):
+        log(f"  max-context probe {provider} {p['context']}: {p['status']} "
+            f"{p['peak_mem']:.1f} GiB")  # fmt: skip
+        probe = {**row, "workload": "max-context-probe", "context": p["context"]}
+        rows.append({**probe, "metric": "status", "value": p["status"], "unit": ""})
+        rows.append({**probe, "metric": "peak_mem", "value": f"{p['peak_mem']:.4g}",
+                     "unit": "GiB (cuda max allocated)"})  # fmt: skip
+        if p["status"] == "ok":
+            best = max(best, p["context"])
+    rows.append({**row, "context": best, "metric": "max_context", "value": best,
+                 "unit": f"tokens under {spec.budget_gb:g} GiB"})  # fmt: skip
+    return rows
+
+
 def find_max_context(provider: str, spec: BenchSpec, base: dict, log) -> list[dict]:
     """Binary search (multiples of 256) for the longest fixed context that fits the budget."""
+    if spec.device == "cuda":
+        return _find_max_context_cuda(provider, spec, base, log)
     lo, hi, rows = 0, spec.max_context_hi // 256, []
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -413,6 +509,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         return [x for x in s.split(",") if x]
 
     ap.add_argument("--cell", help=argparse.SUPPRESS)
+    ap.add_argument("--max-context-cell", help=argparse.SUPPRESS)
     ap.add_argument("--providers", type=strs, default=d.providers)
     ap.add_argument("--workloads", type=strs, default=d.workloads)
     ap.add_argument("--contexts", type=ints, default=d.contexts)
@@ -421,6 +518,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     for name in ("model", "dtype", "device", "data", "out_dir", "note"):
         ap.add_argument("--" + name.replace("_", "-"), default=getattr(d, name))
     ap.add_argument("--budget-gb", type=float, default=d.budget_gb)
+    ap.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     ap.add_argument("--find-max-context", action="store_true")
     return ap.parse_args(argv)
 
@@ -431,7 +529,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(ROOT))
         print(json.dumps(run_cell(Cell(**json.loads(args.cell)))), flush=True)
         return 0
-    spec = BenchSpec(**{k: v for k, v in vars(args).items() if k != "cell"})
+    if args.max_context_cell:
+        job = json.loads(args.max_context_cell)
+        print(json.dumps(max_context_cuda(job["provider"], BenchSpec(**job["spec"]))), flush=True)
+        return 0
+    internal = ("cell", "max_context_cell")
+    spec = BenchSpec(**{k: v for k, v in vars(args).items() if k not in internal})
     path = run_benchmark(spec)
     print(f"results: {path} and {path.with_suffix('.png')}")
     return 0

@@ -5,6 +5,7 @@ Usage::
     python benchmarks/bench_kernels.py                              # every op, default sizes
     python benchmarks/bench_kernels.py --ops rms_norm,linear_cross_entropy --tokens 512,4096
     python benchmarks/bench_kernels.py --providers reference,cllora,liger --reps 20
+    python benchmarks/bench_kernels.py --dims llama-3.1-8b --tokens 4096   # 8B shapes (GPU)
 
 Providers: ``reference`` (``cllora_kernels.reference``, the same functions the tests compare
 against), ``cllora`` (the Triton kernels, CUDA only), and, only where the package is installed
@@ -28,6 +29,7 @@ import csv
 import datetime as dt
 import importlib.util
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -48,9 +50,23 @@ FIELDS = [
     "timestamp", "commit", "device", "op", "provider", "mode", "tokens", "dtype", "shape",
     "ms_median", "ms_p20", "ms_p80", "peak_mem_mb", "mem_kind",
 ]  # fmt: skip
-# SmolLM2-135M dimensions: hidden 576, MLP 1536, 9 heads / 3 KV heads of 64, vocab 49152.
 MEM_KIND = {"cuda": "cuda_peak_allocated_incl_inputs", "cpu": "cpu_peak_rss_incl_inputs"}
-HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, RANK = 576, 1536, 9, 3, 64, 49152, 16
+# (hidden, MLP, heads, KV heads, head dim, vocab) of real models; --dims picks one.
+DIMS = {
+    "smollm2-135m": (576, 1536, 9, 3, 64, 49152),
+    "llama-3.1-8b": (4096, 14336, 32, 8, 128, 128256),
+}
+HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = DIMS["smollm2-135m"]
+RANK = 16
+
+
+def set_dims(name: str) -> None:
+    """Use the dimensions of ``name`` (a key of :data:`DIMS`) for every case built next."""
+    global HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB
+    if name not in DIMS:
+        raise ValueError(f"unknown --dims {name!r}; use one of {sorted(DIMS)}")
+    HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = DIMS[name]
+
 
 # A case: (inputs needing grad, forward callable returning a tensor or tuple, shape label)
 Case = tuple[list[torch.Tensor], Callable[[], object], str]
@@ -250,7 +266,7 @@ def git_commit() -> str:
             ["git", *args], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip()
 
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    commit = os.environ.get("CLLORA_COMMIT") or git("rev-parse", "--short", "HEAD") or "unknown"
     return commit + ("+dirty" if git("status", "--porcelain", "--", "kernels") else "")
 
 
@@ -293,6 +309,10 @@ def measure_cell(meta: dict, op: str, t: int, provider: str, mode: str, reps: in
             "mem_kind": MEM_KIND[dev]}  # fmt: skip
 
 
+def _dims_name() -> str:
+    return next(k for k, v in DIMS.items() if v[0] == HIDDEN and v[5] == VOCAB)
+
+
 def bench_cell(
     meta: dict, op: str, t: int, provider: str, modes: list[str], reps: int
 ) -> list[dict]:
@@ -304,7 +324,7 @@ def bench_cell(
             row = measure_cell(meta, op, t, provider, mode, reps)
         else:
             cell = json.dumps({"meta": meta, "op": op, "t": t, "provider": provider,
-                               "mode": mode, "reps": reps})  # fmt: skip
+                               "mode": mode, "reps": reps, "dims": _dims_name()})  # fmt: skip
             done = subprocess.run([sys.executable, __file__, "--cell", cell], capture_output=True,
                                   text=True, check=True)  # fmt: skip
             lines = [x for x in done.stdout.splitlines() if x.startswith("ROW ")]
@@ -326,14 +346,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--providers", default="", help="default: every available one")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p.add_argument("--dims", default="smollm2-135m", choices=sorted(DIMS),
+                   help="model dimensions of the shapes")  # fmt: skip
     p.add_argument("--out", type=Path, default=DEFAULT_CSV)
     p.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: one isolated cell
     args = p.parse_args(argv)
     if args.cell:
         c = json.loads(args.cell)
+        set_dims(c.get("dims", "smollm2-135m"))
         row = measure_cell(c["meta"], c["op"], c["t"], c["provider"], c["mode"], c["reps"])
         print("ROW " + json.dumps(row) if row else "ROW-NONE")
         return 0
+    set_dims(args.dims)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     available = available_providers(dev)
     providers = [x for x in args.providers.split(",") if x] or available

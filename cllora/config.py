@@ -34,12 +34,32 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     # "smollm2-135m" (embedded), "tiny-llama" / "tiny-qwen2" / "tiny-mistral" (random, for tests),
-    # a local Hugging Face model directory, or a hub id already in the local HF cache.
+    # a preset architecture with random weights for benchmarks ("llama-3.1-8b", "qwen2.5-7b",
+    # ...; cllora/model/presets.py), a local Hugging Face model directory, or a hub id already in
+    # the local HF cache.
     name: str = "smollm2-135m"
     # "auto": bf16 on CUDA, fp32 on CPU. Measured on the 2-core AVX2 CPU (no native bf16):
     # a LoRA training step of SmolLM2-135M at 256 tokens takes 1.7 s in fp32 and 46 s in bf16.
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    attn: Literal["sdpa", "eager"] = "sdpa"
+    # "auto": the first CUDA device when there is one, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "varlen": cllora's attention (cllora/model/attention.py), required by train.packing; padded
+    # batches, evaluation and generate() go through it too.
+    attn: Literal["sdpa", "eager", "varlen"] = "sdpa"
+    # Forces one varlen backend ("auto": flash-attn, then torch's varlen on CUDA, SDPA per
+    # segment on CPU).
+    attn_backend: Literal["auto", "flash_attn", "torch_varlen", "sdpa_segments", "sdpa_mask"] = (
+        "auto"
+    )
+    # 4-bit base weights with bitsandbytes (QLoRA), CPU or CUDA; the LM head stays dense.
+    quant: Literal["none", "nf4", "fp4"] = "none"
+    # Quantize the 4-bit blocks' absmax statistics too (saves ~0.4 bits per weight).
+    double_quant: bool = True
+    # Fused kernels (cllora/model/kernels.py: LoRA linear, RMSNorm, SwiGLU): "auto" = on for
+    # Llama/Qwen2/Mistral models on CUDA (Triton), off on CPU, where the swapped modules would
+    # run the same torch math as the unswapped ones; true forces the swap (the reference path on
+    # CPU), false never swaps.
+    kernels: Literal["auto"] | bool = "auto"
 
 
 @dataclass
@@ -139,6 +159,21 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_batch_size: int = 8
+    # One row per step, the step's samples back to back without padding, attention kept inside
+    # each sample (needs model.attn=varlen). Same samples, same loss as padding, fewer tokens.
+    packing: bool = False
+    # Gradient checkpointing of every `checkpoint_every`-th decoder layer; `checkpoint_offload`
+    # keeps the saved layer inputs in pinned CPU memory (CUDA only).
+    checkpointing: bool = False
+    checkpoint_every: int = 1
+    checkpoint_offload: bool = False
+    # LM-head cross-entropy: "plain" forms the (targets x vocab) logits; "chunked" keeps at most
+    # loss_chunk x vocab of them (torch); "fused" is the Triton kernel on CUDA (the chunked
+    # reference on CPU); "auto" = fused on CUDA or past 64M logits, plain otherwise.
+    loss: Literal["auto", "plain", "chunked", "fused"] = "auto"
+    # Target rows per chunk (0 = automatic: 1024 for chunked; for fused, a chunk whose logits are
+    # about as large as the hidden states).
+    loss_chunk: int = 0
     # torch CPU threads (0 = leave torch's default).
     threads: int = 0
 
@@ -209,6 +244,8 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
     "train.eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "train.threads": (lambda v: v >= 0, "an integer >= 0 (0 = torch default)"),
+    "train.checkpoint_every": (lambda v: v >= 1, "an integer >= 1"),
+    "train.loss_chunk": (lambda v: v >= 0, "an integer >= 0 (0 = automatic)"),
     "fed.rounds": (lambda v: v >= 1, "an integer >= 1"),
     "fed.sample_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "fed.prox_mu": (lambda v: v >= 0, "a number >= 0"),

@@ -50,17 +50,33 @@ class EvalResult:
         return {"loss": self.loss, "ppl": self.ppl, "tokens": self.tokens}
 
 
+EVAL_CHUNK = 2048  # target rows whose logits exist at once while evaluating
+
+
 def _row_losses(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[list, list]:
-    """Summed next-token cross-entropy of each row over its targets, and its target count."""
+    """Summed next-token cross-entropy of each row over its targets, and its target count.
+
+    The LM head runs on :data:`EVAL_CHUNK` target rows at a time, so a long evaluation batch
+    never holds its full (targets x vocab) logits (run under ``no_grad``)."""
+    head = model.get_output_embeddings()
+    device = head.weight.device
+    ids, mask_in, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     hidden = model.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        input_ids=ids, attention_mask=mask_in, use_cache=False
     ).last_hidden_state  # (B, T, H)
-    targets = batch["labels"][:, 1:]  # (B, T-1)
+    targets = labels[:, 1:]  # (B, T-1)
     mask = targets != IGNORE_INDEX
-    rows = torch.arange(targets.shape[0]).unsqueeze(1).expand_as(targets)[mask]  # (N,)
-    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (N, V)
-    ce = F.cross_entropy(logits, targets[mask], reduction="none")  # (N,)
-    sums = torch.zeros(targets.shape[0]).index_add_(0, rows, ce)
+    rows = torch.arange(targets.shape[0], device=device).unsqueeze(1).expand_as(targets)[mask]
+    picked, wanted = hidden[:, :-1][mask], targets[mask]  # (N, H), (N,)
+    ce = torch.cat(
+        [
+            F.cross_entropy(head(picked[s : s + EVAL_CHUNK]).float(), wanted[s : s + EVAL_CHUNK],
+                            reduction="none")
+            for s in range(0, picked.shape[0], EVAL_CHUNK)
+        ]
+        or [picked.new_zeros(0, dtype=torch.float32)]
+    )  # fmt: skip
+    sums = torch.zeros(targets.shape[0], device=device).index_add_(0, rows, ce)
     return sums.tolist(), mask.sum(1).tolist()
 
 

@@ -18,9 +18,9 @@ def smol_tokenizer():
     """The SmolLM2-135M-Instruct tokenizer (has a chat template; vocab 49152)."""
     from transformers import AutoTokenizer
 
-    from cllora.model.embedded import embedded_model_dir
+    from cllora.model.embedded import embedded_tokenizer_dir
 
-    return AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+    return AutoTokenizer.from_pretrained(str(embedded_tokenizer_dir()))
 
 
 def tiny_run_overrides(tmp_path, **extra) -> list[str]:

@@ -51,7 +51,7 @@ def _split(tree: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tens
     tensors, rest = {}, {}
     for k, v in tree.items():
         if isinstance(v, torch.Tensor):
-            tensors[prefix + k] = v.contiguous()
+            tensors[prefix + k] = v.detach().cpu().contiguous()
         elif isinstance(v, dict):
             sub_t, sub_r = _split(v, prefix + k + _SEP)
             tensors.update(sub_t)
@@ -96,7 +96,8 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(
-        {k: v.contiguous() for k, v in global_state.items()}, str(tmp / "adapter.safetensors")
+        {k: v.detach().cpu().contiguous() for k, v in global_state.items()},
+        str(tmp / "adapter.safetensors"),
     )
     server_tensors, server_rest = _split(server_state)
     save_file(server_tensors, str(tmp / "server_state.safetensors"))

@@ -32,6 +32,8 @@ from transformers import PreTrainedModel
 from cllora.config import TrainConfig
 from cllora.data.batching import batch_stream, collate
 from cllora.data.formatting import Sample
+from cllora.data.packing import collate_packed
+from cllora.model.attention import packed_lm_loss_sum
 from cllora.model.lora import lora_modules, lora_state_dict, set_lora_state
 from cllora.model.loss import lm_loss_sum
 
@@ -51,6 +53,22 @@ class ClientUpdate:
     samples: int = 0  # training samples the client holds (the FedAvg weight)
     tokens_seen: int = 0  # tokens in the batches it trained on
     seconds: float = 0.0
+
+
+def _step_loss(
+    model: PreTrainedModel, samples: Sequence[Sample], cfg: TrainConfig, pad_id: int
+) -> tuple[torch.Tensor, int, int]:
+    """(summed loss, target count, real tokens) of one step's samples: one packed row when
+    ``cfg.packing`` (no padding), else a right-padded batch."""
+    if cfg.packing:
+        b = collate_packed(samples)
+        loss_sum, n = packed_lm_loss_sum(model, b, cfg.loss, cfg.loss_chunk)
+        return loss_sum, n, int(b["input_ids"].numel())
+    b = collate(samples, pad_id)
+    loss_sum, n = lm_loss_sum(
+        model, b["input_ids"], b["attention_mask"], b["labels"], cfg.loss, cfg.loss_chunk
+    )
+    return loss_sum, n, int(b["attention_mask"].sum())
 
 
 def client_update(
@@ -86,8 +104,7 @@ def client_update(
         if fail_after is not None and step >= fail_after:
             model.eval()
             raise SimulatedClientFailure(f"simulated crash after {step} local steps")
-        b = collate(next(stream), pad_id)
-        loss_sum, n = lm_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
+        loss_sum, n, tokens = _step_loss(model, next(stream), cfg, pad_id)
         loss = loss_sum / max(n, 1)
         if not torch.isfinite(loss):
             model.eval()
@@ -102,7 +119,7 @@ def client_update(
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         update.losses.append(float(loss.detach()))
-        update.tokens_seen += int(b["attention_mask"].sum())
+        update.tokens_seen += tokens
         bar.set_postfix(loss=f"{update.losses[-1]:.3f}")
     model.eval()
     update.state = lora_state_dict(model)

@@ -45,8 +45,9 @@ from cllora.fed.client import ClientUpdate, client_update
 from cllora.fed.evaluation import GLOBAL, Evaluator
 from cllora.fed.strategy import StrategyOptions, aggregate, client_weights, to_client_rank
 from cllora.model.adapter import save_adapter
-from cllora.model.load import load_model
-from cllora.model.lora import inject_lora, lora_state_dict, set_lora_state, state_nbytes
+from cllora.model.attention import use_backend
+from cllora.model.lora import lora_state_dict, set_lora_state, state_nbytes
+from cllora.model.setup import build_model, check_engine
 from cllora.report.metrics import MetricsLog, format_table, write_summary
 from cllora.report.tables import client_table, heterogeneity_summary, write_csv
 
@@ -128,6 +129,7 @@ def strategy_options(cfg: Config) -> StrategyOptions:
 
 def check_combination(cfg: Config) -> None:
     """Settings that are valid alone but not together: a clear error before anything loads."""
+    check_engine(cfg)
     if cfg.fed.strategy == "frozen_a" and len(set(cfg.lora.client_ranks)) > 1:
         raise ConfigError(
             "fed.strategy=frozen_a needs one rank for every client: A is shared and frozen, "
@@ -147,11 +149,11 @@ def check_combination(cfg: Config) -> None:
 def prepare_run(cfg: Config) -> tuple[Any, Any, ClientData]:
     """Load the base model with LoRA injected (at the global rank), and the clients' data."""
     check_combination(cfg)
-    model, tokenizer = load_model(cfg.model, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)  # LoRA A's initialisation
-    lora = cfg.lora
-    targets = inject_lora(model, global_rank(cfg), lora.alpha, lora.dropout, lora.target_modules)
-    log.info("model %s: LoRA r=%d on %d modules", cfg.model.name, global_rank(cfg), len(targets))
+    model, tokenizer, engine = build_model(cfg, global_rank(cfg))
+    log.info(
+        "model %s: LoRA r=%d on %d modules", cfg.model.name, global_rank(cfg),
+        engine["lora_modules"],
+    )  # fmt: skip
     data = build_clients(cfg, tokenizer)
     if cfg.fed.min_clients > len(data.clients):
         raise ConfigError(
@@ -215,8 +217,10 @@ def run_experiment(cfg: Config) -> RunResult:
     handler = _attach_log_file(run_dir)
     save_config(cfg, run_dir / "config.yaml")
     metrics = MetricsLog(run_dir / "metrics.jsonl")
+    backend = None if cfg.model.attn_backend == "auto" else cfg.model.attn_backend
     try:
-        return _run(cfg, run_dir, metrics)
+        with use_backend(backend):
+            return _run(cfg, run_dir, metrics)
     finally:
         metrics.close()
         logging.getLogger("cllora").removeHandler(handler)

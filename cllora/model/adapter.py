@@ -35,7 +35,7 @@ _PREFIX = "base_model.model."
 
 def to_peft_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``<m>.lora_A`` -> ``base_model.model.<m>.lora_A.weight`` (contiguous, for safetensors)."""
-    return {f"{_PREFIX}{k}.weight": v.contiguous() for k, v in state.items()}
+    return {f"{_PREFIX}{k}.weight": v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def from_peft_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

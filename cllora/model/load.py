@@ -14,6 +14,10 @@ Names, in the order they are tried:
 - ``tiny-llama`` / ``tiny-qwen2`` / ``tiny-mistral``: randomly initialised models built from the
   real transformers config classes with small dimensions (2 layers, hidden 64), seeded, with the
   embedded tokenizer (vocab 49152). For tests; they never leave the machine.
+- a preset of :mod:`cllora.model.presets` (``llama-3.1-8b``, ``qwen2.5-7b``, ...): a real
+  architecture with random weights, built directly on the target device, with the embedded
+  tokenizer (its ids fit every preset's vocabulary). For benchmarks at scale without downloads;
+  the losses mean nothing.
 - a local directory holding a Hugging Face model (``config.json`` + weights).
 - a hub id (``org/name``) that is already in the local Hugging Face cache. cllora never downloads
   at run time: anything else raises :class:`ModelNotFoundError` saying how to get the model.
@@ -31,9 +35,19 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from cllora.config import ModelConfig
-from cllora.model.embedded import EMBEDDED_NAME, embedded_model_dir
+from cllora.model.embedded import EMBEDDED_NAME, embedded_model_dir, embedded_tokenizer_dir
+from cllora.model.presets import PRESETS, build_preset
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """torch device for ``model.device``: ``auto`` is the first CUDA device if any, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("model.device=cuda but torch sees no CUDA device (use auto or cpu)")
+    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
@@ -88,8 +102,10 @@ def load_tokenizer(name: str) -> Any:
 
 
 def _resolve_path(name: str) -> Path | str:
-    if name == EMBEDDED_NAME or name.startswith("tiny-"):
+    if name == EMBEDDED_NAME:
         return embedded_model_dir()
+    if name.startswith("tiny-") or name in PRESETS:
+        return embedded_tokenizer_dir()
     if Path(name).expanduser().is_dir():
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
@@ -104,24 +120,31 @@ def load_model(
     """Load the base model (frozen, eval mode) and its tokenizer as ``cfg`` says."""
     dtype = resolve_dtype(cfg.dtype, device)
     name = cfg.name
+    attn = "sdpa" if cfg.attn == "varlen" else cfg.attn  # varlen is switched on once loaded
     tokenizer = _load_tokenizer_checked(name)
     if name.startswith("tiny-"):
         family = name.removeprefix("tiny-")
         config = _tiny_config(family, vocab_size=len(tokenizer))
-        config._attn_implementation = cfg.attn
+        config._attn_implementation = attn
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model = model.to(dtype)
+    elif name in PRESETS:
+        model = build_preset(name, dtype=dtype, device=device, seed=seed, attn=attn)
     else:
         path = _resolve_path(name)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=dtype, attn_implementation=cfg.attn, local_files_only=True
+                str(path), dtype=dtype, attn_implementation=attn, local_files_only=True
             )
         except OSError as err:
             raise _not_found(name) from err
     model.to(device)
+    if cfg.attn == "varlen":
+        from cllora.model.attention import enable_packed_attention
+
+        enable_packed_attention(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

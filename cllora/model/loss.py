@@ -29,10 +29,17 @@ def lm_loss_sum(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
+    loss: str = "auto",
+    chunk: int = 0,
 ) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over target positions, and the number of targets."""
+    """Summed next-token cross-entropy over target positions, and the number of targets.
+
+    The inputs are moved to the model's device; ``loss`` / ``chunk`` pick how the LM-head
+    cross-entropy is computed (:func:`head_loss_sum`)."""
     if getattr(model.config, "final_logit_softcapping", None):
         raise NotImplementedError("models with final_logit_softcapping are not supported yet")
+    device = model.get_output_embeddings().weight.device
+    input_ids, attention_mask, labels = (t.to(device) for t in (input_ids, attention_mask, labels))
     hidden = model.get_decoder()(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state  # (B, T, H)
@@ -42,10 +49,38 @@ def lm_loss_sum(
     if n == 0:
         return hidden.sum() * 0.0, 0
     picked = hidden[:, :-1][mask]  # (N, H)
-    head = model.get_output_embeddings()
-    if head.bias is None and (picked.is_cuda or n * head.weight.shape[0] > CHUNKED_LOGITS):
-        from cllora.model.kernels import fused_lm_loss_sum
+    return head_loss_sum(model.get_output_embeddings(), picked, targets[mask], loss, chunk), n
 
-        return fused_lm_loss_sum(picked, head.weight, targets[mask])
-    logits = head(picked).float()  # (N, V)
-    return F.cross_entropy(logits, targets[mask], reduction="sum"), n
+
+LOSS_MODES = ("auto", "plain", "chunked", "fused")
+
+
+def head_loss_sum(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    mode: str = "auto",
+    chunk: int = 0,
+) -> torch.Tensor:
+    """Summed fp32 cross-entropy of ``head(hidden (N, H))`` against ``targets (N,)``.
+
+    ``mode`` (``train.loss``): ``plain`` forms the (N, V) logits; ``chunked`` at most
+    ``chunk`` (0: 1024) x V of them at a time (:mod:`cllora.model.chunked_loss`); ``fused`` the
+    Triton kernel on CUDA, its chunked reference on CPU (``chunk`` 0: automatic); ``auto`` =
+    fused on CUDA or past :data:`CHUNKED_LOGITS` logits, plain otherwise. A head with a bias
+    always runs ``plain``.
+    """
+    if mode not in LOSS_MODES:
+        raise ValueError(f"unknown loss mode {mode!r}; use one of {LOSS_MODES}")
+    if mode == "auto":
+        big = hidden.shape[0] * head.weight.shape[0] > CHUNKED_LOGITS
+        mode = "fused" if hidden.is_cuda or big else "plain"
+    if head.bias is not None or mode == "plain":
+        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    if mode == "chunked":
+        from cllora.model.chunked_loss import chunked_lm_loss_sum
+
+        return chunked_lm_loss_sum(hidden, head.weight, targets, chunk or 1024)
+    from cllora.model.kernels import fused_lm_loss_sum
+
+    return fused_lm_loss_sum(hidden, head.weight, targets, chunk_size=chunk or None)[0]

@@ -104,3 +104,42 @@ def test_rms_norm_swiglu_rope_gpu(dtype, bound):
     inv = 1.0 / (500000 ** (torch.arange(0, 64, 2, device="cuda").float() / 64))
     qr, kr = _f32(q), _f32(k)
     _check(ck.rope(q, k, pos, inv), ref.rope(qr, kr, pos, inv), (q, k), (qr, kr), bound)
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_enable_kernels_model_gpu(quant):
+    """A bf16 tiny Llama with LoRA on CUDA: the Triton path (enable_kernels + fused loss) gives
+    the loss and LoRA gradients of the unfused path (bitsandbytes' matmul_4bit under nf4)."""
+    from cllora.config import ModelConfig
+    from cllora.model.kernels import enable_kernels
+    from cllora.model.load import load_model
+    from cllora.model.lora import inject_lora, lora_parameters
+    from cllora.model.loss import lm_loss_sum
+
+    model, _ = load_model(ModelConfig(name="tiny-llama", dtype="bf16"), seed=0, device="cuda")
+    torch.manual_seed(0)
+    inject_lora(model, r=8, alpha=16)
+    params = lora_parameters(model)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)
+    if quant == "nf4":
+        from cllora.model.quant import quantize_base
+
+        quantize_base(model, "nf4", compute_dtype=torch.bfloat16)
+    ids = torch.randint(3, 49000, (2, 333), device="cuda")
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :50] = -100
+
+    def run(loss: str) -> tuple[float, list[torch.Tensor]]:
+        total, n = lm_loss_sum(model, ids, mask, labels, loss=loss)
+        return float(total / n), torch.autograd.grad(total / n, params)
+
+    loss_ref, grads_ref = run("plain")
+    swapped = enable_kernels(model)
+    assert swapped["lora_linear"] and swapped["rms_norm"] and swapped["swiglu_mlp"]
+    loss, grads = run("fused")
+    assert abs(loss - loss_ref) < 2e-2 * abs(loss_ref)
+    for g, r in zip(grads, grads_ref, strict=True):
+        assert _rel(g, r) < 5e-2

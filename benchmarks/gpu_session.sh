@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one go, each stage under its own time limit (a lent GPU machine
+# gives minutes, not hours): the GPU tests, the kernel micro-benchmarks at Llama-3.1-8B shapes,
+# the end-to-end 4-bit benchmark of the Llama-3.1-8B shape at 4k tokens, the max-context search,
+# and a short federated run on CUDA with every engine option on.
+#
+#   bash benchmarks/gpu_session.sh OUT_DIR        # results and logs land in OUT_DIR
+#
+# Needs: CUDA, torch, triton, transformers, peft, bitsandbytes (liger-kernel optional) and cllora
+# importable. Commit the CSV/PNG files it writes under benchmarks/results/ with the card named.
+set -u
+OUT=${1:?usage: gpu_session.sh OUT_DIR}
+mkdir -p "$OUT"
+LOG="$OUT/session.log"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+stage() {  # stage NAME SECONDS CMD...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  echo "=== $name rc=$? in $((SECONDS - t0))s" | tee -a "$LOG"
+}
+stage env 30 bash -c 'nvidia-smi -L; python3 -c "import torch, triton, transformers, peft, bitsandbytes; \
+print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, \
+peft.__version__, bitsandbytes.__version__, torch.cuda.get_device_name())"'
+stage gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_gpu.py \
+  tests/model/test_attention.py
+stage kernels 100 python3 benchmarks/bench_kernels.py --dims llama-3.1-8b --tokens 4096,16384 \
+  --reps 10 --out "$OUT/kernels-gpu.csv"
+stage e2e-8b-4bit 120 python3 benchmarks/bench_e2e.py --device cuda --dtype bf16 \
+  --model llama-3.1-8b --providers cllora-4bit,hf-peft-4bit --workloads fixed --contexts 4096 \
+  --steps 3 --out-dir "$OUT"
+stage max-context-8b-4bit 150 python3 benchmarks/bench_e2e.py --device cuda --dtype bf16 \
+  --model llama-3.1-8b --providers cllora-4bit,hf-peft-4bit --workloads fixed --contexts "" \
+  --find-max-context --budget-gb 24 --max-context-hi 65536 --out-dir "$OUT"
+stage fed-run-cuda 60 python3 -m cllora run examples/demo.yaml model.name=smollm2-135m-shape \
+  model.attn=varlen train.packing=true train.checkpointing=true model.quant=nf4 fed.rounds=1 \
+  lora.dropout=0 train.local_steps=2 partition.max_train_per_client=8 \
+  partition.max_test_per_client=4 \
+  quality.score_samples=2 out_dir=/tmp/cllora-runs progress=false
+tail -n 25 "$LOG"

@@ -1,0 +1,90 @@
+"""The training model as a run's config describes it: base, LoRA, and the engine options.
+
+Usage::
+
+    from cllora.model.setup import build_model
+
+    model, tokenizer, engine = build_model(cfg)   # cfg: cllora.config.Config
+    engine   # {"device": "cuda:0", "quant": [...], "kernels": {...}, "checkpointing": ...}
+
+Order (each step an explicit call of its own module, so each is usable alone):
+
+1. :func:`cllora.model.load.load_model` on ``model.device`` in ``model.dtype`` (``model.attn=
+   varlen`` routes attention through :mod:`cllora.model.attention`);
+2. :func:`cllora.model.lora.inject_lora` at the global rank (seeded);
+3. ``model.quant`` != none: :func:`cllora.model.quant.quantize_base` (the frozen base linears,
+   also those inside the LoRA modules, become 4-bit; compute in the model's dtype);
+4. ``train.checkpointing``: :func:`cllora.model.checkpointing.enable_checkpointing`;
+5. ``model.kernels``: :func:`cllora.model.kernels.enable_kernels` last, so the fused LoRA
+   linear sees the final (possibly NF4) base weight.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from cllora.config import Config, ConfigError
+from cllora.model.load import load_model, resolve_device, resolve_dtype
+from cllora.model.lora import inject_lora
+
+log = logging.getLogger("cllora")
+
+
+def check_engine(cfg: Config) -> None:
+    """Engine settings that are valid alone but not together (a ConfigError before loading)."""
+    if cfg.train.packing and cfg.model.attn != "varlen":
+        raise ConfigError(
+            "train.packing=true needs model.attn=varlen (attention that stays inside each "
+            f"packed sample); got model.attn={cfg.model.attn}"
+        )
+    if cfg.model.attn_backend != "auto" and cfg.model.attn != "varlen":
+        raise ConfigError(
+            f"model.attn_backend={cfg.model.attn_backend} applies to model.attn=varlen only"
+        )
+    try:
+        resolve_device(cfg.model.device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def build_model(cfg: Config, global_rank: int | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """(model with LoRA, tokenizer, what was switched on); see the module docstring."""
+    check_engine(cfg)
+    device = resolve_device(cfg.model.device)
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed, device=device)
+    torch.manual_seed(cfg.seed)  # LoRA A's initialisation
+    lora = cfg.lora
+    rank = lora.r if global_rank is None else global_rank
+    targets = inject_lora(model, rank, lora.alpha, lora.dropout, lora.target_modules)
+    engine: dict[str, Any] = {"device": str(device), "lora_modules": len(targets)}
+    if cfg.model.quant != "none":
+        from cllora.model.quant import quantize_base
+
+        engine["quant"] = cfg.model.quant
+        engine["quantized_modules"] = len(
+            quantize_base(
+                model,
+                cfg.model.quant,
+                cfg.model.double_quant,
+                compute_dtype=resolve_dtype(cfg.model.dtype, device),
+            )
+        )
+    if cfg.train.checkpointing:
+        from cllora.model.checkpointing import enable_checkpointing
+
+        enable_checkpointing(model, cfg.train.checkpoint_offload, cfg.train.checkpoint_every)
+        engine["checkpointing"] = f"every {cfg.train.checkpoint_every} layer(s)"
+    kernels = cfg.model.kernels
+    if kernels is True or (kernels == "auto" and device.type == "cuda"):
+        from cllora.model.kernels import enable_kernels, kernels_supported
+
+        if not kernels_supported(model):
+            log.warning("model.kernels=%s: no fused kernels for model type %r; left unfused",
+                        kernels, getattr(model.config, "model_type", "?"))  # fmt: skip
+        swapped = enable_kernels(model)
+        engine["kernels"] = {k: len(v) for k, v in swapped.items() if v}
+    log.info("engine: %s", engine)
+    return model, tokenizer, engine
