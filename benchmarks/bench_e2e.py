@@ -22,12 +22,12 @@ Providers (``PROVIDERS``):
 
 - ``cllora``: the model ``cllora run`` builds (:func:`cllora.model.setup.build_model`) with
   ``model.attn=varlen``, ``train.packing=true``, ``train.checkpointing=true`` and the defaults
-  ``model.kernels=auto`` (the Triton kernels on CUDA) and ``train.loss=auto`` (the fused LM-head
+  ``model.kernels=auto`` (Triton RMSNorm/SwiGLU on CUDA) and ``train.loss=auto`` (the fused LM-head
   loss on CUDA, on target positions only): packed rows (no padding), varlen attention,
   gradient checkpointing per decoder layer.
 - ``cllora-nockpt``: the same without checkpointing.
-- ``cllora-4bit``: ``cllora`` with ``model.quant=nf4`` (double quantization; on CUDA the fused
-  LoRA kernel decodes NF4 inside the matmul).
+- ``cllora-4bit`` / ``cllora-4bit-nockpt``: the same with ``model.quant=nf4`` (double
+  quantization).
 - ``hf-peft``: ``transformers`` + ``peft`` LoRA, SDPA, right-padding collator, ``model(...,
   labels=...).loss`` (full logits).
 - ``hf-peft-4bit``: the same on a bitsandbytes NF4 base (``BitsAndBytesConfig``).
@@ -66,7 +66,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-PROVIDERS = ("cllora", "cllora-nockpt", "cllora-4bit", "hf-peft", "hf-peft-4bit")
+PROVIDERS = ("cllora", "cllora-nockpt", "cllora-4bit", "cllora-4bit-nockpt", "hf-peft",
+             "hf-peft-4bit")  # fmt: skip
 WORKLOADS = ("fixed", "real")
 FIELDS = ("provider", "workload", "context", "batch", "metric", "value", "unit", "device",
           "dtype", "commit", "timestamp")  # fmt: skip
@@ -114,10 +115,10 @@ def _engine_config(provider: str, spec: BenchSpec):
     cfg.seed = spec.seed
     cfg.model.name, cfg.model.dtype, cfg.model.device = spec.model, spec.dtype, spec.device
     cfg.model.attn = "varlen"
-    cfg.model.quant = "nf4" if provider == "cllora-4bit" else "none"
+    cfg.model.quant = "nf4" if "-4bit" in provider else "none"
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 16, 32.0, spec.lora_dropout
     cfg.train.packing = True
-    cfg.train.checkpointing = provider != "cllora-nockpt"
+    cfg.train.checkpointing = not provider.endswith("-nockpt")
     return cfg
 
 

@@ -5,6 +5,7 @@
 # and a short federated run on CUDA with every engine option on.
 #
 #   bash benchmarks/gpu_session.sh OUT_DIR        # results and logs land in OUT_DIR
+#   STAGES="gpu-tests e2e-8b-4bit" bash benchmarks/gpu_session.sh OUT_DIR   # some stages only
 #
 # Needs: CUDA, torch, triton, transformers, peft, bitsandbytes (liger-kernel optional) and cllora
 # importable. Commit the CSV/PNG files it writes under benchmarks/results/ with the card named.
@@ -13,9 +14,11 @@ OUT=${1:?usage: gpu_session.sh OUT_DIR}
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+STAGES=${STAGES:-env gpu-tests kernels e2e-8b-4bit max-context-8b-4bit fed-run-cuda}
 stage() {  # stage NAME SECONDS CMD...
   local name=$1 limit=$2
   shift 2
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
   echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
   local t0=$SECONDS
   timeout "$limit" "$@" >>"$LOG" 2>&1
@@ -28,11 +31,11 @@ stage gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernel
   tests/model/test_attention.py
 stage kernels 100 python3 benchmarks/bench_kernels.py --dims llama-3.1-8b --tokens 4096,16384 \
   --reps 10 --out "$OUT/kernels-gpu.csv"
-stage e2e-8b-4bit 120 python3 benchmarks/bench_e2e.py --device cuda --dtype bf16 \
-  --model llama-3.1-8b --providers cllora-4bit,hf-peft-4bit --workloads fixed --contexts 4096 \
-  --steps 3 --out-dir "$OUT"
+stage e2e-8b-4bit ${E2E_LIMIT:-120} python3 benchmarks/bench_e2e.py --device cuda --dtype bf16 \
+  --model llama-3.1-8b --providers ${E2E_PROVIDERS:-cllora-4bit,hf-peft-4bit} --workloads fixed \
+  --contexts 4096 --steps 3 --out-dir "$OUT"
 stage max-context-8b-4bit 150 python3 benchmarks/bench_e2e.py --device cuda --dtype bf16 \
-  --model llama-3.1-8b --providers cllora-4bit,hf-peft-4bit --workloads fixed --contexts "" \
+  --model llama-3.1-8b --providers ${MAXCTX_PROVIDERS:-cllora-4bit,hf-peft-4bit} --workloads fixed --contexts "" \
   --find-max-context --budget-gb 24 --max-context-hi 65536 --out-dir "$OUT"
 stage fed-run-cuda 60 python3 -m cllora run examples/demo.yaml model.name=smollm2-135m-shape \
   model.attn=varlen train.packing=true train.checkpointing=true model.quant=nf4 fed.rounds=1 \

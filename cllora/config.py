@@ -55,10 +55,11 @@ class ModelConfig:
     quant: Literal["none", "nf4", "fp4"] = "none"
     # Quantize the 4-bit blocks' absmax statistics too (saves ~0.4 bits per weight).
     double_quant: bool = True
-    # Fused kernels (cllora/model/kernels.py: LoRA linear, RMSNorm, SwiGLU): "auto" = on for
-    # Llama/Qwen2/Mistral models on CUDA (Triton), off on CPU, where the swapped modules would
-    # run the same torch math as the unswapped ones; true forces the swap (the reference path on
-    # CPU), false never swaps.
+    # Fused kernels (cllora/model/kernels.py): "auto" = the Triton RMSNorm and SwiGLU for
+    # Llama/Qwen2/Mistral models on CUDA (measured faster there), nothing on CPU, where the
+    # swapped modules would run the same torch math; true = those plus the fused LoRA linear
+    # (measured slower than the unfused path on an H200 so far: kernels/README.md), also on CPU
+    # (reference path); false = none.
     kernels: Literal["auto"] | bool = "auto"
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import itertools
 from collections.abc import Iterator
 
@@ -106,11 +107,17 @@ def varlen_attention(
     if name == "torch_varlen":
         from torch.nn.attention.varlen import varlen_attn
 
-        out = varlen_attn(
-            q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale, window_size=(-1, 0),
-            enable_gqa=q.shape[1] != k.shape[1],
-        )  # fmt: skip
-        return out
+        params = inspect.signature(varlen_attn).parameters
+        # torch >= 2.12: causal = window (-1, 0), GQA built in; torch 2.9-2.11: is_causal, and
+        # the K/V heads repeated for GQA (measured on torch 2.11 + an H200: no enable_gqa there)
+        causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        if q.shape[1] != k.shape[1]:
+            if "enable_gqa" in params:
+                causal["enable_gqa"] = True
+            else:
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale, **causal)
     if name == "sdpa_segments":
         return _sdpa_segments(q, k, v, cu.tolist(), scale)
     if name == "sdpa_mask":
