@@ -211,6 +211,7 @@ class TooFewClientsError(RuntimeError):
 
 def run_experiment(cfg: Config) -> RunResult:
     """Run a whole federated experiment as ``cfg`` says; write and return its results."""
+    check_combination(cfg)  # before the run directory exists: a bad config leaves nothing
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = make_run_dir(cfg)
