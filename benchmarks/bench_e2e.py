@@ -499,8 +499,9 @@ def plot(csv_path: Path) -> Path:
     return png
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parse(argv: list[str] | None, ap: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse the benchmark's options (added to ``ap`` if given: ``profile_e2e`` adds its own)."""
+    ap = ap or argparse.ArgumentParser(prog="cllora bench", description=__doc__.split("\n\n")[0])
     d = BenchSpec()
 
     def ints(s: str) -> list[int]:

@@ -4,13 +4,17 @@ Usage::
 
     python benchmarks/report_e2e.py benchmarks/results/e2e-cpu-*.csv            # print
     python benchmarks/report_e2e.py --baseline hf-peft-4bit a.csv b.csv
+    python benchmarks/report_e2e.py --readme README.md benchmarks/results/e2e-cuda-*.csv
 
     from benchmarks.report_e2e import markdown_tables
     text = markdown_tables([path], baseline="hf-peft")
 
 Every (workload, context, batch) cell gets one row per provider with tokens/s, peak memory and
 both as a ratio to the baseline provider measured in the same CSV (the same invocation, so the
-same machine state as far as a shared machine allows). ``max_context`` rows form a second table.
+same machine state as far as a shared machine allows). The default baseline ``auto`` is
+``hf-peft-4bit`` for 4-bit providers and ``hf-peft`` for the others. ``max_context`` rows form a
+second table. ``--readme FILE`` writes the tables between the lines
+``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->`` of FILE instead of printing them.
 """
 
 from __future__ import annotations
@@ -29,47 +33,72 @@ def _load(paths: list[Path]) -> list[dict]:
     return rows
 
 
-def markdown_tables(paths: list[Path], baseline: str = "hf-peft") -> str:
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+
+
+def _baseline(provider: str, baseline: str) -> str:
+    if baseline != "auto":
+        return baseline
+    return "hf-peft-4bit" if "-4bit" in provider else "hf-peft"
+
+
+def markdown_tables(paths: list[Path], baseline: str = "auto") -> str:
     """The step table and the max-context table as markdown."""
     rows = _load(paths)
     cells: dict[tuple, dict[str, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
-        if r["workload"] in ("fixed", "real") and r["metric"] != "max_context":
-            key = (r["file"], r["workload"], int(r["context"]), int(r["batch"]))
+        if r["workload"] in ("fixed", "real") and r["metric"] != "max_context" and r["context"]:
+            key = (r["file"], r["device"], r["workload"], int(r["context"]), int(r["batch"]))
             cells[key][r["provider"]][r["metric"]] = r["value"]
     out = [
-        f"| workload | context | batch | provider | tokens/s | peak GiB | tok/s vs {baseline} "
-        f"| memory vs {baseline} |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
+        "| device | workload | context | batch | provider | tokens/s | peak GiB | tok/s vs "
+        "baseline | memory vs baseline |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
-    for key in sorted(cells, key=lambda k: (k[1], k[2], k[0])):
-        _, workload, context, batch = key
-        base = cells[key].get(baseline, {})
+    for key in sorted(cells, key=lambda k: (k[1], k[2], k[3], k[0])):
+        _, device, workload, context, batch = key
+        lead = f"| {device} | {workload} | {context} | {batch} |"
         for provider, m in cells[key].items():
             if m.get("status") != "ok":
-                out.append(f"| {workload} | {context} | {batch} | {provider} | "
-                           f"{m.get('status')} | | | |")  # fmt: skip
+                out.append(f"{lead} {provider} | {m.get('status')} | | | |")
                 continue
             tps, mem = float(m["tokens_per_s"]), float(m["peak_mem"])
+            name = _baseline(provider, baseline)
+            base = cells[key].get(name, {})
             rt = rm = ""
             if base.get("status") == "ok":
-                rt = f"{tps / float(base['tokens_per_s']):.2f}x"
+                rt = f"{tps / float(base['tokens_per_s']):.2f}x vs {name}"
                 rm = f"{mem / float(base['peak_mem']):.2f}x"
-            out.append(f"| {workload} | {context} | {batch} | {provider} | {tps:.1f} | "
-                       f"{mem:.2f} | {rt} | {rm} |")  # fmt: skip
+            out.append(f"{lead} {provider} | {tps:.1f} | {mem:.2f} | {rt} | {rm} |")
     maxes = [r for r in rows if r["metric"] == "max_context"]
     if maxes:
-        out += ["", "| provider | max context | budget |", "|---|---:|---|"]
-        out += [f"| {r['provider']} | {r['value']} | {r['unit']} |" for r in maxes]
+        out += ["", "| device | provider | max context | budget |", "|---|---|---:|---|"]
+        out += [f"| {r['device']} | {r['provider']} | {r['value']} | {r['unit']} |" for r in maxes]
     return "\n".join(out)
+
+
+def write_readme(readme: Path, tables: str) -> None:
+    """Replace the text between the START and END marker lines of ``readme`` by ``tables``."""
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{readme} has no {START} ... {END} section")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{tables}\n{END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="markdown tables from bench_e2e CSVs")
     ap.add_argument("csv", nargs="+", type=Path)
-    ap.add_argument("--baseline", default="hf-peft")
+    ap.add_argument("--baseline", default="auto")
+    ap.add_argument("--readme", type=Path, default=None)
     args = ap.parse_args(argv)
-    print(markdown_tables(args.csv, args.baseline))
+    tables = markdown_tables(args.csv, args.baseline)
+    if args.readme:
+        write_readme(args.readme, tables)
+        print(f"updated the benchmark table in {args.readme}")
+    else:
+        print(tables)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``cllora run``, ``cllora config``, ``cllora sweep``, ``cllora report``.
+"""Command line: ``cllora run``, ``config``, ``sweep``, ``report``, ``bench``, ``profile``.
 
 Usage::
 
@@ -7,11 +7,15 @@ Usage::
     cllora config examples/demo.yaml seed=3      # print the resolved config, run nothing
     cllora sweep examples/length_heterogeneity.yaml [key=value ...]   # a grid of runs, resumable
     cllora report runs/length                    # plots + report.html of a run or a sweep
+    cllora bench --contexts 512,1024,2048        # training-step speed and memory per context
+    cllora profile --contexts 512,1024,2048      # where the step's time goes, traces, cost model
     python -m cllora run ...                     # same thing
 
 Arguments after the optional config file are ``key=value`` overrides (see README's config
-reference). Exit status: 0 on success, 2 on a bad config or bad input (the message says which
-key, file or line), 1 on any other failure.
+reference). ``bench`` and ``profile`` pass their options to ``benchmarks/bench_e2e.py`` and
+``benchmarks/profile_e2e.py`` of the source checkout (``cllora bench --help`` lists them); they
+are not part of an installed wheel. Exit status: 0 on success, 2 on a bad config or bad input
+(the message says which key, file or line), 1 on any other failure.
 """
 
 from __future__ import annotations
@@ -48,12 +52,37 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("args", nargs="*", metavar="key=value", help="overrides of every cell")
     report = sub.add_parser("report", help="plots and an HTML report of a run or sweep directory")
     report.add_argument("directory", metavar="RUN_OR_SWEEP_DIR")
+    tools = (
+        ("bench", "training-step speed and memory per context length"),
+        ("profile", "step time by category per context length, traces"),
+    )
+    for name, what in tools:
+        tool = sub.add_parser(name, help=what, add_help=False)
+        tool.add_argument("args", nargs="*", help="options of the benchmark")
     return p
+
+
+def _benchmark_main(name: str):
+    """``main`` of ``benchmarks/<name>.py`` in the source checkout this package runs from."""
+    import importlib
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / f"{name}.py").is_file():
+        raise FileNotFoundError(
+            f"benchmarks/{name}.py is not beside this cllora ({root}): the benchmarks live in "
+            "the source checkout; clone it and `pip install -e .` there"
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(f"benchmarks.{name}").main
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cllora`` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command not in ("bench", "profile"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from cllora.data.readers import DataError
     from cllora.fed.server import TooFewClientsError
@@ -62,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sweep":
             return _sweep(args.sweep_file, args.args)
+        if args.command in ("bench", "profile"):
+            name = "bench_e2e" if args.command == "bench" else "profile_e2e"
+            return _benchmark_main(name)(list(argv if argv is not None else sys.argv[1:])[1:])
         if args.command == "report":
             from cllora.report.html import make_report
 

@@ -1,0 +1,95 @@
+"""`cllora bench` and `cllora profile` end to end on a tiny Llama (CPU, fresh processes), and the
+pieces that turn their CSVs into numbers: the cost-model fit, operator categories, README table."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.profile_e2e import CATEGORIES, categorize, fit_cost_model
+from benchmarks.report_e2e import END, START, markdown_tables, write_readme
+from cllora.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--model", "tiny-llama", "--dtype", "fp32", "--threads", "1", "--steps", "1"]
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_bench_measures_every_provider_side_by_side(tmp_path, capsys):
+    argv = ["bench", *TINY, "--providers", "cllora,cllora-4bit,hf-peft", "--workloads",
+            "fixed", "--contexts", "48", "--out-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    (path,) = tmp_path.glob("e2e-cpu-*.csv")
+    rows = _rows(path)
+    status = {r["provider"]: r["value"] for r in rows if r["metric"] == "status"}
+    assert status == {"cllora": "ok", "cllora-4bit": "ok", "hf-peft": "ok"}
+    for r in rows:
+        if r["metric"] in ("tokens_per_s", "peak_mem"):
+            assert float(r["value"]) > 0
+        assert r["device"].startswith("cpu") and r["commit"]
+    assert path.with_suffix(".png").stat().st_size > 10_000
+    table = markdown_tables([path])
+    assert "| cllora-4bit |" in table and "vs hf-peft" in table
+
+
+def test_an_out_of_memory_cell_is_recorded_not_a_crash(tmp_path):
+    argv = ["bench", *TINY, "--providers", "cllora", "--workloads", "fixed", "--contexts", "32",
+            "--budget-gb", "0.05", "--out-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    (path,) = tmp_path.glob("e2e-cpu-*.csv")
+    assert [r["value"] for r in _rows(path) if r["metric"] == "status"] == ["oom"]
+
+
+def test_profile_splits_the_step_and_fits_the_cost_model(tmp_path):
+    argv = ["profile", *TINY, "--contexts", "16,32,64", "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    (path,) = tmp_path.glob("profile-cpu-*.csv")
+    rows = _rows(path)
+    for t in (16, 32, 64):
+        cell = {r["metric"]: float(r["value"]) for r in rows if r["context"] == str(t)}
+        parts = [cell[f"time_{c}"] for c in CATEGORIES]
+        assert sum(parts) == pytest.approx(cell["step_s"], rel=1e-3)
+        assert cell["time_base_matmul"] > 0 and cell["time_lora_matmul"] > 0
+        assert cell["time_loss"] > 0 and cell["time_optimizer"] > 0
+        trace = json.loads((path.with_suffix("") / f"trace-{t}.json").read_text())
+        assert trace["traceEvents"]
+    fits = {r["metric"]: float(r["value"]) for r in rows if r["metric"].startswith("fit_")}
+    assert set(fits) == {"fit_a", "fit_b", "fit_c"} and min(fits.values()) >= 0
+    assert path.with_suffix(".png").is_file()
+
+
+def test_cost_model_recovers_known_coefficients_and_stays_non_negative():
+    ts = [512, 1024, 2048, 4096]
+    a, b, c = fit_cost_model(ts, [0.2 + 1e-4 * t + 3e-8 * t * t for t in ts])
+    assert (a, b, c) == pytest.approx((0.2, 1e-4, 3e-8), rel=1e-6)
+    a, b, c = fit_cost_model([64, 128, 256], [0.057, 0.070, 0.180])  # noisy: b would be < 0
+    assert min(a, b, c) >= 0 and c > 0
+
+
+def test_operator_categories():
+    assert categorize("aten::mm", [[4096, 16], [16, 576]], 16) == "lora_matmul"
+    assert categorize("aten::mm", [[4096, 576], [576, 1536]], 16) == "base_matmul"
+    assert categorize("aten::_scaled_dot_product_flash_attention", [], 16) == "attention"
+    assert categorize("ChunkedLinearCrossEntropyBackward", [], 16) == "loss"
+    assert categorize("Optimizer.step#AdamW.step", [], 16) == "optimizer"
+    assert categorize("aten::rsqrt", [[1, 4]], 16) == "norm_act"
+    assert categorize("aten::index_select", [[4]], 16) == "other"
+
+
+def test_readme_benchmark_table_is_the_one_the_committed_csvs_give(tmp_path):
+    """README's table between the markers is generated from benchmarks/results/e2e-*.csv."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split(START, 1)[1].split(END, 1)[0].strip()
+    csvs = sorted((ROOT / "benchmarks" / "results").glob("e2e-*.csv"))
+    assert section == markdown_tables(csvs).strip()
+    copy = tmp_path / "README.md"
+    copy.write_text(f"intro\n{START}\nold\n{END}\nrest\n")
+    write_readme(copy, "NEW")
+    assert copy.read_text() == f"intro\n{START}\nNEW\n{END}\nrest\n"
