@@ -100,14 +100,18 @@ _KEYS = {
 }
 
 
-def categorize(name: str, shapes: list, rank: int) -> str:
-    """The category of one profiled operator (see the module docstring)."""
+def categorize(name: str, shapes: list, rank: int, vocab: int = -1) -> str:
+    """The category of one profiled operator (see the module docstring): a matrix product with
+    a dimension equal to the LoRA ``rank`` is LoRA's, one with the ``vocab`` dimension is the
+    LM head's (``loss``)."""
     low = name.lower()
     for cat in ("attention", "loss", "optimizer"):
         if any(k in low for k in _KEYS[cat]):
             return cat
     if name in _MATMUL or any(k in low for k in _KEYS["base_matmul"]):
         dims = [d for s in shapes or [] if isinstance(s, list | tuple) for d in s]
+        if vocab in dims:
+            return "loss"
         return "lora_matmul" if rank in dims else "base_matmul"
     if any(k in low for k in _KEYS["norm_act"]):
         return "norm_act"
@@ -149,7 +153,7 @@ def profile_cell(cell: Cell, trace_path: str) -> dict:
     for ev in prof.key_averages(group_by_input_shape=True):
         self_us = ev.self_device_time_total if cuda else ev.self_cpu_time_total
         if self_us > 0:
-            totals[categorize(ev.key, ev.input_shapes, 16)] += self_us
+            totals[categorize(ev.key, ev.input_shapes, 16, model.config.vocab_size)] += self_us
     step_s = sum(times) / len(times)
     profiled = sum(totals.values()) or 1.0
     return {"step_s": step_s, **{f"time_{k}": step_s * v / profiled for k, v in totals.items()}}

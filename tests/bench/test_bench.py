@@ -81,6 +81,7 @@ def test_operator_categories():
     assert categorize("Optimizer.step#AdamW.step", [], 16) == "optimizer"
     assert categorize("aten::rsqrt", [[1, 4]], 16) == "norm_act"
     assert categorize("aten::index_select", [[4]], 16) == "other"
+    assert categorize("aten::mm", [[1000, 576], [576, 49152]], 16, vocab=49152) == "loss"
 
 
 def test_readme_benchmark_table_is_the_one_the_committed_csvs_give(tmp_path):
