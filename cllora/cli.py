@@ -4,6 +4,7 @@ Usage::
 
     cllora run                                   # the demo: embedded SmolLM2-135M, builtin corpus
     cllora run examples/medquad.yaml fed.rounds=5 train.lr=5e-4
+    cllora run --resume runs/20261126-101500     # continue a killed run where it stopped
     cllora config examples/demo.yaml seed=3      # print the resolved config, run nothing
     cllora sweep examples/length_heterogeneity.yaml [key=value ...]   # a grid of runs, resumable
     cllora report runs/length                    # plots + report.html of a run or a sweep
@@ -44,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a federated LoRA experiment")
     run.add_argument(
         "args", nargs="*", metavar="[CONFIG] key=value", help="config file, then overrides"
+    )
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a killed run from its last complete round (a config or overrides given "
+        "too must not change the experiment)",
     )
     cfg = sub.add_parser("config", help="print the resolved config and exit")
     cfg.add_argument("args", nargs="*", metavar="[CONFIG] key=value")
@@ -100,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {make_report(Path(args.directory))}")
             return 0
         path, overrides = _split_args(args.args)
+        if args.command == "run" and args.resume:
+            saved = Path(args.resume) / "config.yaml"
+            # overrides alone apply to the run's saved config (e.g. progress=false)
+            cfg = load_config(path or str(saved), overrides) if path or overrides else None
+            return _run(cfg, Path(args.resume))
         cfg = load_config(path, overrides)
         if args.command == "config":
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
@@ -119,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _run(cfg) -> int:
+def _run(cfg, resume: Path | None = None) -> int:
     from cllora.fed.server import run_experiment
 
     start = time.perf_counter()
-    result = run_experiment(cfg)
+    result = run_experiment(cfg, resume)
+    cfg = result.config
     print()
     n_clients = sum(k.startswith("loss[") for k in result.rows[0])
     print(f"Federated LoRA: {cfg.model.name}, {n_clients} clients, {cfg.fed.rounds} rounds")

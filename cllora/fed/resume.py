@@ -79,5 +79,9 @@ def open_resume(run_dir: Path, requested: Config | None = None) -> tuple[Config,
         ckpt = load_checkpoint(run_dir / "checkpoint")
     except CheckpointError as err:
         raise ConfigError(f"cannot resume {run_dir}: {err}") from err
+    if "rng" not in ckpt.extra:
+        raise ConfigError(
+            f"cannot resume {run_dir}: its checkpoint predates resumable runs (no RNG states)"
+        )
     truncate_metrics(run_dir / "metrics.jsonl", ckpt.round)
-    return saved, ckpt
+    return (requested if requested is not None else saved), ckpt

@@ -40,9 +40,10 @@ from cllora.config import Config, ConfigError, save_config
 from cllora.data.partition import Client, sample_length
 from cllora.data.pipeline import ClientData, build_clients
 from cllora.data.quality import quality_score
-from cllora.fed.checkpoint import save_checkpoint
+from cllora.fed.checkpoint import Checkpoint, save_checkpoint
 from cllora.fed.client import ClientUpdate, client_update
 from cllora.fed.evaluation import GLOBAL, Evaluator
+from cllora.fed.resume import open_resume
 from cllora.fed.strategy import StrategyOptions, aggregate, client_weights, to_client_rank
 from cllora.model.adapter import save_adapter
 from cllora.model.attention import use_backend
@@ -59,6 +60,7 @@ __all__ = ["GLOBAL", "RunResult", "TooFewClientsError", "prepare", "run_experime
 class RunResult:
     run_dir: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
+    config: Config | None = None
     global_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -170,7 +172,13 @@ def prepare(cfg: Config) -> tuple[Any, Any, list[Client]]:
 
 
 def client_stats(
-    model: Any, tokenizer: Any, data: ClientData, cfg: Config, metrics: MetricsLog, run_dir: Path
+    model: Any,
+    tokenizer: Any,
+    data: ClientData,
+    cfg: Config,
+    metrics: MetricsLog,
+    run_dir: Path,
+    write: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Measure every client, write ``clients.csv`` / ``samples.csv`` and ``client_stats`` records.
 
@@ -178,6 +186,7 @@ def client_stats(
     global model, i.e. the base model since LoRA starts at zero, on the client's first
     ``quality.score_samples`` training responses) needs no labels; it also weights clients under
     ``fed.weighting=quality``. Returns per client: samples, tokens and (when scored) quality.
+    ``write=False`` (a resumed run, whose files and records exist) only returns them.
     """
     pad_id, n = tokenizer.pad_token_id, cfg.quality.score_samples
     quality, scored = {}, []
@@ -191,14 +200,16 @@ def client_stats(
                  "corruption": s.meta.get("corruption", ""), "loss": loss}
             )  # fmt: skip
     rows = client_table(data.clients, data.edges, tokenizer, quality)
-    write_csv(run_dir / "clients.csv", rows)
-    if scored:
-        write_csv(run_dir / "samples.csv", scored)
-    summary = heterogeneity_summary(rows)
-    metrics.write(kind="partition", **summary, **_json_safe(data.stats))
+    if write:
+        write_csv(run_dir / "clients.csv", rows)
+        if scored:
+            write_csv(run_dir / "samples.csv", scored)
+        summary = heterogeneity_summary(rows)
+        metrics.write(kind="partition", **summary, **_json_safe(data.stats))
     stats = {}
     for c, row in zip(data.clients, rows, strict=True):
-        metrics.write(kind="client_stats", **row, samples=len(c.train), tokens=c.train_tokens)
+        if write:
+            metrics.write(kind="client_stats", **row, samples=len(c.train), tokens=c.train_tokens)
         stats[c.name] = {"samples": float(len(c.train)), "tokens": float(c.train_tokens)}
         if c.name in quality:
             stats[c.name]["quality"] = quality[c.name]
@@ -209,19 +220,34 @@ class TooFewClientsError(RuntimeError):
     """Fewer clients than fed.min_clients finished a round; the last checkpoint is kept."""
 
 
-def run_experiment(cfg: Config) -> RunResult:
-    """Run a whole federated experiment as ``cfg`` says; write and return its results."""
+def run_experiment(cfg: Config | None, resume: Path | None = None) -> RunResult:
+    """Run a whole federated experiment as ``cfg`` says; write and return its results.
+
+    ``resume``: a run directory killed or stopped earlier; the run goes on from its newest
+    intact checkpoint (global adapter, server-optimizer state, client-sampling and failure RNG
+    states, rows so far) and ends as the uninterrupted run would have. ``cfg`` may then be None
+    (the run's saved config); a config that differs from the saved one is refused, naming the
+    differing keys (:func:`cllora.fed.resume.open_resume`).
+    """
+    ckpt = None
+    if resume is not None:
+        cfg, ckpt = open_resume(Path(resume), cfg)
+        run_dir = Path(resume)
+    elif cfg is None:
+        raise ValueError("run_experiment needs a config or a run directory to resume")
     check_combination(cfg)  # before the run directory exists: a bad config leaves nothing
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    run_dir = make_run_dir(cfg)
+    if ckpt is None:
+        run_dir = make_run_dir(cfg)
     handler = _attach_log_file(run_dir)
-    save_config(cfg, run_dir / "config.yaml")
+    if ckpt is None:
+        save_config(cfg, run_dir / "config.yaml")
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     backend = None if cfg.model.attn_backend == "auto" else cfg.model.attn_backend
     try:
         with use_backend(backend):
-            return _run(cfg, run_dir, metrics)
+            return _run(cfg, run_dir, metrics, ckpt)
     finally:
         metrics.close()
         logging.getLogger("cllora").removeHandler(handler)
@@ -302,20 +328,57 @@ def _json_safe(info: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in info.items() if isinstance(v, int | float | str | bool | list)}
 
 
-def _run(cfg: Config, run_dir: Path, metrics: MetricsLog) -> RunResult:
+def _rng_states(*rngs: random.Random) -> list[dict[str, Any]]:
+    """JSON-able states of Python RNGs (client sampling, simulated failures)."""
+    out = []
+    for rng in rngs:
+        version, internal, gauss = rng.getstate()
+        out.append({"version": version, "state": list(internal), "gauss": gauss})
+    return out
+
+
+def _set_rng_states(states: list[dict[str, Any]], *rngs: random.Random) -> None:
+    for rng, s in zip(rngs, states, strict=True):
+        rng.setstate((s["version"], tuple(s["state"]), s["gauss"]))
+
+
+def _to_device(tree: Any, device: torch.device) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: _to_device(v, device) for k, v in tree.items()}
+    return tree
+
+
+def _run(cfg: Config, run_dir: Path, metrics: MetricsLog, ckpt: Checkpoint | None) -> RunResult:
     model, tokenizer, data = prepare_run(cfg)
     clients, pad_id = data.clients, tokenizer.pad_token_id
-    result = RunResult(run_dir=run_dir, global_state=lora_state_dict(model))
-    stats = client_stats(model, tokenizer, data, cfg, metrics, run_dir)
+    result = RunResult(run_dir=run_dir, global_state=lora_state_dict(model), config=cfg)
+    # before a resumed adapter is loaded: the quality score is the base model's
+    stats = client_stats(model, tokenizer, data, cfg, metrics, run_dir, write=ckpt is None)
     evaluator = Evaluator(clients, data.edges, pad_id, cfg, metrics)
-    if cfg.fed.eval_initial:
-        result.rows.append(evaluator.global_round(model, 0))
     strategy = "fedavg" if cfg.fed.strategy == "fedprox" else cfg.fed.strategy
     opts, server_state = strategy_options(cfg), {}
     alpha, big = cfg.lora.alpha, global_rank(cfg)
     rng, rng_fail = random.Random(cfg.seed), random.Random(cfg.seed + 7919)
-    for r in tqdm(range(1, cfg.fed.rounds + 1), desc="rounds", disable=not cfg.progress):
+    first = 1
+    if ckpt is None:
+        if cfg.fed.eval_initial:
+            result.rows.append(evaluator.global_round(model, 0))
+        save_checkpoint(run_dir / "checkpoint", 0, result.global_state, server_state,
+                        result.rows, extra={"rng": _rng_states(rng, rng_fail)})  # fmt: skip
+    else:
+        device = next(iter(result.global_state.values())).device
+        result.global_state = _to_device(ckpt.global_state, device)
+        server_state = _to_device(ckpt.server_state, device)
+        result.rows = list(ckpt.rows)
+        _set_rng_states(ckpt.extra["rng"], rng, rng_fail)
+        set_lora_state(model, result.global_state, resize=True)
+        first = ckpt.round + 1
+        log.info("resuming %s after round %d of %d", run_dir, ckpt.round, cfg.fed.rounds)
+    for r in tqdm(range(first, cfg.fed.rounds + 1), desc="rounds", disable=not cfg.progress):
         start = time.perf_counter()
+        rng_before = _rng_states(rng, rng_fail)  # the state a checkpoint of round r-1 holds
         chosen = sample_clients(len(clients), cfg.fed.sample_fraction, rng)
         updates, bytes_down = _train_round(
             cfg,
@@ -330,9 +393,8 @@ def _run(cfg: Config, run_dir: Path, metrics: MetricsLog) -> RunResult:
             evaluator,
         )
         if len(updates) < cfg.fed.min_clients:
-            save_checkpoint(
-                run_dir / "checkpoint", r - 1, result.global_state, server_state, result.rows
-            )
+            save_checkpoint(run_dir / "checkpoint", r - 1, result.global_state, server_state,
+                            result.rows, extra={"rng": rng_before})  # fmt: skip
             raise TooFewClientsError(
                 f"round {r}: only {len(updates)} of {len(chosen)} clients finished local "
                 f"training, fewer than fed.min_clients={cfg.fed.min_clients}; the global "
@@ -369,7 +431,8 @@ def _run(cfg: Config, run_dir: Path, metrics: MetricsLog) -> RunResult:
             global_loss=row["global_loss"],
             **_json_safe(agg.info),
         )
-        save_checkpoint(run_dir / "checkpoint", r, result.global_state, server_state, result.rows)
+        save_checkpoint(run_dir / "checkpoint", r, result.global_state, server_state,
+                        result.rows, extra={"rng": _rng_states(rng, rng_fail)})  # fmt: skip
         log.info("round %d: global loss %.4f (ppl %.2f)", r, row["global_loss"], row["global_ppl"])
     save_adapter(model, run_dir / "adapter", base_model=cfg.model.name, state=result.global_state)
     write_summary(run_dir / "summary.csv", result.rows)
