@@ -27,6 +27,7 @@ from typing import Any
 from cllora.config import Config
 from cllora.data.partition import Client
 from cllora.eval import EvalResult, by_bucket, evaluate_samples
+from cllora.fed.distributed import DistContext
 from cllora.report.metrics import MetricsLog
 
 GLOBAL = "__global__"
@@ -42,9 +43,10 @@ class Evaluator:
         pad_id: int,
         cfg: Config,
         metrics: MetricsLog,
+        ctx: DistContext | None = None,
     ) -> None:
         self.clients, self.edges, self.pad_id = list(clients), list(edges), pad_id
-        self.cfg, self.metrics = cfg, metrics
+        self.cfg, self.metrics, self.ctx = cfg, metrics, ctx
         self.samples = [s for c in self.clients for s in c.test]
         self.slices: dict[str, slice] = {}
         start = 0
@@ -53,9 +55,20 @@ class Evaluator:
             start += len(c.test)
         self._local: dict[str, tuple[float, float]] = {}
 
-    def _pass(self, model: Any, desc: str) -> list[EvalResult]:
-        bs = self.cfg.train.eval_batch_size
-        return evaluate_samples(model, self.samples, self.pad_id, bs, desc, self.cfg.progress)
+    def _pass(self, model: Any, desc: str, shard: bool = False) -> list[EvalResult]:
+        """Every test sample's result; ``shard`` (a distributed global evaluation, the same
+        model on every rank): each rank evaluates every world-th sample, results gathered."""
+        bs, progress = self.cfg.train.eval_batch_size, self.cfg.progress
+        if not shard or self.ctx is None:
+            return evaluate_samples(model, self.samples, self.pad_id, bs, desc, progress)
+        rank, world = self.ctx.rank, self.ctx.world
+        mine = evaluate_samples(model, self.samples[rank::world], self.pad_id, bs, desc, progress)
+        parts = self.ctx.all_gather_json([[r.loss_sum, r.tokens] for r in mine])
+        out: list[EvalResult] = [EvalResult(0.0, 0)] * len(self.samples)
+        for k, part in enumerate(parts):
+            for j, (loss_sum, tokens) in enumerate(part):
+                out[k + j * world] = EvalResult(loss_sum, tokens)
+        return out
 
     def _record(self, results: list[EvalResult], part: slice) -> dict[str, Any]:
         buckets = by_bucket(self.samples[part], results[part], self.edges)
@@ -66,7 +79,7 @@ class Evaluator:
 
     def global_round(self, model: Any, round_idx: int) -> dict[str, Any]:
         """Evaluate the global model; write its records; return the round's summary row."""
-        results = self._pass(model, f"eval round {round_idx}")
+        results = self._pass(model, f"eval round {round_idx}", shard=True)
         records = {name: self._record(results, part) for name, part in self.slices.items()}
         records[GLOBAL] = self._record(results, slice(0, len(self.samples)))
         for name, rec in records.items():
@@ -80,14 +93,18 @@ class Evaluator:
         row.update(local_own=math.nan, local_global=math.nan)
         return row
 
-    def local(self, model: Any, client_idx: int, round_idx: int) -> None:
-        """Evaluate client ``client_idx``'s local model (now in ``model``); write its records."""
+    def local(
+        self, model: Any, client_idx: int, round_idx: int, metrics: MetricsLog | None = None
+    ) -> None:
+        """Evaluate client ``client_idx``'s local model (now in ``model``); write its records
+        (to ``metrics`` if given: a rank's collector in a distributed run)."""
+        metrics = metrics or self.metrics
         c = self.clients[client_idx]
         results = self._pass(model, f"eval local {c.name}")
         own = self._record(results, self.slices[c.name])
         glob = self._record(results, slice(0, len(self.samples)))
         for test, rec in (("own", own), (GLOBAL, glob)):
-            self.metrics.write(kind="local_eval", round=round_idx, client=c.name, test=test, **rec)
+            metrics.write(kind="local_eval", round=round_idx, client=c.name, test=test, **rec)
         self._local[c.name] = (own["loss"], glob["loss"])
 
     def finish_round(self, row: dict[str, Any]) -> None:

@@ -61,8 +61,12 @@ def truncate_metrics(path: Path, last_round: int) -> int:
     return len(kept)
 
 
-def open_resume(run_dir: Path, requested: Config | None = None) -> tuple[Config, Checkpoint]:
-    """The run's config and its newest intact checkpoint; refuses a different config."""
+def open_resume(
+    run_dir: Path, requested: Config | None = None, truncate: bool = True
+) -> tuple[Config, Checkpoint]:
+    """The run's config and its newest intact checkpoint; refuses a different config.
+    ``truncate=False`` leaves ``metrics.jsonl`` alone (ranks other than 0 of a distributed run).
+    """
     run_dir = Path(run_dir)
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
@@ -83,5 +87,6 @@ def open_resume(run_dir: Path, requested: Config | None = None) -> tuple[Config,
         raise ConfigError(
             f"cannot resume {run_dir}: its checkpoint predates resumable runs (no RNG states)"
         )
-    truncate_metrics(run_dir / "metrics.jsonl", ckpt.round)
+    if truncate:
+        truncate_metrics(run_dir / "metrics.jsonl", ckpt.round)
     return (requested if requested is not None else saved), ckpt

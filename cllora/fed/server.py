@@ -42,6 +42,7 @@ from cllora.data.pipeline import ClientData, build_clients
 from cllora.data.quality import quality_score
 from cllora.fed.checkpoint import Checkpoint, save_checkpoint
 from cllora.fed.client import ClientUpdate, client_update
+from cllora.fed.distributed import DistContext
 from cllora.fed.evaluation import GLOBAL, Evaluator
 from cllora.fed.resume import open_resume
 from cllora.fed.strategy import StrategyOptions, aggregate, client_weights, to_client_rank
@@ -229,29 +230,39 @@ def run_experiment(cfg: Config | None, resume: Path | None = None) -> RunResult:
     (the run's saved config); a config that differs from the saved one is refused, naming the
     differing keys (:func:`cllora.fed.resume.open_resume`).
     """
-    ckpt = None
-    if resume is not None:
-        cfg, ckpt = open_resume(Path(resume), cfg)
-        run_dir = Path(resume)
-    elif cfg is None:
-        raise ValueError("run_experiment needs a config or a run directory to resume")
-    check_combination(cfg)  # before the run directory exists: a bad config leaves nothing
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    if ckpt is None:
-        run_dir = make_run_dir(cfg)
-    handler = _attach_log_file(run_dir)
-    if ckpt is None:
-        save_config(cfg, run_dir / "config.yaml")
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    backend = None if cfg.model.attn_backend == "auto" else cfg.model.attn_backend
+    ctx = DistContext.from_env()  # started by torchrun with WORLD_SIZE > 1
+    main = ctx is None or ctx.is_main
     try:
-        with use_backend(backend):
-            return _run(cfg, run_dir, metrics, ckpt)
+        ckpt = None
+        if resume is not None:
+            if ctx is not None:
+                ctx.barrier()  # rank 0 cuts metrics.jsonl back; the others only read
+            cfg, ckpt = open_resume(Path(resume), cfg, truncate=main)
+            run_dir = Path(resume)
+        elif cfg is None:
+            raise ValueError("run_experiment needs a config or a run directory to resume")
+        check_combination(cfg)  # before the run directory exists: a bad config leaves nothing
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        if ckpt is None:
+            run_dir = make_run_dir(cfg) if main else Path()
+            if ctx is not None:  # every rank uses rank 0's directory (its timestamp)
+                run_dir = Path(ctx.all_gather_json(str(run_dir))[0])
+        handler = _attach_log_file(run_dir) if main else logging.NullHandler()
+        if ckpt is None and main:
+            save_config(cfg, run_dir / "config.yaml")
+        metrics = MetricsLog(run_dir / "metrics.jsonl") if main else MetricsLog(None)
+        backend = None if cfg.model.attn_backend == "auto" else cfg.model.attn_backend
+        try:
+            with use_backend(backend):
+                return _run(cfg, run_dir, metrics, ckpt, ctx)
+        finally:
+            metrics.close()
+            logging.getLogger("cllora").removeHandler(handler)
+            handler.close()
     finally:
-        metrics.close()
-        logging.getLogger("cllora").removeHandler(handler)
-        handler.close()
+        if ctx is not None:
+            ctx.close()
 
 
 def _send_state(cfg: Config, global_state: dict, rank: int) -> dict:
@@ -276,28 +287,67 @@ def _train_round(
     rng_fail: random.Random,
     chosen: list[int],
     evaluator: Evaluator,
+    ctx: DistContext | None = None,
 ) -> tuple[list[tuple[int, ClientUpdate]], int]:
     """Local training of the chosen clients; failures are logged and left out.
 
     Returns the successful ``(client index, update)`` pairs and the bytes sent down to clients.
+    With ``ctx`` (torchrun), each rank trains the chosen clients it owns, then every rank
+    receives every update (:meth:`DistContext.share_states`) and rank 0 writes every client's
+    records in client order, so the metrics read as the in-process run's.
     """
-    updates, bytes_down = [], 0
-    for i in chosen:
+    fails = {i: rng_fail.random() < cfg.fed.client_failure_rate for i in chosen}  # all ranks
+    sent = {i: _send_state(cfg, global_state, client_rank(cfg, i)) for i in chosen}
+    bytes_down = sum(state_nbytes(st) for st in sent.values())
+    if ctx is None:
+        return _train_clients(cfg, model, clients, pad_id, r, sent, fails, chosen, evaluator,
+                              metrics), bytes_down  # fmt: skip
+    records = MetricsLog(None, keep=True)
+    mine = _train_clients(cfg, model, clients, pad_id, r, sent, fails, ctx.owned(chosen),
+                          evaluator, records)  # fmt: skip
+    gathered = ctx.all_gather_json({"records": records.kept, "local": evaluator._local})
+    for rec in sorted((x for g in gathered for x in g["records"]),
+                      key=lambda x: chosen.index(x["_client_idx"])):  # fmt: skip
+        rec.pop("_client_idx")
+        metrics.write(**rec)
+    evaluator._local = {}
+    for i in chosen:  # the local-model losses of every rank, in client order, on every rank
+        name = clients[i].name
+        for g in gathered:
+            if name in g["local"]:
+                evaluator._local[name] = tuple(g["local"][name])
+    states = ctx.share_states({i: u.state for i, u in mine}, sent)
+    return [(i, ClientUpdate(state=states[i])) for i in chosen if i in states], bytes_down
+
+
+def _train_clients(
+    cfg: Config,
+    model: Any,
+    clients: list[Client],
+    pad_id: int,
+    r: int,
+    sent: dict[int, dict],
+    fails: dict[int, bool],
+    which: list[int],
+    evaluator: Evaluator,
+    metrics: MetricsLog,
+) -> list[tuple[int, ClientUpdate]]:
+    """Train the clients ``which`` (in order) from their ``sent`` adapters; log each one."""
+    updates = []
+    for i in which:
         c = clients[i]
-        fails = rng_fail.random() < cfg.fed.client_failure_rate
-        sent = _send_state(cfg, global_state, client_rank(cfg, i))
-        bytes_down += state_nbytes(sent)
+        metrics.client_idx = i
         try:
             u = client_update(
                 model,
-                sent,
+                sent[i],
                 c.train,
                 cfg.train,
                 pad_id,
                 seed=client_seed(cfg.seed, r, i),
                 prox_mu=cfg.fed.prox_mu if cfg.fed.strategy == "fedprox" else 0.0,
                 freeze_a=cfg.fed.strategy == "frozen_a",
-                fail_after=cfg.train.local_steps // 2 if fails else None,
+                fail_after=cfg.train.local_steps // 2 if fails[i] else None,
                 desc=f"round {r} {c.name}",
                 progress=cfg.progress,
             )
@@ -320,8 +370,8 @@ def _train_round(
             seconds=round(u.seconds, 3),
         )
         if cfg.eval.local:  # the model still holds this client's local adapter
-            evaluator.local(model, i, r)
-    return updates, bytes_down
+            evaluator.local(model, i, r, metrics)
+    return updates
 
 
 def _json_safe(info: dict[str, Any]) -> dict[str, Any]:
@@ -350,13 +400,20 @@ def _to_device(tree: Any, device: torch.device) -> Any:
     return tree
 
 
-def _run(cfg: Config, run_dir: Path, metrics: MetricsLog, ckpt: Checkpoint | None) -> RunResult:
+def _run(
+    cfg: Config,
+    run_dir: Path,
+    metrics: MetricsLog,
+    ckpt: Checkpoint | None,
+    ctx: DistContext | None = None,
+) -> RunResult:
     model, tokenizer, data = prepare_run(cfg)
     clients, pad_id = data.clients, tokenizer.pad_token_id
     result = RunResult(run_dir=run_dir, global_state=lora_state_dict(model), config=cfg)
     # before a resumed adapter is loaded: the quality score is the base model's
     stats = client_stats(model, tokenizer, data, cfg, metrics, run_dir, write=ckpt is None)
-    evaluator = Evaluator(clients, data.edges, pad_id, cfg, metrics)
+    evaluator = Evaluator(clients, data.edges, pad_id, cfg, metrics, ctx)
+    main = ctx is None or ctx.is_main
     strategy = "fedavg" if cfg.fed.strategy == "fedprox" else cfg.fed.strategy
     opts, server_state = strategy_options(cfg), {}
     alpha, big = cfg.lora.alpha, global_rank(cfg)
@@ -365,8 +422,9 @@ def _run(cfg: Config, run_dir: Path, metrics: MetricsLog, ckpt: Checkpoint | Non
     if ckpt is None:
         if cfg.fed.eval_initial:
             result.rows.append(evaluator.global_round(model, 0))
-        save_checkpoint(run_dir / "checkpoint", 0, result.global_state, server_state,
-                        result.rows, extra={"rng": _rng_states(rng, rng_fail)})  # fmt: skip
+        if main:
+            save_checkpoint(run_dir / "checkpoint", 0, result.global_state, server_state,
+                            result.rows, extra={"rng": _rng_states(rng, rng_fail)})  # fmt: skip
     else:
         device = next(iter(result.global_state.values())).device
         result.global_state = _to_device(ckpt.global_state, device)
@@ -391,10 +449,12 @@ def _run(cfg: Config, run_dir: Path, metrics: MetricsLog, ckpt: Checkpoint | Non
             rng_fail,
             chosen,
             evaluator,
+            ctx,
         )
         if len(updates) < cfg.fed.min_clients:
-            save_checkpoint(run_dir / "checkpoint", r - 1, result.global_state, server_state,
-                            result.rows, extra={"rng": rng_before})  # fmt: skip
+            if main:
+                save_checkpoint(run_dir / "checkpoint", r - 1, result.global_state, server_state,
+                                result.rows, extra={"rng": rng_before})  # fmt: skip
             raise TooFewClientsError(
                 f"round {r}: only {len(updates)} of {len(chosen)} clients finished local "
                 f"training, fewer than fed.min_clients={cfg.fed.min_clients}; the global "
@@ -431,9 +491,12 @@ def _run(cfg: Config, run_dir: Path, metrics: MetricsLog, ckpt: Checkpoint | Non
             global_loss=row["global_loss"],
             **_json_safe(agg.info),
         )
-        save_checkpoint(run_dir / "checkpoint", r, result.global_state, server_state,
-                        result.rows, extra={"rng": _rng_states(rng, rng_fail)})  # fmt: skip
+        if main:
+            save_checkpoint(run_dir / "checkpoint", r, result.global_state, server_state,
+                            result.rows, extra={"rng": _rng_states(rng, rng_fail)})  # fmt: skip
         log.info("round %d: global loss %.4f (ppl %.2f)", r, row["global_loss"], row["global_ppl"])
-    save_adapter(model, run_dir / "adapter", base_model=cfg.model.name, state=result.global_state)
-    write_summary(run_dir / "summary.csv", result.rows)
+    if main:
+        save_adapter(model, run_dir / "adapter", base_model=cfg.model.name,
+                     state=result.global_state)  # fmt: skip
+        write_summary(run_dir / "summary.csv", result.rows)
     return result

@@ -24,18 +24,28 @@ from typing import Any
 
 
 class MetricsLog:
-    """Append-only JSON-lines writer (flushed per line, so a killed run keeps what it logged)."""
+    """Append-only JSON-lines writer (flushed per line, so a killed run keeps what it logged).
 
-    def __init__(self, path: Path) -> None:
+    ``path=None`` writes nothing (ranks other than 0 of a distributed run); ``keep=True`` also
+    keeps every record in ``kept``, tagged with the current ``client_idx`` (a rank collects its
+    clients' records for rank 0 to write in client order).
+    """
+
+    def __init__(self, path: Path | None, keep: bool = False) -> None:
         self.path = path
-        self._fh = path.open("a", encoding="utf-8")
+        self._fh = path.open("a", encoding="utf-8") if path is not None else None
+        self.keep, self.kept, self.client_idx = keep, [], -1
 
     def write(self, **record: Any) -> None:
-        self._fh.write(json.dumps(record, sort_keys=False) + "\n")
-        self._fh.flush()
+        if self.keep:
+            self.kept.append({**record, "_client_idx": self.client_idx})
+        if self._fh is not None:
+            self._fh.write(json.dumps(record, sort_keys=False) + "\n")
+            self._fh.flush()
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
