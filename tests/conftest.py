@@ -42,3 +42,15 @@ def tiny_run_overrides(tmp_path, **extra) -> list[str]:
     }
     values.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def metrics_without_times(run_dir) -> list[dict]:
+    """The records of a run's metrics.jsonl without their wall-clock ``seconds``."""
+    import json
+
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        record.pop("seconds", None)
+        out.append(record)
+    return out

@@ -36,3 +36,15 @@ def test_markdown_table():
     text = markdown_table([{"cell": "a=1", "loss": 2.345678}, {"cell": "a=2", "x": 1}])
     assert text.splitlines()[0] == "| cell | loss | x |"
     assert "| a=1 | 2.346 |  |" in text
+
+
+def test_results_table_leaves_out_columns_that_are_nan_everywhere():
+    from cllora.report.metrics import format_table
+
+    nan = float("nan")
+    rows = [
+        {"round": 0, "global_loss": 2.5, "local_own": nan, "local_global": nan},
+        {"round": 1, "global_loss": 2.25, "local_own": nan, "local_global": 2.0},
+    ]
+    header = format_table(rows).splitlines()[0].split()
+    assert header == ["round", "global_loss", "local_global"]

@@ -90,7 +90,8 @@ class DistContext:
         ``local``: this rank's results, client index -> state, or None for a client that
         failed. ``templates``: for every client index trained this round (on any rank), a state
         with the keys and shapes its adapter has (e.g. the state sent to it). Returns the
-        states of the clients that succeeded, in client order, identical on every rank.
+        states of the clients that succeeded, in client order, identical on every rank, on each
+        template tensor's device and dtype.
         """
         shared: dict[int, State] = {}
         for i in sorted(templates):
@@ -107,7 +108,7 @@ class DistContext:
             dist.broadcast(buf, src=self.owner(i))
             state, offset = {}, 0
             for k, t in template.items():
-                state[k] = buf[offset : offset + t.numel()].view(t.shape).to("cpu", t.dtype)
+                state[k] = buf[offset : offset + t.numel()].view(t.shape).to(t.device, t.dtype)
                 offset += t.numel()
             shared[i] = state
         return shared

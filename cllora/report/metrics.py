@@ -72,10 +72,15 @@ def _fmt(value: Any) -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table of summary rows, aligned, one line per round."""
+    """A plain-text table of summary rows, aligned, one line per round. Columns that are NaN in
+    every row (the local-model columns when ``eval.local`` is off) are left out."""
     if not rows:
         return "(no rows)"
-    headers = list(rows[0])
+
+    def empty(h: str) -> bool:
+        return all(isinstance(r.get(h), float) and math.isnan(r[h]) for r in rows)
+
+    headers = [h for h in rows[0] if not empty(h)]
     cells = [[_fmt(r.get(h, "")) for h in headers] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     line = "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))

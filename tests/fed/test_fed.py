@@ -15,7 +15,7 @@ from cllora.fed.client import NonFiniteLossError, client_update
 from cllora.fed.server import client_seed, prepare, run_experiment, sample_clients
 from cllora.fed.strategy import client_weights, fedavg
 from cllora.model.lora import lora_parameters, lora_state_dict
-from tests.conftest import tiny_run_overrides
+from tests.conftest import metrics_without_times, tiny_run_overrides
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:
@@ -115,21 +115,12 @@ def test_loss_goes_down_and_outputs_exist(tmp_path):
         run_experiment(cfg)  # never overwrite a finished run
 
 
-def _metrics_without_times(run_dir):
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        r.pop("seconds", None)
-        out.append(r)
-    return out
-
-
 def test_same_config_and_seed_give_same_metrics(tmp_path):
     a = run_experiment(load_config(None, tiny_run_overrides(tmp_path, run_name="a")))
     b = run_experiment(load_config(None, tiny_run_overrides(tmp_path, run_name="b")))
     c = run_experiment(load_config(None, tiny_run_overrides(tmp_path, run_name="c", seed=1)))
-    assert _metrics_without_times(a.run_dir) == _metrics_without_times(b.run_dir)
-    assert _metrics_without_times(a.run_dir) != _metrics_without_times(c.run_dir)
+    assert metrics_without_times(a.run_dir) == metrics_without_times(b.run_dir)
+    assert metrics_without_times(a.run_dir) != metrics_without_times(c.run_dir)
 
 
 def test_nan_loss_is_reported_not_trained_on(tmp_path):

@@ -3,7 +3,6 @@ a rank killed mid-run stops the job with the last checkpoint intact, and --resum
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -19,7 +18,7 @@ from cllora.cli import main
 from cllora.config import load_config
 from cllora.fed.server import run_experiment
 from cllora.model.adapter import read_adapter
-from tests.conftest import tiny_run_overrides
+from tests.conftest import metrics_without_times, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = dict(fed__rounds=2, fed__sample_fraction=0.8, fed__client_failure_rate=0.2,
@@ -38,15 +37,6 @@ def _torchrun(nproc: int, argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
-
-
-def _records(run_dir: Path) -> list[dict]:
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        r.pop("seconds", None)
-        out.append(r)
-    return out
 
 
 def _close(a, b, path: str = "") -> None:
@@ -72,7 +62,7 @@ def test_torchrun_equals_the_in_process_run(tmp_path, nproc):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     dist_dir = tmp_path / "dist"
-    _close(_records(dist_dir), _records(ref.run_dir))
+    _close(metrics_without_times(dist_dir), metrics_without_times(ref.run_dir))
     (_, got), (_, want) = read_adapter(dist_dir / "adapter"), read_adapter(ref.run_dir / "adapter")
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
@@ -110,4 +100,4 @@ def test_a_dead_rank_stops_the_job_and_resume_finishes_it(tmp_path):
     assert not (run_dir / "summary.csv").exists()
     assert (run_dir / "checkpoint" / "round-0001").is_dir()  # ... and the checkpoint stays
     assert main(["run", "--resume", str(run_dir)]) == 0  # finished in-process
-    _close(_records(run_dir), _records(ref.run_dir))
+    _close(metrics_without_times(run_dir), metrics_without_times(ref.run_dir))
