@@ -14,7 +14,8 @@ step time), then one step under ``torch.profiler`` whose trace is written as Chr
 
 - ``attention``: SDPA / flash / varlen attention kernels and their backward;
 - ``base_matmul`` and ``lora_matmul``: matrix products (dense, or bitsandbytes 4-bit), told
-  apart by shape: a product with an inner or outer dimension equal to the LoRA rank is LoRA's;
+  apart by shape: a product with a dimension equal to the LoRA rank (16) is LoRA's (so avoid a
+  context length of exactly 16 tokens, whose base products would read as LoRA's);
 - ``loss``: the LM-head product and the cross-entropy (ours: chunked, fused; or torch's);
 - ``norm_act``: RMSNorm, SiLU/SwiGLU, RoPE, elementwise products and casts of activations;
 - ``optimizer``: AdamW's step; ``other``: everything else (copies, indexing, launch overhead).
