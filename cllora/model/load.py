@@ -16,8 +16,9 @@ Names, in the order they are tried:
   embedded tokenizer (vocab 49152). For tests; they never leave the machine.
 - a preset of :mod:`cllora.model.presets` (``llama-3.1-8b``, ``qwen2.5-7b``, ...): a real
   architecture with random weights, built directly on the target device, with the embedded
-  tokenizer (its ids fit every preset's vocabulary). For benchmarks at scale without downloads;
-  the losses mean nothing.
+  tokenizer (vocab 49152). For benchmarks at scale without downloads; the losses mean nothing.
+  ``mistral-7b-v0.3`` has a smaller vocabulary (32768) than that tokenizer: use it with random
+  token ids only (``cllora bench --workloads fixed``); loading it warns.
 - a local directory holding a Hugging Face model (``config.json`` + weights).
 - a hub id (``org/name``) that is already in the local Hugging Face cache. cllora never downloads
   at run time: anything else raises :class:`ModelNotFoundError` saying how to get the model.
@@ -28,6 +29,7 @@ inject LoRA with :func:`cllora.model.lora.inject_lora`.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +134,12 @@ def load_model(
         model = model.to(dtype)
     elif name in PRESETS:
         model = build_preset(name, dtype=dtype, device=device, seed=seed, attn=attn)
+        if len(tokenizer) > model.config.vocab_size:
+            logging.getLogger("cllora").warning(
+                "preset %s has %d token ids but the tokenizer %d: text would index past the "
+                "embedding; use it with random token ids (cllora bench --workloads fixed)",
+                name, model.config.vocab_size, len(tokenizer),
+            )  # fmt: skip
     else:
         path = _resolve_path(name)
         try:
