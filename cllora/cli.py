@@ -100,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(args.sweep_file, args.args)
         if args.command in ("bench", "profile"):
             name = "bench_e2e" if args.command == "bench" else "profile_e2e"
-            return _benchmark_main(name)(list(argv if argv is not None else sys.argv[1:])[1:])
+            tool_main = _benchmark_main(name)
+            try:
+                return tool_main(list(argv if argv is not None else sys.argv[1:])[1:])
+            except ValueError as err:  # an unknown provider, preset or option value
+                print(f"cllora {args.command}: error: {err}", file=sys.stderr)
+                return 2
         if args.command == "report":
             from cllora.report.html import make_report
 

@@ -39,6 +39,11 @@ def test_bench_measures_every_provider_side_by_side(tmp_path, capsys):
     assert "| cllora-4bit |" in table and "vs hf-peft" in table
 
 
+def test_an_unknown_provider_is_a_clear_error(tmp_path, capsys):
+    assert main(["bench", "--providers", "nope", "--out-dir", str(tmp_path)]) == 2
+    assert "unknown provider 'nope'" in capsys.readouterr().err
+
+
 def test_an_out_of_memory_cell_is_recorded_not_a_crash(tmp_path):
     argv = ["bench", *TINY, "--providers", "cllora", "--workloads", "fixed", "--contexts", "32",
             "--budget-gb", "0.05", "--out-dir", str(tmp_path)]  # fmt: skip
