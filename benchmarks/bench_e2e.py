@@ -196,7 +196,8 @@ def _batches(cell: Cell, spec: BenchSpec, count: int, vocab: int = 49152) -> lis
 
 
 def _step_fn(provider: str, model, samples: list, device: str):
-    """A closure running forward + backward for one step; returns the real token count."""
+    """A closure running forward + backward for one step; its batch is already on ``device``
+    (every provider's collation and host-to-device copy stay outside the timed region)."""
     if provider.startswith("cllora"):
         from cllora.data.packing import collate_packed, collate_packed_rows
         from cllora.model.attention import packed_lm_loss_sum
@@ -204,6 +205,7 @@ def _step_fn(provider: str, model, samples: list, device: str):
         same = all(len(s.input_ids) == len(samples[0].input_ids) for s in samples)
         # fixed: one row per sequence; real: the step's samples packed into one row
         batch = collate_packed_rows([[s] for s in samples], 0) if same else collate_packed(samples)
+        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
         def run() -> None:
             loss, n = packed_lm_loss_sum(model, batch, loss="auto")

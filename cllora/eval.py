@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from cllora.data.batching import collate
 from cllora.data.formatting import Sample
-from cllora.model.loss import IGNORE_INDEX
+from cllora.model.loss import select_targets
 
 
 @dataclass
@@ -64,10 +64,8 @@ def _row_losses(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple
     hidden = model.get_decoder()(
         input_ids=ids, attention_mask=mask_in, use_cache=False
     ).last_hidden_state  # (B, T, H)
-    targets = labels[:, 1:]  # (B, T-1)
-    mask = targets != IGNORE_INDEX
-    rows = torch.arange(targets.shape[0], device=device).unsqueeze(1).expand_as(targets)[mask]
-    picked, wanted = hidden[:, :-1][mask], targets[mask]  # (N, H), (N,)
+    picked, wanted, mask = select_targets(hidden, labels)  # (N, H), (N,), (B, T-1)
+    rows = torch.arange(mask.shape[0], device=device).unsqueeze(1).expand_as(mask)[mask]
     ce = torch.cat(
         [
             F.cross_entropy(head(picked[s : s + EVAL_CHUNK]).float(), wanted[s : s + EVAL_CHUNK],
@@ -76,7 +74,7 @@ def _row_losses(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple
         ]
         or [picked.new_zeros(0, dtype=torch.float32)]
     )  # fmt: skip
-    sums = torch.zeros(targets.shape[0], device=device).index_add_(0, rows, ce)
+    sums = torch.zeros(mask.shape[0], device=device).index_add_(0, rows, ce)
     return sums.tolist(), mask.sum(1).tolist()
 
 

@@ -107,6 +107,15 @@ class Evaluator:
             metrics.write(kind="local_eval", round=round_idx, client=c.name, test=test, **rec)
         self._local[c.name] = (own["loss"], glob["loss"])
 
+    @property
+    def local_losses(self) -> dict[str, tuple[float, float]]:
+        """This round's local-model losses so far: client -> (own test, global test)."""
+        return dict(self._local)
+
+    @local_losses.setter
+    def local_losses(self, losses: dict[str, tuple[float, float]]) -> None:
+        self._local = dict(losses)
+
     def finish_round(self, row: dict[str, Any]) -> None:
         """Put the mean loss of this round's local models (own / global test) into ``row``."""
         if self._local:

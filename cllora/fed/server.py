@@ -305,17 +305,16 @@ def _train_round(
     records = MetricsLog(None, keep=True)
     mine = _train_clients(cfg, model, clients, pad_id, r, sent, fails, ctx.owned(chosen),
                           evaluator, records)  # fmt: skip
-    gathered = ctx.all_gather_json({"records": records.kept, "local": evaluator._local})
+    gathered = ctx.all_gather_json({"records": records.kept, "local": evaluator.local_losses})
     for rec in sorted((x for g in gathered for x in g["records"]),
                       key=lambda x: chosen.index(x["_client_idx"])):  # fmt: skip
         rec.pop("_client_idx")
         metrics.write(**rec)
-    evaluator._local = {}
-    for i in chosen:  # the local-model losses of every rank, in client order, on every rank
-        name = clients[i].name
-        for g in gathered:
-            if name in g["local"]:
-                evaluator._local[name] = tuple(g["local"][name])
+    merged = {name: tuple(losses) for g in gathered for name, losses in g["local"].items()}
+    # every rank's local-model losses, in client order, on every rank
+    evaluator.local_losses = {
+        clients[i].name: merged[clients[i].name] for i in chosen if clients[i].name in merged
+    }
     states = ctx.share_states({i: u.state for i, u in mine}, sent)
     return [(i, ClientUpdate(state=states[i])) for i in chosen if i in states], bytes_down
 

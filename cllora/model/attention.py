@@ -34,6 +34,7 @@ SDPA call over the whole row with a block-diagonal causal mask: memory O(T^2); a
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import inspect
 import itertools
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cllora.model.loss import IGNORE_INDEX, head_loss_sum
+from cllora.model.loss import head_loss_sum, select_targets
 
 ATTN_NAME = "cllora_varlen"
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa_segments", "sdpa_mask")
@@ -107,7 +108,7 @@ def varlen_attention(
     if name == "torch_varlen":
         from torch.nn.attention.varlen import varlen_attn
 
-        params = inspect.signature(varlen_attn).parameters
+        params = _varlen_params()
         # torch >= 2.12: causal = window (-1, 0), GQA built in; torch 2.9-2.11: is_causal, and
         # the K/V heads repeated for GQA (measured on torch 2.11 + an H200: no enable_gqa there)
         causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
@@ -123,6 +124,14 @@ def varlen_attention(
     if name == "sdpa_mask":
         return _sdpa_block_mask(q, k, v, cu, scale)
     raise ValueError(f"unknown attention backend {name!r}; use one of {BACKENDS}")
+
+
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    """Keyword names of this torch's ``varlen_attn`` (read once: it is called per layer)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _sdpa_segments(
@@ -258,10 +267,7 @@ def packed_lm_loss_sum(
         max_length_k=batch["max_seqlen"],
         use_cache=False,
     ).last_hidden_state  # (B, T, H)
-    targets = batch["labels"].to(device)[:, 1:]  # (B, T-1)
-    mask = targets != IGNORE_INDEX
-    n = int(mask.sum())
-    if n == 0:
+    picked, wanted, _ = select_targets(hidden, batch["labels"].to(device))
+    if wanted.numel() == 0:
         return hidden.sum() * 0.0, 0
-    picked = hidden[:, :-1][mask]  # (N, H)
-    return head_loss_sum(model.get_output_embeddings(), picked, targets[mask], loss, chunk), n
+    return head_loss_sum(model.get_output_embeddings(), picked, wanted, loss, chunk), wanted.numel()

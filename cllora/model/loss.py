@@ -43,13 +43,21 @@ def lm_loss_sum(
     hidden = model.get_decoder()(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state  # (B, T, H)
-    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-    mask = targets != IGNORE_INDEX
-    n = int(mask.sum())
-    if n == 0:
+    picked, wanted, _ = select_targets(hidden, labels)
+    if wanted.numel() == 0:
         return hidden.sum() * 0.0, 0
-    picked = hidden[:, :-1][mask]  # (N, H)
-    return head_loss_sum(model.get_output_embeddings(), picked, targets[mask], loss, chunk), n
+    return head_loss_sum(model.get_output_embeddings(), picked, wanted, loss, chunk), wanted.numel()
+
+
+def select_targets(
+    hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hidden states that predict a target and those targets: ``(picked (N, H), targets
+    (N,), mask (B, T-1))`` from ``hidden (B, T, H)`` and ``labels (B, T)`` (position t predicts
+    token t+1; ``IGNORE_INDEX`` labels are left out)."""
+    targets = labels[:, 1:]  # (B, T-1)
+    mask = targets != IGNORE_INDEX
+    return hidden[:, :-1][mask], targets[mask], mask
 
 
 LOSS_MODES = ("auto", "plain", "chunked", "fused")
