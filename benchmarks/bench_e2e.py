@@ -22,9 +22,9 @@ Providers (``PROVIDERS``):
 
 - ``cllora``: the model ``cllora run`` builds (:func:`cllora.model.setup.build_model`) with
   ``model.attn=varlen``, ``train.packing=true``, ``train.checkpointing=true`` and the defaults
-  ``model.kernels=auto`` (Triton RMSNorm/SwiGLU on CUDA) and ``train.loss=auto`` (the fused LM-head
-  loss on CUDA, on target positions only): packed rows (no padding), varlen attention,
-  gradient checkpointing per decoder layer.
+  ``model.kernels=auto`` (RMSNorm/SwiGLU: Triton on CUDA, lean autograd Functions on CPU) and
+  ``train.loss=auto`` (the fused LM-head loss, on target positions only): packed rows (no
+  padding), varlen attention, gradient checkpointing per decoder layer.
 - ``cllora-nockpt``: the same without checkpointing.
 - ``cllora-4bit`` / ``cllora-4bit-nockpt``: the same with ``model.quant=nf4`` (double
   quantization).

@@ -55,9 +55,10 @@ class ModelConfig:
     quant: Literal["none", "nf4", "fp4"] = "none"
     # Quantize the 4-bit blocks' absmax statistics too (saves ~0.4 bits per weight).
     double_quant: bool = True
-    # Fused kernels (cllora/model/kernels.py): "auto" = the Triton RMSNorm and SwiGLU for
-    # Llama/Qwen2/Mistral models on CUDA (measured faster there), nothing on CPU, where the
-    # swapped modules would run the same torch math; true = those plus the fused LoRA linear
+    # Fused kernels (cllora/model/kernels.py): "auto" = RMSNorm and SwiGLU swapped for
+    # Llama/Qwen2/Mistral models: Triton on CUDA (measured faster there), on CPU the memory-lean
+    # autograd Functions of cllora_kernels.lean (same speed, -0.5 GiB peak RSS at 2048 tokens on
+    # SmolLM2-135M: benchmarks/results/e2e-cpu.md); true = those plus the fused LoRA linear
     # (measured slower than the unfused path on an H200 so far: kernels/README.md), also on CPU
     # (reference path); false = none.
     kernels: Literal["auto"] | bool = "auto"

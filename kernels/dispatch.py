@@ -8,8 +8,11 @@ Usage::
         y = ck.rms_norm(x, w, 1e-6)          # set before the kernel modules are imported)
     ck.set_backend("reference")                 # or globally ("auto" restores the default)
 
-Rule: ``auto`` uses Triton iff every tensor argument is a CUDA tensor, the reference otherwise.
-Nothing here touches a GPU driver: launching is what needs one (or ``TRITON_INTERPRET=1``).
+Rule: ``auto`` uses Triton iff every tensor argument is a CUDA tensor, the torch path otherwise:
+the reference, except RMSNorm and SwiGLU, which run :mod:`cllora_kernels.lean` (the same maths
+as autograd Functions that keep fewer tensors: what a CPU run gains from ``model.kernels``).
+``reference`` forces the plain references everywhere. Nothing here touches a GPU driver:
+launching is what needs one (or ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import reference
+from . import lean, reference
 from .nf4 import NF4Weight
 
 _BACKENDS = ("auto", "triton", "reference")
@@ -99,7 +102,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     """RMSNorm over the last dim (see :mod:`cllora_kernels.rmsnorm`)."""
     if use_triton(x, weight):
         return _op("rmsnorm").rms_norm(x, weight, eps)
-    return reference.rms_norm(x, weight, eps)
+    if _backend == "reference":
+        return reference.rms_norm(x, weight, eps)
+    return lean.rms_norm(x, weight, eps)
 
 
 def rope(
@@ -119,4 +124,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` (see :mod:`cllora_kernels.swiglu`)."""
     if use_triton(gate, up):
         return _op("swiglu").swiglu(gate, up)
-    return reference.swiglu(gate, up)
+    if _backend == "reference":
+        return reference.swiglu(gate, up)
+    return lean.swiglu(gate, up)

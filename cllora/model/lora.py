@@ -10,8 +10,24 @@ Usage::
 
 Maths: ``y = x W^T + (alpha / r) * dropout(x) A^T B^T`` with ``A`` (r, in) initialised
 Kaiming-uniform and ``B`` (out, r) zero, so at init the LoRA model computes exactly the base model.
-The base ``W`` stays frozen; ``A`` and ``B`` are fp32 whatever the base dtype (the LoRA branch
-runs in fp32 and is cast back to the base output dtype).
+The base ``W`` stays frozen; ``A`` and ``B`` are fp32 parameters whatever the base dtype.
+
+How the forward runs (decided 2026-11-26, measured in ``benchmarks/results/e2e-cpu.md``):
+
+- **The LoRA products run in the activation dtype**: ``A`` and ``B`` (r x in, out x r: small) are
+  cast to ``x.dtype``, never the (tokens x in) input to fp32. The matmuls accumulate in fp32
+  inside cuBLAS / oneDNN either way; in fp32 training nothing changes, in bf16 it removes one fp32
+  copy of every LoRA module's input (kept for backward: 2x the input's bytes per module, three
+  times over for q/k/v). Gradients reach ``A`` and ``B`` in fp32 (the cast's backward). Unsloth
+  does the same; PEFT's default upcasts the input to the adapter's fp32.
+- **A dense base** (``nn.Linear``, no LoRA dropout in training) goes through
+  :class:`DenseLoRAFunction`: ``y = x W^T + b`` then ``y += s (x A^T) B^T`` in place (one
+  ``addmm_``), and a backward that writes ``dx = dy W + s (dy B) A`` into one buffer. Autograd on
+  the plain expression allocates and sweeps four (tokens x out) tensors per module in the forward
+  (base, B product, the scaled copy, the sum) and three more in the backward; this keeps one and
+  one. It saves ``x`` and the (tokens x r) ``x A^T`` only, as autograd would.
+- **Any other base** (bitsandbytes 4-bit, a subclass) runs ``base(x)`` under autograd and adds
+  the LoRA term with one out-of-place ``addmm`` (no separate scale and add passes).
 
 Adapter state dicts (what moves between clients and the server) hold only ``<module>.lora_A``
 and ``<module>.lora_B`` tensors; :mod:`cllora.model.adapter` converts them to and from the PEFT
@@ -71,13 +87,81 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # (..., out)
-        h = self.dropout(x).to(self.lora_A.dtype)
-        update = F.linear(F.linear(h, self.lora_A), self.lora_B)  # (..., r) -> (..., out)
-        return y + (update * self.scaling).to(y.dtype)
+        base, dropping = self.base, self.training and isinstance(self.dropout, nn.Dropout)
+        if type(base) is nn.Linear and not dropping and base.weight.dtype == x.dtype:
+            return dense_lora_linear(
+                x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling
+            )
+        return add_lora(base(x), self.dropout(x), self.lora_A, self.lora_B, self.scaling)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, in={self.in_features}, out={self.out_features}"
+
+
+class DenseLoRAFunction(torch.autograd.Function):
+    """``x W^T + b + s (x A^T) B^T`` for a frozen dense ``W``, with one output buffer forward
+    and one input-gradient buffer backward (see the module docstring). Inputs: x (M, K) in the
+    compute dtype, W (N, K) and b (N,) in that dtype, A (r, K) and B (N, r) in any float dtype
+    (cast to x's for the products; their gradients come back in their own dtype)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float):
+        a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        xa = x @ a.t()  # (M, r)
+        y = F.linear(x, weight, bias)  # (M, N)
+        y.addmm_(xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, xa, a, b)
+        ctx.scaling = scaling
+        ctx.dtypes = (lora_A.dtype, lora_B.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, xa, a, b = ctx.saved_tensors
+        need_x, need_w, need_b, need_la, need_lb = ctx.needs_input_grad[:5]
+        s = ctx.scaling
+        g = grad_y.contiguous()
+        g_xa = (g @ b).mul_(s)  # (M, r): dL/d(x A^T)
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        if need_x:
+            grad_x = g @ weight  # (M, K)
+            grad_x.addmm_(g_xa, a)
+        if need_w:  # a frozen base never asks; kept so the function is a correct linear
+            grad_w = g.t() @ x
+        if need_b:
+            grad_bias = g.sum(0)
+        if need_la:
+            grad_a = (g_xa.t() @ x).to(ctx.dtypes[0])  # (r, K)
+        if need_lb:
+            grad_b = (g.t() @ xa).mul_(s).to(ctx.dtypes[1])  # (N, r)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+
+
+def dense_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """``x W^T + b + scaling (x A^T) B^T`` for x (..., K) through :class:`DenseLoRAFunction`."""
+    lead = x.shape[:-1]
+    y = DenseLoRAFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling)
+    return y.view(*lead, y.shape[-1])
+
+
+def add_lora(
+    y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``y + scaling (x A^T) B^T`` under plain autograd, for any base output ``y`` (..., N):
+    the products in x's dtype, the sum in y's, one ``addmm`` for the B product, scale and add."""
+    xa = F.linear(x, lora_A.to(x.dtype)).to(y.dtype)  # (..., r)
+    out = torch.addmm(
+        y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_B.to(y.dtype).t(),
+        alpha=scaling,
+    )  # fmt: skip
+    return out.view(y.shape)
 
 
 def _is_lm_head(model: nn.Module, module: nn.Module) -> bool:

@@ -78,16 +78,17 @@ def build_model(cfg: Config, global_rank: int | None = None) -> tuple[Any, Any, 
         enable_checkpointing(model, cfg.train.checkpoint_offload, cfg.train.checkpoint_every)
         engine["checkpointing"] = f"every {cfg.train.checkpoint_every} layer(s)"
     kernels = cfg.model.kernels
-    if kernels is True or (kernels == "auto" and device.type == "cuda"):
+    if kernels is True or kernels == "auto":
         from cllora.model.kernels import enable_kernels, kernels_supported
 
-        if not kernels_supported(model):
+        if not kernels_supported(model) and kernels is True:
             log.warning("model.kernels=%s: no fused kernels for model type %r; left unfused",
                         kernels, getattr(model.config, "model_type", "?"))  # fmt: skip
-        # auto: RMSNorm and SwiGLU only. The fused LoRA linear is correct but slower than cuBLAS /
-        # bitsandbytes plus two thin matmuls (H200, Llama-3.1-8B shapes, 4096 tokens, bf16:
-        # dense 7.3 ms vs 2.4 ms forward+backward, NF4 265 ms vs 3.4 ms; kernels/README.md), so
-        # it is used only when asked for (model.kernels=true).
+        # auto: RMSNorm and SwiGLU only (Triton on CUDA, cllora_kernels.lean's autograd
+        # Functions on CPU: fewer kept and transient buffers). The fused LoRA linear is correct
+        # but slower than cuBLAS / bitsandbytes plus two thin matmuls (H200, Llama-3.1-8B
+        # shapes, 4096 tokens, bf16: dense 7.3 ms vs 2.4 ms forward+backward, NF4 265 ms vs
+        # 3.4 ms; kernels/README.md), so it is used only when asked for (model.kernels=true).
         swapped = enable_kernels(model, lora=kernels is True)
         engine["kernels"] = {k: len(v) for k, v in swapped.items() if v}
     log.info("engine: %s", engine)

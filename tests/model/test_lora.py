@@ -162,3 +162,86 @@ def test_hub_id_from_the_local_cache(tiny, smol_tokenizer, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-1] == "64"
+
+
+# ------------------------------------------------------------ the LoRA forward/backward paths
+
+
+def _lora_reference(x, weight, bias, a, b, scaling):
+    """The plain fp64 expression the fast paths must reproduce (values and gradients)."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y + scaling * (x @ a.t()) @ b.t()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("kind", ["dense", "subclass"])
+def test_lora_paths_match_the_plain_expression(dtype, tol, bias, kind):
+    """The dense autograd Function (nn.Linear base) and the addmm path (any other base: here a
+    subclass of nn.Linear, as bitsandbytes' layers are) give the plain expression's output and
+    gradients for x, A and B; A and B keep fp32 gradients whatever the compute dtype."""
+    g = torch.Generator().manual_seed(0)
+
+    class OtherLinear(torch.nn.Linear):
+        pass
+
+    cls = torch.nn.Linear if kind == "dense" else OtherLinear
+    base = cls(48, 40, bias=bias).to(dtype)
+    m = LoRALinear(base, r=4, alpha=8.0)
+    with torch.no_grad():
+        m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g))
+    # a non-contiguous 3D input, as attention outputs are
+    x = torch.randn(7, 2, 48, generator=g).to(dtype).transpose(0, 1).requires_grad_()
+    y = m(x)
+    assert y.dtype == dtype and y.shape == (2, 7, 40)
+    dy = torch.randn(y.shape, generator=g).to(dtype)
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    a64 = m.lora_A.detach().double().requires_grad_()
+    b64 = m.lora_B.detach().double().requires_grad_()
+    bias64 = base.bias.double() if bias else None
+    y64 = _lora_reference(x64, base.weight.double(), bias64, a64, b64, m.scaling)
+    y64.backward(dy.double())
+
+    def rel(got, want):
+        return float((got.double() - want).norm() / want.norm())
+
+    assert rel(y.detach(), y64.detach()) < tol
+    for got, want in ((x.grad, x64.grad), (m.lora_A.grad, a64.grad), (m.lora_B.grad, b64.grad)):
+        assert rel(got, want) < tol
+    assert m.lora_A.grad.dtype == m.lora_B.grad.dtype == torch.float32
+    assert base.weight.grad is None
+
+
+def test_dense_lora_keeps_only_x_and_the_rank_product():
+    """What the dense path keeps for the backward: x (an input) and the (tokens x r) x A^T, not
+    the (tokens x out) B product or its scaled copy."""
+    base = torch.nn.Linear(64, 96)
+    m = LoRALinear(base, r=4, alpha=8.0)
+    x = torch.randn(50, 64, requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m(x)
+    own = {x, base.weight}
+    extra = sum(
+        n for p, n in saved.items() if p not in {t.untyped_storage().data_ptr() for t in own}
+    )
+    # x A^T (50 x 4) plus the small casts of A and B at most: far below one (50 x 96) tensor
+    assert extra <= 50 * 4 * 4 + (4 * 64 + 96 * 4) * 4 < 50 * 96 * 4
+
+
+def test_lora_dropout_takes_the_autograd_path_and_trains():
+    torch.manual_seed(0)
+    m = LoRALinear(torch.nn.Linear(16, 8), r=2, alpha=4.0, dropout=0.5)
+    x = torch.randn(4, 16)
+    m.train()
+    m(x).sum().backward()
+    assert m.lora_B.grad is not None and m.lora_B.grad.abs().sum() > 0
+    m.eval()  # in eval dropout is the identity: the dense path, deterministic
+    with torch.no_grad():
+        assert torch.equal(m(x), m(x))
