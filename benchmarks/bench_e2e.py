@@ -26,6 +26,8 @@ Providers (``PROVIDERS``):
   ``train.loss=auto`` (the fused LM-head loss, on target positions only): packed rows (no
   padding), varlen attention, gradient checkpointing per decoder layer.
 - ``cllora-nockpt``: the same without checkpointing.
+- ``cllora-lowmem``: ``cllora`` plus ``train.release_memory=true`` (CPU: glibc returns every
+  freed buffer to the OS; lowest peak RSS, slower steps: :mod:`cllora.model.cpu_memory`).
 - ``cllora-4bit`` / ``cllora-4bit-nockpt``: the same with ``model.quant=nf4`` (double
   quantization).
 - ``hf-peft``: ``transformers`` + ``peft`` LoRA, SDPA, right-padding collator, ``model(...,
@@ -36,7 +38,8 @@ Workloads: ``fixed`` (every sequence exactly the context length, random tokens: 
 memory) and ``real`` (MedQuAD records formatted with the chat template and cut at the context
 length, ``--real-batch`` samples per step: padded to the longest for the baselines, one packed row
 for cllora; tokens/s counts real tokens only). ``--find-max-context`` binary-searches, per
-provider, the longest ``fixed`` context (a multiple of 256) whose step fits the budget: on CPU
+provider, the longest ``fixed`` context (a multiple of ``--max-context-step``, default 256) whose
+step fits the budget (``--probe-steps`` timed steps after the warm-up; 0 = one step): on CPU
 each probe is a fresh process killed past the budget; on CUDA one process per provider builds the
 model once, caps the allocator at the budget (``torch.cuda.set_per_process_memory_fraction``)
 and catches ``torch.OutOfMemoryError`` per probe.
@@ -66,8 +69,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-PROVIDERS = ("cllora", "cllora-nockpt", "cllora-4bit", "cllora-4bit-nockpt", "hf-peft",
-             "hf-peft-4bit")  # fmt: skip
+PROVIDERS = ("cllora", "cllora-nockpt", "cllora-lowmem", "cllora-4bit", "cllora-4bit-nockpt",
+             "hf-peft", "hf-peft-4bit")  # fmt: skip
 WORKLOADS = ("fixed", "real")
 FIELDS = ("provider", "workload", "context", "batch", "metric", "value", "unit", "device",
           "dtype", "commit", "timestamp")  # fmt: skip
@@ -83,10 +86,12 @@ class BenchSpec:
     model: str = "smollm2-135m"
     dtype: str = "fp32"
     device: str = "cpu"
-    steps: int = 2  # timed steps per cell (after one warm-up step)
+    steps: int = 2  # timed steps per cell (after one warm-up step); 0: the warm-up step only
+    probe_steps: int = 1  # the same for each --find-max-context probe on CPU
     budget_gb: float = 20.0
     find_max_context: bool = False
     max_context_hi: int = 16384
+    max_context_step: int = 256  # the search's granularity (tokens)
     data: str = str(ROOT.parent / "shared" / "data" / "medquad")
     seed: int = 0
     lora_dropout: float = 0.0
@@ -119,6 +124,7 @@ def _engine_config(provider: str, spec: BenchSpec):
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 16, 32.0, spec.lora_dropout
     cfg.train.packing = True
     cfg.train.checkpointing = not provider.endswith("-nockpt")
+    cfg.train.release_memory = provider == "cllora-lowmem"
     return cfg
 
 
@@ -248,7 +254,7 @@ def run_cell(cell: Cell) -> dict:
         opt.zero_grad(set_to_none=True)
         if spec.device == "cuda":
             torch.cuda.synchronize()
-        if i > 0:  # step 0 is the warm-up
+        if i > 0 or spec.steps == 0:  # step 0 is the warm-up (timed only when it is alone)
             times.append(time.perf_counter() - start)
             tokens += sum(len(s.input_ids) for s in samples)
     if spec.device == "cuda":
@@ -345,7 +351,8 @@ def _rows(cell: Cell, res: dict, base: dict) -> list[dict]:
 
 def max_context_cuda(provider: str, spec: BenchSpec) -> list[dict]:
     """In this process: build once, cap the CUDA allocator at the budget, binary-search the
-    longest fixed context (multiple of 256) whose training step fits. One dict per probe."""
+    longest fixed context (multiple of max_context_step) whose training step fits. One dict per
+    probe."""
     import torch
 
     total = torch.cuda.get_device_properties(0).total_memory
@@ -353,10 +360,11 @@ def max_context_cuda(provider: str, spec: BenchSpec) -> list[dict]:
     model, params = _build(provider, spec)
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4)
-    lo, hi, probes = 0, spec.max_context_hi // 256, []
+    unit = spec.max_context_step
+    lo, hi, probes = 0, spec.max_context_hi // unit, []
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        cell = Cell(provider, "fixed", mid * 256, spec.batch, asdict(spec))
+        cell = Cell(provider, "fixed", mid * unit, spec.batch, asdict(spec))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -370,9 +378,9 @@ def max_context_cuda(provider: str, spec: BenchSpec) -> list[dict]:
             status = "oom"
         opt.zero_grad(set_to_none=True)
         peak = torch.cuda.max_memory_allocated() / 2**30
-        probes.append({"context": mid * 256, "status": status, "peak_mem": peak,
+        probes.append({"context": mid * unit, "status": status, "peak_mem": peak,
                        "step_s": time.perf_counter() - start})  # fmt: skip
-        print(f"  max-context probe {provider} {mid * 256}: {status} {peak:.1f} GiB", flush=True)
+        print(f"  max-context probe {provider} {mid * unit}: {status} {peak:.1f} GiB", flush=True)
         lo, hi = (mid, hi) if status == "ok" else (lo, mid - 1)
     return probes
 
@@ -403,20 +411,22 @@ def _find_max_context_cuda(provider: str, spec: BenchSpec, base: dict, log) -> l
 
 
 def find_max_context(provider: str, spec: BenchSpec, base: dict, log) -> list[dict]:
-    """Binary search (multiples of 256) for the longest fixed context that fits the budget."""
+    """Binary search (multiples of ``max_context_step``) for the longest fixed context that fits
+    the budget."""
     if spec.device == "cuda":
         return _find_max_context_cuda(provider, spec, base, log)
-    lo, hi, rows = 0, spec.max_context_hi // 256, []
+    unit = spec.max_context_step
+    lo, hi, rows = 0, spec.max_context_hi // unit, []
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        probe = {**asdict(spec), "steps": 1}
-        cell = Cell(provider, "fixed", mid * 256, spec.batch, probe)
+        probe = {**asdict(spec), "steps": spec.probe_steps}
+        cell = Cell(provider, "fixed", mid * unit, spec.batch, probe)
         res = run_cell_isolated(cell, spec.budget_gb)
-        log(f"  max-context probe {provider} {mid * 256}: {res['status']}")
+        log(f"  max-context probe {provider} {mid * unit}: {res['status']}")
         rows += [{**r, "workload": "max-context-probe"} for r in _rows(cell, res, base)]
         lo, hi = (mid, hi) if res["status"] == "ok" else (lo, mid - 1)
-    rows.append({**base, "provider": provider, "workload": "fixed", "context": lo * 256,
-                 "batch": spec.batch, "metric": "max_context", "value": lo * 256,
+    rows.append({**base, "provider": provider, "workload": "fixed", "context": lo * unit,
+                 "batch": spec.batch, "metric": "max_context", "value": lo * unit,
                  "unit": f"tokens under {spec.budget_gb:g} GiB"})  # fmt: skip
     return rows
 
@@ -517,7 +527,8 @@ def _parse(argv: list[str] | None, ap: argparse.ArgumentParser | None = None) ->
     ap.add_argument("--providers", type=strs, default=d.providers)
     ap.add_argument("--workloads", type=strs, default=d.workloads)
     ap.add_argument("--contexts", type=ints, default=d.contexts)
-    for name in ("batch", "real_batch", "steps", "seed", "threads", "max_context_hi"):
+    for name in ("batch", "real_batch", "steps", "probe_steps", "seed", "threads",
+                 "max_context_hi", "max_context_step"):  # fmt: skip
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("model", "dtype", "device", "data", "out_dir", "note"):
         ap.add_argument("--" + name.replace("_", "-"), default=getattr(d, name))

@@ -55,7 +55,8 @@ from benchmarks.bench_e2e import (
 )
 
 CATEGORIES = ("attention", "base_matmul", "lora_matmul", "loss", "norm_act", "optimizer", "other")
-_MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")
+_MATMUL = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmul", "aten::linear",
+           "aten::baddbmm")  # fmt: skip
 _KEYS = {
     "attention": ("attention", "attn", "flash", "varlen", "sdpa", "_efficient_attention"),
     "loss": (

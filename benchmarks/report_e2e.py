@@ -9,7 +9,8 @@ Usage::
     from benchmarks.report_e2e import markdown_tables
     text = markdown_tables([path], baseline="hf-peft")
 
-Every (workload, context, batch) cell gets one row per provider with tokens/s, peak memory and
+Every (workload, context, batch) cell gets one row per provider (with the commit measured) with
+tokens/s, peak memory and
 both as a ratio to the baseline provider measured in the same CSV (the same invocation, so the
 same machine state as far as a shared machine allows). The default baseline ``auto`` is
 ``hf-peft-4bit`` for 4-bit providers and ``hf-peft`` for the others. ``max_context`` rows form a
@@ -46,18 +47,19 @@ def markdown_tables(paths: list[Path], baseline: str = "auto") -> str:
     """The step table and the max-context table as markdown."""
     rows = _load(paths)
     cells: dict[tuple, dict[str, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
+    commits = {r["file"]: r.get("commit") or "?" for r in rows}
     for r in rows:
         if r["workload"] in ("fixed", "real") and r["metric"] != "max_context" and r["context"]:
             key = (r["file"], r["device"], r["workload"], int(r["context"]), int(r["batch"]))
             cells[key][r["provider"]][r["metric"]] = r["value"]
     out = [
-        "| device | workload | context | batch | provider | tokens/s | peak GiB | tok/s vs "
-        "baseline | memory vs baseline |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|",
+        "| device | commit | workload | context | batch | provider | tokens/s | peak GiB | tok/s "
+        "vs baseline | memory vs baseline |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for key in sorted(cells, key=lambda k: (k[1], k[2], k[3], k[0])):
-        _, device, workload, context, batch = key
-        lead = f"| {device} | {workload} | {context} | {batch} |"
+        file, device, workload, context, batch = key
+        lead = f"| {device} | {commits[file]} | {workload} | {context} | {batch} |"
         for provider, m in cells[key].items():
             if m.get("status") != "ok":
                 out.append(f"{lead} {provider} | {m.get('status')} | | | |")
@@ -72,8 +74,12 @@ def markdown_tables(paths: list[Path], baseline: str = "auto") -> str:
             out.append(f"{lead} {provider} | {tps:.1f} | {mem:.2f} | {rt} | {rm} |")
     maxes = [r for r in rows if r["metric"] == "max_context"]
     if maxes:
-        out += ["", "| device | provider | max context | budget |", "|---|---|---:|---|"]
-        out += [f"| {r['device']} | {r['provider']} | {r['value']} | {r['unit']} |" for r in maxes]
+        out += ["", "| device | commit | provider | max context | budget |",
+                "|---|---|---|---:|---|"]  # fmt: skip
+        out += [
+            f"| {r['device']} | {r['commit']} | {r['provider']} | {r['value']} | {r['unit']} |"
+            for r in maxes
+        ]
     return "\n".join(out)
 
 

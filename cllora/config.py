@@ -171,11 +171,16 @@ class TrainConfig:
     checkpoint_offload: bool = False
     # LM-head cross-entropy: "plain" forms the (targets x vocab) logits; "chunked" keeps at most
     # loss_chunk x vocab of them (torch); "fused" is the Triton kernel on CUDA (the chunked
-    # reference on CPU); "auto" = fused on CUDA or past 64M logits, plain otherwise.
+    # reference on CPU); "auto" = fused on CUDA or past 16M logits, plain otherwise.
     loss: Literal["auto", "plain", "chunked", "fused"] = "auto"
-    # Target rows per chunk (0 = automatic: 1024 for chunked; for fused, a chunk whose logits are
-    # about as large as the hidden states).
+    # Target rows per chunk (0 = automatic: 1024 for chunked; for fused, on CUDA a chunk whose
+    # logits are about as large as the hidden states, on CPU about 16M logits: 256 rows here).
     loss_chunk: int = 0
+    # CPU (glibc) only: hand every freed buffer of 128 KiB or more back to the OS at once
+    # (cllora/model/cpu_memory.py), so the peak RSS follows the live activations instead of
+    # glibc's fragmented heap: the longest contexts on a RAM budget, for ~30-60% more time per
+    # step (page faults). Measured in benchmarks/results/e2e-cpu.md.
+    release_memory: bool = False
     # torch CPU threads (0 = leave torch's default).
     threads: int = 0
 

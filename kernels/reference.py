@@ -41,7 +41,8 @@ def lora_linear(
 ) -> torch.Tensor:
     """``x W^T + bias + scaling * (x A^T) B^T``: x (..., K), W (N, K), A (r, K), B (N, r).
 
-    The LoRA branch runs in fp32 and is cast to ``x.dtype`` (as ``LoRALinear`` does).
+    The LoRA branch runs in fp32 and is cast to ``x.dtype`` (the oracle's precision;
+    ``cllora.model.lora.LoRALinear`` runs its products in ``x.dtype`` with fp32 accumulation).
     """
     w = dequantize_nf4(weight) if isinstance(weight, NF4Weight) else weight
     y = F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))  # (..., N)

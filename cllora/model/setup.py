@@ -17,6 +17,9 @@ Order (each step an explicit call of its own module, so each is usable alone):
 4. ``train.checkpointing``: :func:`cllora.model.checkpointing.enable_checkpointing`;
 5. ``model.kernels``: :func:`cllora.model.kernels.enable_kernels` last, so the fused LoRA
    linear sees the final (possibly NF4) base weight.
+
+``train.release_memory`` (CPU) sets glibc's allocator policy first
+(:func:`cllora.model.cpu_memory.release_freed_memory`): it is process-wide and stays set.
 """
 
 from __future__ import annotations
@@ -54,12 +57,21 @@ def build_model(cfg: Config, global_rank: int | None = None) -> tuple[Any, Any, 
     """(model with LoRA, tokenizer, what was switched on); see the module docstring."""
     check_engine(cfg)
     device = resolve_device(cfg.model.device)
+    released = False
+    if cfg.train.release_memory and device.type == "cpu":
+        from cllora.model.cpu_memory import release_freed_memory
+
+        released = release_freed_memory()
+        if not released:
+            log.warning("train.release_memory=true needs glibc (Linux); ignored here")
     model, tokenizer = load_model(cfg.model, seed=cfg.seed, device=device)
     torch.manual_seed(cfg.seed)  # LoRA A's initialisation
     lora = cfg.lora
     rank = lora.r if global_rank is None else global_rank
     targets = inject_lora(model, rank, lora.alpha, lora.dropout, lora.target_modules)
     engine: dict[str, Any] = {"device": str(device), "lora_modules": len(targets)}
+    if released:
+        engine["release_memory"] = True
     if cfg.model.quant != "none":
         from cllora.model.quant import quantize_base
 

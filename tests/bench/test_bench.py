@@ -23,13 +23,13 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_bench_measures_every_provider_side_by_side(tmp_path, capsys):
-    argv = ["bench", *TINY, "--providers", "cllora,cllora-4bit,hf-peft", "--workloads",
-            "fixed", "--contexts", "48", "--out-dir", str(tmp_path)]  # fmt: skip
+    argv = ["bench", *TINY, "--providers", "cllora,cllora-lowmem,cllora-4bit,hf-peft",
+            "--workloads", "fixed", "--contexts", "48", "--out-dir", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     (path,) = tmp_path.glob("e2e-cpu-*.csv")
     rows = _rows(path)
     status = {r["provider"]: r["value"] for r in rows if r["metric"] == "status"}
-    assert status == {"cllora": "ok", "cllora-4bit": "ok", "hf-peft": "ok"}
+    assert status == dict.fromkeys(("cllora", "cllora-lowmem", "cllora-4bit", "hf-peft"), "ok")
     for r in rows:
         if r["metric"] in ("tokens_per_s", "peak_mem"):
             assert float(r["value"]) > 0
@@ -50,6 +50,25 @@ def test_an_out_of_memory_cell_is_recorded_not_a_crash(tmp_path):
     assert main(argv) == 0
     (path,) = tmp_path.glob("e2e-cpu-*.csv")
     assert [r["value"] for r in _rows(path) if r["metric"] == "status"] == ["oom"]
+
+
+def test_find_max_context_binary_search_records_every_probe(tmp_path):
+    """CPU search in steps of 128 tokens up to 512, one (warm-up) step per probe: every probe
+    fits a 20 GiB budget, so the search walks up to the top (256, 384, 512) and says 512."""
+    argv = ["bench", *TINY, "--providers", "cllora", "--workloads", "fixed", "--contexts", "",
+            "--find-max-context", "--max-context-hi", "512", "--max-context-step", "128",
+            "--probe-steps", "0", "--budget-gb", "20", "--out-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    (path,) = tmp_path.glob("e2e-cpu-*.csv")
+    rows = _rows(path)
+    probes = [r for r in rows if r["workload"] == "max-context-probe" and r["metric"] == "status"]
+    assert [(int(r["context"]), r["value"]) for r in probes] == [
+        (256, "ok"),
+        (384, "ok"),
+        (512, "ok"),
+    ]
+    (best,) = [r for r in rows if r["metric"] == "max_context"]
+    assert int(best["value"]) == 512 and best["unit"] == "tokens under 20 GiB"
 
 
 def test_profile_splits_the_step_and_fits_the_cost_model(tmp_path):
@@ -87,6 +106,8 @@ def test_operator_categories():
     assert categorize("aten::rsqrt", [[1, 4]], 16) == "norm_act"
     assert categorize("aten::index_select", [[4]], 16) == "other"
     assert categorize("aten::mm", [[1000, 576], [576, 49152]], 16, vocab=49152) == "loss"
+    # the LoRA update added in place into the base output (cllora.model.lora.DenseLoRAFunction)
+    assert categorize("aten::addmm_", [[4096, 1536], [4096, 16], [16, 1536]], 16) == "lora_matmul"
 
 
 def test_readme_benchmark_table_is_the_one_the_committed_csvs_give(tmp_path):
