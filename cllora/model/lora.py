@@ -20,7 +20,7 @@ How the forward runs (decided 2026-11-26, measured in ``benchmarks/results/e2e-c
   copy of every LoRA module's input (kept for backward: 2x the input's bytes per module, three
   times over for q/k/v). Gradients reach ``A`` and ``B`` in fp32 (the cast's backward). Unsloth
   does the same; PEFT's default upcasts the input to the adapter's fp32.
-- **A dense base** (``nn.Linear``, no LoRA dropout in training) goes through
+- **A dense base** (``nn.Linear``, no LoRA dropout in training, no autocast) goes through
   :class:`DenseLoRAFunction`: ``y = x W^T + b`` then ``y += s (x A^T) B^T`` in place (one
   ``addmm_``), and a backward that writes ``dx = dy W + s (dy B) A`` into one buffer. Autograd on
   the plain expression allocates and sweeps four (tokens x out) tensors per module in the forward
@@ -88,7 +88,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base, dropping = self.base, self.training and isinstance(self.dropout, nn.Dropout)
-        if type(base) is nn.Linear and not dropping and base.weight.dtype == x.dtype:
+        plain = type(base) is nn.Linear and base.weight.dtype == x.dtype
+        # under autocast the products' dtypes are autocast's business: plain autograd then
+        if plain and not dropping and not torch.is_autocast_enabled(x.device.type):
             return dense_lora_linear(
                 x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling
             )

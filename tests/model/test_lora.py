@@ -245,3 +245,17 @@ def test_lora_dropout_takes_the_autograd_path_and_trains():
     m.eval()  # in eval dropout is the identity: the dense path, deterministic
     with torch.no_grad():
         assert torch.equal(m(x), m(x))
+
+
+def test_lora_under_cpu_autocast_takes_the_autograd_path():
+    """Under autocast the dense Function is skipped (its backward would see autocast's dtypes
+    only in the forward); the result is autocast's dtype and A, B still get fp32 grads."""
+    m = LoRALinear(torch.nn.Linear(16, 8), r=2, alpha=4.0)
+    with torch.no_grad():
+        m.lora_B.fill_(0.1)
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert m.lora_A.grad.dtype == torch.float32 and m.lora_A.grad.abs().sum() > 0
