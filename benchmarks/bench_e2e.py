@@ -33,6 +33,14 @@ Providers (``PROVIDERS``):
 - ``hf-peft``: ``transformers`` + ``peft`` LoRA, SDPA, right-padding collator, ``model(...,
   labels=...).loss`` (full logits).
 - ``hf-peft-4bit``: the same on a bitsandbytes NF4 base (``BitsAndBytesConfig``).
+- ``liger`` / ``liger-4bit``: ``hf-peft`` / ``hf-peft-4bit`` with Liger-Kernel's Triton RMSNorm,
+  SwiGLU, RoPE and fused linear cross-entropy applied to the model instance before PEFT wraps it
+  (``liger_kernel.transformers``' ``_apply_liger_kernel_to_instance``): what a transformers user
+  gets from Liger. CUDA and ``pip install liger-kernel`` only (a clear error otherwise); ratios
+  are against ``hf-peft`` / ``hf-peft-4bit``. Unsloth is not a provider: it patches transformers
+  and PEFT process-wide on import and ships its own model loader, so its numbers would not come
+  from the same model build as the others' (its fused LoRA MLP is what our fused LoRA linear
+  and ``cllora.model.lora.DenseLoRAFunction`` compete with).
 
 Workloads: ``fixed`` (every sequence exactly the context length, random tokens: engine speed and
 memory) and ``real`` (MedQuAD records formatted with the chat template and cut at the context
@@ -70,7 +78,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PROVIDERS = ("cllora", "cllora-nockpt", "cllora-lowmem", "cllora-4bit", "cllora-4bit-nockpt",
-             "hf-peft", "hf-peft-4bit")  # fmt: skip
+             "hf-peft", "hf-peft-4bit", "liger", "liger-4bit")  # fmt: skip
+LIGER = ("liger", "liger-4bit")
 WORKLOADS = ("fixed", "real")
 FIELDS = ("provider", "workload", "context", "batch", "metric", "value", "unit", "device",
           "dtype", "commit", "timestamp")  # fmt: skip
@@ -145,7 +154,8 @@ def _build(provider: str, spec: BenchSpec):
         return model, lora_parameters(model)
     from peft import LoraConfig, get_peft_model
 
-    if provider == "hf-peft-4bit" and spec.model not in PRESETS:
+    four_bit = provider.endswith("-4bit")
+    if four_bit and spec.model not in PRESETS:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         from cllora.model.load import _resolve_path
@@ -162,11 +172,15 @@ def _build(provider: str, spec: BenchSpec):
         model, _ = load_model(
             ModelConfig(name=spec.model, dtype=spec.dtype), spec.seed, spec.device
         )
-        if provider == "hf-peft-4bit":  # a preset has no checkpoint to load through BnB config:
+        if four_bit:  # a preset has no checkpoint to load through BnB config:
             # the same bitsandbytes Linear4bit layers transformers would make (LM head dense)
             from cllora.model.quant import quantize_base
 
             quantize_base(model, "nf4", double_quant=True, compute_dtype=dtype)
+    if provider in LIGER:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)
     torch.manual_seed(spec.seed)
     lcfg = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=spec.lora_dropout, target_modules="all-linear"
@@ -436,6 +450,15 @@ def run_benchmark(spec: BenchSpec, log=print) -> Path:
     for p in spec.providers:
         if p not in PROVIDERS:
             raise ValueError(f"unknown provider {p!r}; use {PROVIDERS}")
+        if p in LIGER:
+            import importlib.util
+
+            if spec.device != "cuda":
+                raise ValueError(
+                    f"provider {p!r} runs Liger-Kernel's Triton kernels: --device cuda"
+                )
+            if importlib.util.find_spec("liger_kernel") is None:
+                raise ValueError(f"provider {p!r} needs liger-kernel: pip install liger-kernel")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     base = {"device": _device_name(spec), "dtype": spec.dtype, "commit": _commit(),
             "timestamp": stamp}  # fmt: skip

@@ -15,6 +15,7 @@ mkdir -p "$OUT"
 LOG="$OUT/session.log"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
 STAGES=${STAGES:-env gpu-tests kernels e2e-8b-4bit max-context-8b-4bit fed-run-cuda}
+LIGER=$(python3 -c "import liger_kernel" 2>/dev/null && echo ",liger-4bit")  # when installed
 stage() {  # stage NAME SECONDS CMD...
   local name=$1 limit=$2
   shift 2
@@ -28,11 +29,11 @@ stage env 30 bash -c 'nvidia-smi -L; python3 -c "import torch, triton, transform
 print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, \
 peft.__version__, bitsandbytes.__version__, torch.cuda.get_device_name())"'
 stage gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_gpu.py \
-  tests/model/test_attention.py
+  tests/model/test_attention.py tests/bench/test_bench.py
 stage kernels 100 python3 benchmarks/bench_kernels.py --dims llama-3.1-8b --tokens 4096,16384 \
   --reps 10 --out "$OUT/kernels-gpu.csv"
 stage e2e-8b-4bit ${E2E_LIMIT:-120} python3 benchmarks/bench_e2e.py --device cuda --dtype bf16 \
-  --model llama-3.1-8b --providers ${E2E_PROVIDERS:-cllora-4bit,hf-peft-4bit} --workloads fixed \
+  --model llama-3.1-8b --providers ${E2E_PROVIDERS:-cllora-4bit,hf-peft-4bit$LIGER} --workloads fixed \
   --contexts 4096 --steps 3 --out-dir "$OUT"
 stage max-context-8b-4bit 150 python3 benchmarks/bench_e2e.py --device cuda --dtype bf16 \
   --model llama-3.1-8b --providers ${MAXCTX_PROVIDERS:-cllora-4bit,hf-peft-4bit} --workloads fixed --contexts "" \

@@ -4,10 +4,12 @@ pieces that turn their CSVs into numbers: the cost-model fit, operator categorie
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.profile_e2e import CATEGORIES, categorize, fit_cost_model
 from benchmarks.report_e2e import END, START, markdown_tables, write_readme
@@ -50,6 +52,27 @@ def test_an_out_of_memory_cell_is_recorded_not_a_crash(tmp_path):
     assert main(argv) == 0
     (path,) = tmp_path.glob("e2e-cpu-*.csv")
     assert [r["value"] for r in _rows(path) if r["metric"] == "status"] == ["oom"]
+
+
+def test_liger_providers_need_cuda_and_liger(tmp_path, capsys):
+    assert main(["bench", "--providers", "liger", "--out-dir", str(tmp_path)]) == 2
+    assert "--device cuda" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.csv"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+    reason="needs CUDA and liger-kernel",
+)
+def test_liger_providers_run_beside_the_baselines_on_cuda(tmp_path):
+    argv = ["bench", "--model", "tiny-llama", "--dtype", "bf16", "--device", "cuda", "--steps",
+            "1", "--providers", "liger,liger-4bit,hf-peft,hf-peft-4bit", "--workloads", "fixed",
+            "--contexts", "64", "--out-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    (path,) = tmp_path.glob("e2e-cuda-*.csv")
+    status = {r["provider"]: r["value"] for r in _rows(path) if r["metric"] == "status"}
+    assert status == dict.fromkeys(("liger", "liger-4bit", "hf-peft", "hf-peft-4bit"), "ok")
 
 
 def test_find_max_context_binary_search_records_every_probe(tmp_path):
