@@ -52,9 +52,16 @@ def test_build_model_switches_on_what_the_config_says(tmp_path):
     assert model.is_activation_checkpointing
 
 
-def test_kernels_auto_is_off_on_cpu(tmp_path):
-    _, _, engine = build_model(load_config(None, tiny_run_overrides(tmp_path)))
-    assert "kernels" not in engine  # auto: no swap on CPU (same torch maths, no gain)
+def test_kernels_auto_on_cpu_swaps_in_the_lean_norm_and_mlp(tmp_path):
+    """auto on CPU: RMSNorm and SwiGLU become cllora_kernels.lean Functions; the fused LoRA
+    linear stays off (model.kernels=true only); false swaps nothing."""
+    model, _, engine = build_model(load_config(None, tiny_run_overrides(tmp_path)))
+    layers = model.config.num_hidden_layers
+    assert engine["kernels"] == {"rms_norm": 2 * layers + 1, "swiglu_mlp": layers}
+    x = torch.randn(1, 3, model.config.hidden_size, requires_grad=True)
+    assert type(model.model.norm(x).grad_fn).__name__ == "RMSNormBackward"
+    cfg = load_config(None, tiny_run_overrides(tmp_path, model__kernels="false"))
+    assert "kernels" not in build_model(cfg)[2]
 
 
 def test_a_4bit_run_trains(tmp_path):
