@@ -58,7 +58,9 @@ def build_model(cfg: Config, global_rank: int | None = None) -> tuple[Any, Any, 
     check_engine(cfg)
     device = resolve_device(cfg.model.device)
     released = False
-    if cfg.train.release_memory and device.type == "cpu":
+    if cfg.train.release_memory and device.type != "cpu":
+        log.warning("train.release_memory=true applies to CPU runs; ignored on %s", device)
+    elif cfg.train.release_memory:
         from cllora.model.cpu_memory import release_freed_memory
 
         released = release_freed_memory()
