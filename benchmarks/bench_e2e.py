@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import platform
@@ -288,25 +289,16 @@ def run_cell(cell: Cell) -> dict:
 # ---------------------------------------------------------------- the parent: cells, CSV, plot
 
 
-def _rss_gb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return 0.0
-
-
 def run_cell_isolated(cell: Cell, budget_gb: float, timeout_s: float = 3600) -> dict:
     """Run a cell in a fresh Python process; status ok / oom / error / timeout."""
+    from cllora.model.cpu_memory import rss_gib
+
     cmd = [sys.executable, str(Path(__file__).resolve()), "--cell", json.dumps(asdict(cell))]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     start, peak_seen = time.time(), 0.0
     while proc.poll() is None:
-        peak_seen = max(peak_seen, _rss_gb(proc.pid))
+        peak_seen = max(peak_seen, rss_gib(proc.pid))
         if peak_seen > budget_gb or time.time() - start > timeout_s:
             proc.kill()
             proc.wait()
@@ -451,8 +443,6 @@ def run_benchmark(spec: BenchSpec, log=print) -> Path:
         if p not in PROVIDERS:
             raise ValueError(f"unknown provider {p!r}; use {PROVIDERS}")
         if p in LIGER:
-            import importlib.util
-
             if spec.device != "cuda":
                 raise ValueError(
                     f"provider {p!r} runs Liger-Kernel's Triton kernels: --device cuda"

@@ -62,10 +62,11 @@ def release_freed_memory(threshold: int = THRESHOLD) -> bool:
     return ok
 
 
-def rss_gib() -> float:
-    """This process's resident set size in GiB (Linux; 0.0 elsewhere)."""
+def rss_gib(pid: int | None = None) -> float:
+    """Resident set size in GiB of this process or of ``pid`` (Linux; 0.0 elsewhere or when the
+    process is gone)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid or 'self'}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) / 2**20
