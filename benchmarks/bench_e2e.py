@@ -26,6 +26,11 @@ Providers (``PROVIDERS``):
   ``train.loss=auto`` (the fused LM-head loss, on target positions only): packed rows (no
   padding), varlen attention, gradient checkpointing per decoder layer.
 - ``cllora-nockpt``: the same without checkpointing.
+- Every ``cllora*`` cell's process starts with page-aligned big CPU buffers
+  (``THP_MEM_ALLOC_ENABLE=1``, as the ``cllora`` CLI sets it before importing torch: glibc's
+  heap then fragments far less, :mod:`cllora.model.cpu_memory`); the baselines run in the
+  user's environment as it is. ``THP_MEM_ALLOC_ENABLE=0 cllora bench ...`` measures cllora
+  without it; ``THP_MEM_ALLOC_ENABLE=1 cllora bench ...`` gives it to the baselines too.
 - ``cllora-lowmem``: ``cllora`` plus ``train.release_memory=true`` (CPU: glibc returns every
   freed buffer to the OS; lowest peak RSS, slower steps: :mod:`cllora.model.cpu_memory`).
 - ``cllora-4bit`` / ``cllora-4bit-nockpt``: the same with ``model.quant=nf4`` (double
@@ -289,13 +294,27 @@ def run_cell(cell: Cell) -> dict:
 # ---------------------------------------------------------------- the parent: cells, CSV, plot
 
 
+def cell_env(provider: str) -> dict[str, str]:
+    """The environment of a cell's process. cllora's cells get what the ``cllora`` CLI sets
+    before importing torch (page-aligned big CPU buffers:
+    :func:`cllora.model.cpu_memory.align_large_buffers`, unless the user's environment sets
+    ``THP_MEM_ALLOC_ENABLE`` itself); the baselines run in the user's environment as it is."""
+    from cllora.model.cpu_memory import align_large_buffers
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    if provider.startswith("cllora"):
+        align_large_buffers(env)
+    return env
+
+
 def run_cell_isolated(cell: Cell, budget_gb: float, timeout_s: float = 3600) -> dict:
     """Run a cell in a fresh Python process; status ok / oom / error / timeout."""
     from cllora.model.cpu_memory import rss_gib
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--cell", json.dumps(asdict(cell))]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cell_env(cell.provider)
+    )
     start, peak_seen = time.time(), 0.0
     while proc.poll() is None:
         peak_seen = max(peak_seen, rss_gib(proc.pid))
@@ -394,7 +413,7 @@ def max_context_cuda(provider: str, spec: BenchSpec) -> list[dict]:
 def _find_max_context_cuda(provider: str, spec: BenchSpec, base: dict, log) -> list[dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--max-context-cell",
            json.dumps({"provider": provider, "spec": asdict(spec)})]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=cell_env(provider))
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("[")]
     row = {**base, "provider": provider, "workload": "fixed", "batch": spec.batch}
     if done.returncode != 0 or not lines:

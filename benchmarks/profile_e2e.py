@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -52,6 +51,7 @@ from benchmarks.bench_e2e import (
     _device_name,
     _step_fn,
     _write_csv,
+    cell_env,
 )
 
 CATEGORIES = ("attention", "base_matmul", "lora_matmul", "loss", "norm_act", "optimizer", "other")
@@ -211,8 +211,7 @@ def run_profile(spec: BenchSpec, provider: str = "cllora", log=print) -> Path:
         cell = Cell(provider, "fixed", context, spec.batch, asdict(spec))
         trace = traces / f"trace-{context}.json"
         cmd = [sys.executable, __file__, "--cell", json.dumps(asdict(cell)), "--trace", str(trace)]
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=cell_env(provider))
         lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
         if res.returncode != 0 or not lines:
             err = res.stderr.strip()[-300:]

@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from cllora.config import ConfigError, config_to_dict, load_config
+from cllora.model.cpu_memory import align_large_buffers
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -91,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown and args.command not in ("bench", "profile"):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.command in ("run", "sweep"):
+        # before anything imports torch: page-aligned big CPU buffers keep glibc's heap from
+        # fragmenting (cllora/model/cpu_memory.py). bench/profile set it per cell: their
+        # baselines run as the user's environment says.
+        align_large_buffers()
     from cllora.data.readers import DataError
     from cllora.fed.server import TooFewClientsError
     from cllora.model.load import ModelNotFoundError
