@@ -26,11 +26,12 @@ Providers (``PROVIDERS``):
   ``train.loss=auto`` (the fused LM-head loss, on target positions only): packed rows (no
   padding), varlen attention, gradient checkpointing per decoder layer.
 - ``cllora-nockpt``: the same without checkpointing.
-- Every ``cllora*`` cell's process starts with page-aligned big CPU buffers
-  (``THP_MEM_ALLOC_ENABLE=1``, as the ``cllora`` CLI sets it before importing torch: glibc's
-  heap then fragments far less, :mod:`cllora.model.cpu_memory`); the baselines run in the
-  user's environment as it is. ``THP_MEM_ALLOC_ENABLE=0 cllora bench ...`` measures cllora
-  without it; ``THP_MEM_ALLOC_ENABLE=1 cllora bench ...`` gives it to the baselines too.
+- Every checkpointing ``cllora*`` cell's process starts with page-aligned big CPU buffers
+  (``THP_MEM_ALLOC_ENABLE=1``, as ``cllora run`` sets it before importing torch for a
+  checkpointed run: glibc's heap then fragments far less, :mod:`cllora.model.cpu_memory`); the
+  other cells, baselines included, run in the user's environment as it is.
+  ``THP_MEM_ALLOC_ENABLE=0 cllora bench ...`` measures cllora without it;
+  ``THP_MEM_ALLOC_ENABLE=1 cllora bench ...`` gives it to every cell.
 - ``cllora-lowmem``: ``cllora`` plus ``train.release_memory=true`` (CPU: glibc returns every
   freed buffer to the OS; lowest peak RSS, slower steps: :mod:`cllora.model.cpu_memory`).
 - ``cllora-4bit`` / ``cllora-4bit-nockpt``: the same with ``model.quant=nf4`` (double
@@ -295,15 +296,18 @@ def run_cell(cell: Cell) -> dict:
 
 
 def cell_env(provider: str) -> dict[str, str]:
-    """The environment of a cell's process. cllora's cells get what the ``cllora`` CLI sets
-    before importing torch (page-aligned big CPU buffers:
+    """The environment of a cell's process. cllora's checkpointing cells get what ``cllora
+    run`` sets before importing torch for a checkpointed run (page-aligned big CPU buffers:
     :func:`cllora.model.cpu_memory.align_large_buffers`, unless the user's environment sets
-    ``THP_MEM_ALLOC_ENABLE`` itself); the baselines run in the user's environment as it is."""
+    ``THP_MEM_ALLOC_ENABLE`` itself); the others, baselines included, run in the user's
+    environment as it is."""
     from cllora.model.cpu_memory import align_large_buffers
 
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     if provider.startswith("cllora"):
-        align_large_buffers(env)
+        train = _engine_config(provider, BenchSpec()).train
+        if train.checkpointing or train.release_memory:
+            align_large_buffers(env)
     return env
 
 

@@ -4,7 +4,7 @@ Usage::
 
     from cllora.model.cpu_memory import align_large_buffers, release_freed_memory, rss_gib
 
-    align_large_buffers()          # before `import torch` (the cllora CLI calls it first thing)
+    align_large_buffers()          # before `import torch` (`cllora run` does, when checkpointing)
     import torch
     if release_freed_memory():     # train.release_memory=true calls this in build_model
         ...                        # True on glibc; False (nothing changed) elsewhere
@@ -19,7 +19,7 @@ everything above it is freed too. A training step allocates and frees tens of GB
 
 Two remedies, found by measuring that step:
 
-- :func:`align_large_buffers` (**on by default in the CLI**, no speed cost measured): torch asks
+- :func:`align_large_buffers` (``cllora run`` applies it to checkpointed runs): torch asks
   glibc for 64-byte alignment, which ``posix_memalign`` gets by carving a few dozen bytes off the
   front of each big block. Those slivers go to glibc's per-thread cache (tcache) and fast bins,
   which never coalesce, so a freed sliver pins the gap between two big blocks and freed
@@ -27,8 +27,10 @@ Two remedies, found by measuring that step:
   With ``THP_MEM_ALLOC_ENABLE=1`` torch page-aligns blocks of 2 MiB and more (and advises the
   kernel to back them with transparent huge pages); the slivers become kilobytes, too big for
   those caches, and merge back. Same step: heap 2.07 -> 1.0 GiB, peak RSS 3.0 -> 1.9 GiB; at
-  4096 tokens 4.55 -> 2.44 GiB at the same tokens/s. The same result with transparent huge
-  pages switched off for the process (``prctl``), so it is the alignment, not the huge pages.
+  4096 tokens 4.55 -> 2.44 GiB at 0.95-0.98x the tokens/s. The same result with transparent
+  huge pages switched off for the process (``prctl``), so it is the alignment, not the huge
+  pages. Without checkpointing it saved nothing (the live activations dominate) and cost 3-10%
+  of the speed (with or without huge pages), so runs that do not checkpoint are left alone.
   (Turning the tcache and fast bins off outright, ``GLIBC_TUNABLES=glibc.malloc.tcache_count=0:
   glibc.malloc.mxfast=0``, gave 1.6 GiB; glibc reads that only at process start, so it is left
   to the user.) torch reads the variable once, at its first CPU allocation: it must be in the

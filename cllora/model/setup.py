@@ -21,8 +21,9 @@ Order (each step an explicit call of its own module, so each is usable alone):
 ``train.release_memory`` (CPU) sets glibc's allocator policy first
 (:func:`cllora.model.cpu_memory.release_freed_memory`): it is process-wide and stays set. On a
 CPU with glibc, ``engine["cpu_buffers"]`` says whether torch's big buffers are page-aligned
-(:func:`cllora.model.cpu_memory.align_large_buffers`, which the CLI applies before importing
-torch: about half the peak RSS of a checkpointed step); a hint is logged when they are not.
+(:func:`cllora.model.cpu_memory.align_large_buffers`, which ``cllora run`` applies to checkpointed
+runs before importing torch: about half their peak RSS); a checkpointed run without it logs a
+hint.
 """
 
 from __future__ import annotations
@@ -56,19 +57,20 @@ def check_engine(cfg: Config) -> None:
         raise ConfigError(str(err)) from err
 
 
-def _cpu_buffers() -> dict[str, str]:
+def _cpu_buffers(hint: bool) -> dict[str, str]:
     from cllora.model.cpu_memory import ALIGN_ENV, _glibc, buffers_page_aligned
 
     if _glibc() is None:
         return {}
     if buffers_page_aligned():
         return {"cpu_buffers": "page-aligned"}
-    log.info(
-        "torch's CPU buffers are not page-aligned here, so glibc's heap fragments: set %s=1 "
-        "before importing torch (the cllora CLI does) for about half the peak RSS with "
-        "checkpointing (cllora/model/cpu_memory.py)",
-        ALIGN_ENV,
-    )
+    if hint:
+        log.info(
+            "torch's CPU buffers are not page-aligned here, so glibc's heap fragments: set %s=1 "
+            "before importing torch (cllora run does for checkpointed runs) for about half the "
+            "peak RSS with checkpointing (cllora/model/cpu_memory.py)",
+            ALIGN_ENV,
+        )
     return {"cpu_buffers": "64-byte aligned"}
 
 
@@ -94,7 +96,7 @@ def build_model(cfg: Config, global_rank: int | None = None) -> tuple[Any, Any, 
     if released:
         engine["release_memory"] = True
     if device.type == "cpu":
-        engine.update(_cpu_buffers())
+        engine.update(_cpu_buffers(cfg.train.checkpointing or cfg.train.release_memory))
     if cfg.model.quant != "none":
         from cllora.model.quant import quantize_base
 

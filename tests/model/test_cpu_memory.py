@@ -145,14 +145,18 @@ def test_align_large_buffers_leaves_a_users_choice_alone(monkeypatch):
     assert ALIGN_ENV not in os.environ
 
 
-def test_cli_run_has_page_aligned_buffers(tmp_path):
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_cli_run_aligns_buffers_of_checkpointed_runs(tmp_path, checkpointing):
     from tests.conftest import tiny_run_overrides
 
     env = {k: v for k, v in os.environ.items() if k != ALIGN_ENV}
-    argv = tiny_run_overrides(tmp_path, fed__rounds=1, train__local_steps=1)
+    argv = tiny_run_overrides(
+        tmp_path, fed__rounds=1, train__local_steps=1, train__checkpointing=checkpointing
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "cllora", "run", *argv],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "'cpu_buffers': 'page-aligned'" in proc.stderr
+    expected = "page-aligned" if checkpointing else "64-byte aligned"
+    assert f"'cpu_buffers': '{expected}'" in proc.stderr
