@@ -301,13 +301,13 @@ def cell_env(provider: str) -> dict[str, str]:
     :func:`cllora.model.cpu_memory.align_large_buffers`, unless the user's environment sets
     ``THP_MEM_ALLOC_ENABLE`` itself); the others, baselines included, run in the user's
     environment as it is."""
-    from cllora.model.cpu_memory import align_large_buffers
+    from cllora.model.cpu_memory import align_large_buffers, wants_aligned_buffers
 
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
-    if provider.startswith("cllora"):
-        train = _engine_config(provider, BenchSpec()).train
-        if train.checkpointing or train.release_memory:
-            align_large_buffers(env)
+    if provider.startswith("cllora") and wants_aligned_buffers(
+        _engine_config(provider, BenchSpec())
+    ):
+        align_large_buffers(env)
     return env
 
 

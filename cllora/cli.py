@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from cllora.config import ConfigError, config_to_dict, load_config
-from cllora.model.cpu_memory import align_large_buffers
+from cllora.model.cpu_memory import align_large_buffers, wants_aligned_buffers
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -108,7 +108,7 @@ def _cpu_buffer_policy(args: argparse.Namespace) -> None:
         configs = _configs(args)
     except Exception:  # the real load below reports a bad config, with its exit status
         return
-    if any(c.train.checkpointing or c.train.release_memory for c in configs):
+    if any(wants_aligned_buffers(c) for c in configs):
         align_large_buffers()
 
 

@@ -53,6 +53,10 @@ import functools
 import os
 import sys
 from collections.abc import MutableMapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cllora.config import Config
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -90,6 +94,12 @@ def align_large_buffers(environ: MutableMapping[str, str] | None = None) -> bool
             return False
         env[ALIGN_ENV] = "1"
     return env[ALIGN_ENV] == "1"
+
+
+def wants_aligned_buffers(cfg: Config) -> bool:
+    """The runs that get page-aligned buffers: those that checkpoint or release memory (where
+    it halves the peak RSS; elsewhere it saved nothing and cost speed: the module docstring)."""
+    return bool(cfg.train.checkpointing or cfg.train.release_memory)
 
 
 def buffers_page_aligned() -> bool:

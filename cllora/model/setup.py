@@ -57,14 +57,19 @@ def check_engine(cfg: Config) -> None:
         raise ConfigError(str(err)) from err
 
 
-def _cpu_buffers(hint: bool) -> dict[str, str]:
-    from cllora.model.cpu_memory import ALIGN_ENV, _glibc, buffers_page_aligned
+def _cpu_buffers(cfg: Config) -> dict[str, str]:
+    from cllora.model.cpu_memory import (
+        ALIGN_ENV,
+        _glibc,
+        buffers_page_aligned,
+        wants_aligned_buffers,
+    )
 
     if _glibc() is None:
         return {}
     if buffers_page_aligned():
         return {"cpu_buffers": "page-aligned"}
-    if hint:
+    if wants_aligned_buffers(cfg):
         log.info(
             "torch's CPU buffers are not page-aligned here, so glibc's heap fragments: set %s=1 "
             "before importing torch (cllora run does for checkpointed runs) for about half the "
@@ -96,7 +101,7 @@ def build_model(cfg: Config, global_rank: int | None = None) -> tuple[Any, Any, 
     if released:
         engine["release_memory"] = True
     if device.type == "cpu":
-        engine.update(_cpu_buffers(cfg.train.checkpointing or cfg.train.release_memory))
+        engine.update(_cpu_buffers(cfg))
     if cfg.model.quant != "none":
         from cllora.model.quant import quantize_base
 
