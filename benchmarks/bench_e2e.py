@@ -34,8 +34,13 @@ Providers (``PROVIDERS``):
   ``THP_MEM_ALLOC_ENABLE=1 cllora bench ...`` gives it to every cell.
 - ``cllora-lowmem``: ``cllora`` plus ``train.release_memory=true`` (CPU: glibc returns every
   freed buffer to the OS; lowest peak RSS, slower steps: :mod:`cllora.model.cpu_memory`).
-- ``cllora-4bit`` / ``cllora-4bit-nockpt``: the same with ``model.quant=nf4`` (double
-  quantization).
+- ``cllora-keepattn``: ``cllora`` with ``train.checkpoint_policy=keep_attention`` (the
+  recompute skips the attention kernel; one more hidden-size tensor kept per layer).
+- ``cllora-offload``: ``cllora`` plus ``train.checkpoint_offload=true`` (CUDA only: each
+  checkpointed layer's saved input goes to pinned host memory; less device memory, a copy each
+  way per layer).
+- ``cllora-4bit`` / ``cllora-4bit-nockpt`` / ``cllora-4bit-keepattn`` /
+  ``cllora-4bit-offload``: the same with ``model.quant=nf4`` (double quantization).
 - ``hf-peft``: ``transformers`` + ``peft`` LoRA, SDPA, right-padding collator, ``model(...,
   labels=...).loss`` (full logits).
 - ``hf-peft-4bit``: the same on a bitsandbytes NF4 base (``BitsAndBytesConfig``).
@@ -84,9 +89,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-PROVIDERS = ("cllora", "cllora-nockpt", "cllora-lowmem", "cllora-4bit", "cllora-4bit-nockpt",
+PROVIDERS = ("cllora", "cllora-nockpt", "cllora-keepattn", "cllora-lowmem", "cllora-offload",
+             "cllora-4bit", "cllora-4bit-nockpt", "cllora-4bit-keepattn", "cllora-4bit-offload",
              "hf-peft", "hf-peft-4bit", "liger", "liger-4bit")  # fmt: skip
 LIGER = ("liger", "liger-4bit")
+CUDA_ONLY = (*LIGER, "cllora-offload", "cllora-4bit-offload")
 WORKLOADS = ("fixed", "real")
 FIELDS = ("provider", "workload", "context", "batch", "metric", "value", "unit", "device",
           "dtype", "commit", "timestamp")  # fmt: skip
@@ -141,6 +148,9 @@ def _engine_config(provider: str, spec: BenchSpec):
     cfg.train.packing = True
     cfg.train.checkpointing = not provider.endswith("-nockpt")
     cfg.train.release_memory = provider == "cllora-lowmem"
+    cfg.train.checkpoint_offload = provider.endswith("-offload")
+    if provider.endswith("-keepattn"):
+        cfg.train.checkpoint_policy = "keep_attention"
     return cfg
 
 
@@ -336,6 +346,25 @@ def run_cell_isolated(cell: Cell, budget_gb: float, timeout_s: float = 3600) -> 
     return {"status": "ok", **json.loads(lines[-1])}
 
 
+def error_line(stderr: str) -> str:
+    """The line of a failed child's stderr worth printing: its last non-empty line (the
+    exception, ``ModuleNotFoundError: ...``), not the tail of the traceback's path."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "(no stderr)"
+
+
+def failed_cells(path: Path) -> int:
+    """How many cells or max-context searches of a result CSV failed with an error (not OOM)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    failed = [
+        r
+        for r in rows
+        if r["metric"] == "error" or (r["metric"], r["value"]) == ("status", "error")
+    ]
+    return len({(r["provider"], r["workload"], r["context"]) for r in failed})
+
+
 def _commit() -> str:
     """Short commit of the checkout (``CLLORA_COMMIT`` where the tree travels without .git)."""
     if os.environ.get("CLLORA_COMMIT"):
@@ -421,7 +450,7 @@ def _find_max_context_cuda(provider: str, spec: BenchSpec, base: dict, log) -> l
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("[")]
     row = {**base, "provider": provider, "workload": "fixed", "batch": spec.batch}
     if done.returncode != 0 or not lines:
-        log(f"  max-context {provider}: error {done.stderr.strip()[-300:]}")
+        log(f"  max-context {provider}: error: {error_line(done.stderr)}")
         return [{**row, "context": "", "metric": "error", "value": done.stderr.strip()[-200:],
                  "unit": ""}]  # fmt: skip
     rows, best = [], 0
@@ -465,13 +494,11 @@ def run_benchmark(spec: BenchSpec, log=print) -> Path:
     for p in spec.providers:
         if p not in PROVIDERS:
             raise ValueError(f"unknown provider {p!r}; use {PROVIDERS}")
-        if p in LIGER:
-            if spec.device != "cuda":
-                raise ValueError(
-                    f"provider {p!r} runs Liger-Kernel's Triton kernels: --device cuda"
-                )
-            if importlib.util.find_spec("liger_kernel") is None:
-                raise ValueError(f"provider {p!r} needs liger-kernel: pip install liger-kernel")
+        if p in CUDA_ONLY and spec.device != "cuda":
+            why = "runs Liger-Kernel's Triton kernels" if p in LIGER else "offloads to host memory"
+            raise ValueError(f"provider {p!r} {why}: --device cuda")
+        if p in LIGER and importlib.util.find_spec("liger_kernel") is None:
+            raise ValueError(f"provider {p!r} needs liger-kernel: pip install liger-kernel")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     base = {"device": _device_name(spec), "dtype": spec.dtype, "commit": _commit(),
             "timestamp": stamp}  # fmt: skip
@@ -485,9 +512,11 @@ def run_benchmark(spec: BenchSpec, log=print) -> Path:
             for provider in spec.providers:  # side by side: providers interleaved per context
                 cell = Cell(provider, workload, context, batch, asdict(spec))
                 res = run_cell_isolated(cell, spec.budget_gb)
-                tps = f"{res['tokens_per_s']:.1f} tok/s" if res["status"] == "ok" else ""
-                mem = f"{res.get('peak_mem', 0):.2f} GiB" if res["status"] == "ok" else ""
-                log(f"{workload:5s} {context:6d} {provider:14s} {res['status']:7s} {tps} {mem}")
+                if res["status"] == "ok":
+                    what = f"{res['tokens_per_s']:.1f} tok/s {res['peak_mem']:.2f} GiB"
+                else:
+                    what = error_line(res.get("error", ""))
+                log(f"{workload:5s} {context:6d} {provider:14s} {res['status']:7s} {what}")
                 rows += _rows(cell, res, base)
                 _write_csv(path, rows)
     if spec.find_max_context:
@@ -588,6 +617,17 @@ def main(argv: list[str] | None = None) -> int:
     spec = BenchSpec(**{k: v for k, v in vars(args).items() if k not in internal})
     path = run_benchmark(spec)
     print(f"results: {path} and {path.with_suffix('.png')}")
+    return _exit_status(path)
+
+
+def _exit_status(path: Path) -> int:
+    """0, or 1 when a cell failed with an error (an OOM cell is a result, not a failure): the
+    CSV keeps every measured cell either way; the error rows hold each failure's message."""
+    failed = failed_cells(path)
+    if failed:
+        print(f"{failed} cell(s) failed with an error: rows metric=error / status=error in {path}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

@@ -7,6 +7,10 @@
 #   bash benchmarks/gpu_session.sh OUT_DIR        # results and logs land in OUT_DIR
 #   STAGES="gpu-tests e2e-8b-4bit" bash benchmarks/gpu_session.sh OUT_DIR   # some stages only
 #
+# The stage limits add up to ~14 minutes, more than one 10-minute call of a lent machine: run it
+# as two calls, STAGES="env gpu-tests kernels e2e-8b-4bit" then
+# STAGES="max-context-8b-4bit fed-run-cuda", on the same warm machine.
+#
 # Needs: CUDA, torch, triton, transformers, peft, bitsandbytes (liger-kernel optional) and cllora
 # importable. Commit the CSV/PNG files it writes under benchmarks/results/ with the card named.
 set -u
@@ -32,14 +36,14 @@ stage gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernel
   tests/model/test_attention.py tests/bench/test_bench.py
 stage kernels 100 python3 benchmarks/bench_kernels.py --dims llama-3.1-8b --tokens 4096,16384 \
   --reps 10 --out "$OUT/kernels-gpu.csv"
-stage e2e-8b-4bit ${E2E_LIMIT:-120} python3 benchmarks/bench_e2e.py --device cuda --dtype bf16 \
-  --model llama-3.1-8b --providers ${E2E_PROVIDERS:-cllora-4bit,hf-peft-4bit$LIGER} --workloads fixed \
+stage e2e-8b-4bit ${E2E_LIMIT:-240} python3 benchmarks/bench_e2e.py --device cuda --dtype bf16 \
+  --model llama-3.1-8b --providers ${E2E_PROVIDERS:-cllora-4bit,cllora-4bit-nockpt,cllora-4bit-keepattn,hf-peft-4bit$LIGER} --workloads fixed \
   --contexts 4096 --steps 3 --out-dir "$OUT"
-stage max-context-8b-4bit 150 python3 benchmarks/bench_e2e.py --device cuda --dtype bf16 \
-  --model llama-3.1-8b --providers ${MAXCTX_PROVIDERS:-cllora-4bit,hf-peft-4bit} --workloads fixed --contexts "" \
+stage max-context-8b-4bit ${MAXCTX_LIMIT:-200} python3 benchmarks/bench_e2e.py --device cuda --dtype bf16 \
+  --model llama-3.1-8b --providers ${MAXCTX_PROVIDERS:-cllora-4bit,cllora-4bit-offload,hf-peft-4bit} --workloads fixed --contexts "" \
   --find-max-context --budget-gb 24 --max-context-hi 65536 --out-dir "$OUT"
 stage fed-run-cuda 60 python3 -m cllora run examples/demo.yaml model.name=smollm2-135m-shape \
-  model.attn=varlen train.packing=true train.checkpointing=true model.quant=nf4 fed.rounds=1 \
+  model.attn=varlen train.packing=true train.checkpointing=true train.checkpoint_offload=true model.quant=nf4 fed.rounds=1 \
   lora.dropout=0 train.local_steps=2 partition.max_train_per_client=8 \
   partition.max_test_per_client=4 \
   quality.score_samples=2 out_dir=/tmp/cllora-runs progress=false

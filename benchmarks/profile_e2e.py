@@ -49,9 +49,11 @@ from benchmarks.bench_e2e import (
     _build,
     _commit,
     _device_name,
+    _exit_status,
     _step_fn,
     _write_csv,
     cell_env,
+    error_line,
 )
 
 CATEGORIES = ("attention", "base_matmul", "lora_matmul", "loss", "norm_act", "optimizer", "other")
@@ -216,16 +218,12 @@ def run_profile(spec: BenchSpec, provider: str = "cllora", log=print) -> Path:
         if res.returncode != 0 or not lines:
             err = res.stderr.strip()[-300:]
             oom = "out of memory" in err.lower() or res.returncode in (-9, 137)
-            log(f"{context:6d} {'oom' if oom else 'error'}: {err[-120:]}")
-            rows.append(
-                {
-                    **base,
-                    "context": context,
-                    "metric": "status",
-                    "value": "oom" if oom else "error",
-                    "unit": "",
-                }
-            )
+            log(f"{context:6d} {'oom' if oom else 'error'}: {error_line(res.stderr)}")
+            status = {**base, "context": context, "metric": "status", "unit": ""}
+            rows.append({**status, "value": "oom" if oom else "error"})
+            if not oom:
+                rows.append({**status, "metric": "error", "value": err[-200:]})
+            _write_csv(path, rows)
             continue
         m = json.loads(lines[-1])
         done.append((context, m["step_s"]))
@@ -335,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = BenchSpec(**{k: v for k, v in vars(args).items() if k not in internal})
     path = run_profile(spec, args.provider)
     print(f"results: {path}, {path.with_suffix('.png')} and traces in {path.with_suffix('')}")
-    return 0
+    return _exit_status(path)
 
 
 if __name__ == "__main__":

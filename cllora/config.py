@@ -165,10 +165,14 @@ class TrainConfig:
     # each sample (needs model.attn=varlen). Same samples, same loss as padding, fewer tokens.
     packing: bool = False
     # Gradient checkpointing of every `checkpoint_every`-th decoder layer; `checkpoint_offload`
-    # keeps the saved layer inputs in pinned CPU memory (CUDA only).
+    # keeps the saved layer inputs in pinned CPU memory (CUDA only). `checkpoint_policy`: "full"
+    # recomputes the whole layer in the backward; "keep_attention" keeps each layer's attention
+    # output (one more hidden-size tensor per layer) so the recompute skips the attention kernel,
+    # whose cost grows with the square of the sequence length (cllora/model/checkpointing.py).
     checkpointing: bool = False
     checkpoint_every: int = 1
     checkpoint_offload: bool = False
+    checkpoint_policy: Literal["full", "keep_attention"] = "full"
     # LM-head cross-entropy: "plain" forms the (targets x vocab) logits; "chunked" keeps at most
     # loss_chunk x vocab of them (torch); "fused" is the Triton kernel on CUDA (the chunked
     # reference on CPU); "auto" = fused on CUDA or past 16M logits, plain otherwise.

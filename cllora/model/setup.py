@@ -117,8 +117,13 @@ def build_model(cfg: Config, global_rank: int | None = None) -> tuple[Any, Any, 
     if cfg.train.checkpointing:
         from cllora.model.checkpointing import enable_checkpointing
 
-        enable_checkpointing(model, cfg.train.checkpoint_offload, cfg.train.checkpoint_every)
-        engine["checkpointing"] = f"every {cfg.train.checkpoint_every} layer(s)"
+        keep = cfg.train.checkpoint_policy == "keep_attention"
+        enable_checkpointing(
+            model, cfg.train.checkpoint_offload, cfg.train.checkpoint_every, keep_attention=keep
+        )
+        engine["checkpointing"] = f"every {cfg.train.checkpoint_every} layer(s)" + (
+            ", attention kept" if keep else ""
+        )
     kernels = cfg.model.kernels
     if kernels is True or kernels == "auto":
         from cllora.model.kernels import enable_kernels, kernels_supported

@@ -54,8 +54,25 @@ def test_an_out_of_memory_cell_is_recorded_not_a_crash(tmp_path):
     assert [r["value"] for r in _rows(path) if r["metric"] == "status"] == ["oom"]
 
 
-def test_liger_providers_need_cuda_and_liger(tmp_path, capsys):
-    assert main(["bench", "--providers", "liger", "--out-dir", str(tmp_path)]) == 2
+@pytest.mark.parametrize("command", ["bench", "profile"])
+def test_a_failing_cell_is_recorded_and_the_exit_status_says_so(tmp_path, capsys, command):
+    """A cell whose process fails (here: a model that does not exist) keeps its error in the CSV,
+    prints the exception's own line and makes the command exit 1; the other cells still run."""
+    argv = [command, *TINY, "--model", "no-such-model", "--workloads", "fixed", "--contexts",
+            "32", "--out-dir", str(tmp_path)]  # fmt: skip
+    argv += ["--providers", "hf-peft"] if command == "bench" else ["--provider", "hf-peft"]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "no-such-model" in out and "failed with an error" in err
+    (path,) = tmp_path.glob("*.csv")
+    rows = _rows(path)
+    assert ("status", "error") in {(r["metric"], r["value"]) for r in rows}
+    assert any(r["metric"] == "error" and "no-such-model" in r["value"] for r in rows)
+
+
+@pytest.mark.parametrize("provider", ["liger", "cllora-4bit-offload"])
+def test_cuda_only_providers_refuse_the_cpu(tmp_path, capsys, provider):
+    assert main(["bench", "--providers", provider, "--out-dir", str(tmp_path)]) == 2
     assert "--device cuda" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.csv"))
 

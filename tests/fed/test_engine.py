@@ -20,6 +20,7 @@ ENGINE = {
     "model__attn": "varlen",
     "train__packing": "true",
     "train__checkpointing": "true",
+    "train__checkpoint_policy": "keep_attention",
     "model__kernels": "true",
     "train__loss": "chunked",
     "train__loss_chunk": 7,
@@ -31,8 +32,8 @@ def _losses(result) -> list[float]:
 
 
 def test_engine_options_give_the_plain_runs_losses(tmp_path):
-    """Packing + varlen attention + checkpointing + swapped kernels + chunked loss is the same
-    computation as padding + SDPA + plain loss: every round's global losses agree."""
+    """Packing + varlen attention + selective checkpointing + swapped kernels + chunked loss is
+    the same computation as padding + SDPA + plain loss: every round's global losses agree."""
     plain = run_experiment(load_config(None, tiny_run_overrides(tmp_path, run_name="plain")))
     cfg = load_config(None, tiny_run_overrides(tmp_path, run_name="engine", **ENGINE))
     engine = run_experiment(cfg)
@@ -50,6 +51,7 @@ def test_build_model_switches_on_what_the_config_says(tmp_path):
     assert engine["kernels"] == {"lora_linear": 14, "rms_norm": 5, "swiglu_mlp": 2}
     assert model.config._attn_implementation == "cllora_varlen"
     assert model.is_activation_checkpointing
+    assert engine["checkpointing"] == "every 1 layer(s), attention kept"
 
 
 def test_kernels_auto_on_cpu_swaps_in_the_lean_norm_and_mlp(tmp_path):
@@ -78,6 +80,7 @@ def test_a_4bit_run_trains(tmp_path):
         ("model.kernels=sometimes", "model.kernels"),
         ("train.loss=cheap", "train.loss"),
         ("train.checkpoint_every=0", "train.checkpoint_every"),
+        ("train.checkpoint_policy=some", "train.checkpoint_policy"),
     ],
 )
 def test_bad_engine_settings_are_clear_errors(tmp_path, capsys, override, message):
