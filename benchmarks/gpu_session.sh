@@ -7,9 +7,12 @@
 #   bash benchmarks/gpu_session.sh OUT_DIR        # results and logs land in OUT_DIR
 #   STAGES="gpu-tests e2e-8b-4bit" bash benchmarks/gpu_session.sh OUT_DIR   # some stages only
 #
-# The stage limits add up to ~14 minutes, more than one 10-minute call of a lent machine: run it
+# The stage limits add up to ~16 minutes, more than one 10-minute call of a lent machine: run it
 # as two calls, STAGES="env gpu-tests kernels e2e-8b-4bit" then
-# STAGES="max-context-8b-4bit fed-run-cuda", on the same warm machine.
+# STAGES="real-8b-4bit max-context-8b-4bit fed-run-cuda", on the same warm machine. The `real`
+# stage reads MedQuAD JSONL from $REAL_DATA (default ../shared/data/medquad; on a lent machine,
+# where ../shared is absent, copy a file or two into an ignored folder of the checkout and carry
+# it).
 #
 # Needs: CUDA, torch, triton, transformers, peft, bitsandbytes (liger-kernel optional) and cllora
 # importable. Commit the CSV/PNG files it writes under benchmarks/results/ with the card named.
@@ -18,7 +21,7 @@ OUT=${1:?usage: gpu_session.sh OUT_DIR}
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
-STAGES=${STAGES:-env gpu-tests kernels e2e-8b-4bit max-context-8b-4bit fed-run-cuda}
+STAGES=${STAGES:-env gpu-tests kernels e2e-8b-4bit real-8b-4bit max-context-8b-4bit fed-run-cuda}
 LIGER=$(python3 -c "import liger_kernel" 2>/dev/null && echo ",liger-4bit")  # when installed
 stage() {  # stage NAME SECONDS CMD...
   local name=$1 limit=$2
@@ -32,13 +35,16 @@ stage() {  # stage NAME SECONDS CMD...
 stage env 30 bash -c 'nvidia-smi -L; python3 -c "import torch, triton, transformers, peft, bitsandbytes; \
 print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, \
 peft.__version__, bitsandbytes.__version__, torch.cuda.get_device_name())"'
-stage gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_gpu.py \
+stage gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_gpu.py tests/model/test_checkpointing.py \
   tests/model/test_attention.py tests/bench/test_bench.py
 stage kernels 100 python3 benchmarks/bench_kernels.py --dims llama-3.1-8b --tokens 4096,16384 \
   --reps 10 --out "$OUT/kernels-gpu.csv"
 stage e2e-8b-4bit ${E2E_LIMIT:-240} python3 benchmarks/bench_e2e.py --device cuda --dtype bf16 \
   --model llama-3.1-8b --providers ${E2E_PROVIDERS:-cllora-4bit,cllora-4bit-nockpt,cllora-4bit-keepattn,hf-peft-4bit$LIGER} --workloads fixed \
   --contexts 4096 --steps 3 --out-dir "$OUT"
+stage real-8b-4bit ${REAL_LIMIT:-150} python3 benchmarks/bench_e2e.py --device cuda --dtype bf16 \
+  --model llama-3.1-8b --providers cllora-4bit,hf-peft-4bit --workloads real --contexts 4096 \
+  --real-batch 8 --steps 3 --data "${REAL_DATA:-../shared/data/medquad}" --out-dir "$OUT"
 stage max-context-8b-4bit ${MAXCTX_LIMIT:-200} python3 benchmarks/bench_e2e.py --device cuda --dtype bf16 \
   --model llama-3.1-8b --providers ${MAXCTX_PROVIDERS:-cllora-4bit,cllora-4bit-offload,hf-peft-4bit} --workloads fixed --contexts "" \
   --find-max-context --budget-gb 24 --max-context-hi 65536 --out-dir "$OUT"
