@@ -122,9 +122,16 @@ class PartitionConfig:
     # quartiles of the sample lengths.
     length_buckets: list[int] = dataclasses.field(default_factory=list)
     test_fraction: float = 0.1
-    # Caps per client (0 = no cap); keep CPU runs short.
+    # The global test set. 0: the union of the clients' test sets. > 0: this fraction of all
+    # samples (at least one) is held out before partitioning, drawn with `seed` alone, so every
+    # cell of a sweep over partition / quality / window settings evaluates its global and local
+    # models on the same samples (cllora/data/pipeline.py).
+    global_test_fraction: float = 0.0
+    # Caps per client (0 = no cap); keep CPU runs short. `max_global_test` caps the held-out
+    # global test set (the first samples of the same seeded draw).
     max_train_per_client: int = 0
     max_test_per_client: int = 0
+    max_global_test: int = 0
 
 
 @dataclass
@@ -246,8 +253,10 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.max_records": (lambda v: v >= 0, "an integer >= 0 (0 = all)"),
     "partition.num_clients": (lambda v: v >= 1, "an integer >= 1"),
     "partition.test_fraction": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "partition.global_test_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "partition.max_train_per_client": (lambda v: v >= 0, "an integer >= 0 (0 = no cap)"),
     "partition.max_test_per_client": (lambda v: v >= 0, "an integer >= 0 (0 = no cap)"),
+    "partition.max_global_test": (lambda v: v >= 0, "an integer >= 0 (0 = no cap)"),
     "train.local_steps": (lambda v: v >= 1, "an integer >= 1"),
     "train.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "train.lr": (lambda v: v > 0, "a number > 0"),

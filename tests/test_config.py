@@ -39,6 +39,8 @@ def test_saved_config_round_trips(tmp_path):
         ("lora.dropout=1.5", ["lora.dropout", "[0, 1)"]),
         ("train.local_steps=2.5", ["train.local_steps", "an integer"]),
         ("fed.sample_fraction=0", ["fed.sample_fraction", "(0, 1]"]),
+        ("partition.global_test_fraction=1", ["partition.global_test_fraction", "[0, 1)"]),
+        ("partition.max_global_test=-1", ["partition.max_global_test", ">= 0"]),
         ("data.response_only=maybe", ["data.response_only", "true or false"]),
         ("lora.target_modules=some", ["lora.target_modules", "all-linear"]),
         ("model=tiny", ["model", "section"]),

@@ -5,14 +5,19 @@ Usage::
     from cllora.data.pipeline import build_clients
     data = build_clients(cfg, tokenizer)          # reads cfg.data.path
     data.clients, data.edges, data.stats          # clients, length-bucket edges, counts
+    data.global_test                              # held-out global test set ([] = the union)
 
 Order (every step seeded by ``cfg.seed``): records are tokenized once at full length (up to
 :data:`MEASURE_LENGTH` tokens) so that partitioning sees the true lengths; the length buckets are
-fixed (:func:`cllora.data.partition.bucket_edges`); samples are partitioned and split into
+fixed (:func:`cllora.data.partition.bucket_edges`); with ``partition.global_test_fraction`` > 0
+the global test set is drawn from all samples (seeded by ``cfg.seed`` alone: the same samples
+whatever the partition, quality and window settings) and left out of the partition; samples are
+partitioned and split into
 train/test per client; each client's training samples are corrupted at its rate
 (:mod:`cllora.data.quality`; test sets stay clean); then each client's context window is applied
 to its training samples (``data.client_max_length[i % len]``, else ``data.max_length``) and the
-common window ``data.max_length`` to every test set, with the ``data.overlong`` policy. What the
+common window ``data.max_length`` to every test set (the global one too), with the
+``data.overlong`` policy. What the
 windows truncated or dropped is counted per client. A client left without a training or test
 sample is an error before any training starts.
 """
@@ -20,6 +25,7 @@ sample is an error before any training starts.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +45,30 @@ class ClientData:
     clients: list[Client]
     edges: list[int]
     stats: dict[str, Any] = field(default_factory=dict)
+    # held out before partitioning (partition.global_test_fraction > 0); empty: the global test
+    # set is the union of the clients' test sets
+    global_test: list[Sample] = field(default_factory=list)
+
+
+def hold_out_global_test(
+    samples: list[Sample], fraction: float, seed: int, cap: int = 0
+) -> tuple[list[Sample], list[Sample]]:
+    """(rest, held-out): ``fraction`` of ``samples`` (at least one; none for 0; at most ``cap``
+    when > 0) drawn at random with ``seed`` only, both lists in the input order. The draw depends
+    on nothing but the samples and the seed, so runs that differ in partition, quality or
+    windows share it (and a smaller cap keeps a prefix of the same draw)."""
+    if fraction <= 0:
+        return samples, []
+    n = max(1, math.floor(len(samples) * fraction))
+    if n >= len(samples):
+        raise DataError(
+            f"partition.global_test_fraction={fraction} holds out all {len(samples)} samples; "
+            "lower it or add data"
+        )
+    order = random.Random(f"global-test-{seed}").sample(range(len(samples)), n)
+    picked = set(order[:cap] if cap else order)
+    rest = [s for i, s in enumerate(samples) if i not in picked]
+    return rest, [s for i, s in enumerate(samples) if i in picked]
 
 
 def client_window(cfg: Config, client_idx: int) -> int:
@@ -100,10 +130,23 @@ def build_clients(cfg: Config, tokenizer: Any) -> ClientData:
     for s in samples:
         s.meta["length"] = s.num_tokens  # the measured length, kept through corruption/windows
     edges = bucket_edges([s.num_tokens for s in samples], cfg.partition.length_buckets)
-    clients = make_clients(samples, cfg.partition, cfg.seed, edges)
+    part = cfg.partition
+    pool, held = hold_out_global_test(
+        samples, part.global_test_fraction, cfg.seed, part.max_global_test
+    )
+    clients = make_clients(pool, cfg.partition, cfg.seed, edges)
     boiler = tokenizer.encode(BOILERPLATE, add_special_tokens=False)
     _corrupt_clients(cfg, clients, CorruptionContext.from_samples(samples, boiler))
     stats.update(_window_clients(cfg, clients))
+    if held:
+        held, cut, dropped = apply_window(held, cfg.data.max_length, cfg.data.overlong)
+        if not held:
+            raise DataError(
+                f"the held-out global test set has no sample left after the window of "
+                f"{cfg.data.max_length} tokens ({dropped} dropped, data.overlong="
+                f"{cfg.data.overlong}); raise data.max_length"
+            )
+        stats.update(global_test=len(held), global_test_truncated=cut, global_test_dropped=dropped)
     stats["length_buckets"] = edges
     log.info("data %s: %s", cfg.data.path, stats)
     for c in clients:
@@ -111,4 +154,4 @@ def build_clients(cfg: Config, tokenizer: Any) -> ClientData:
             "client %s: %d train (%d truncated, %d dropped at %d tokens), %d test; corrupted %s",
             c.name, len(c.train), c.truncated, c.dropped, c.window, len(c.test), c.corrupted,
         )  # fmt: skip
-    return ClientData(clients, edges, stats)
+    return ClientData(clients, edges, stats, held)

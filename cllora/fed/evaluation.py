@@ -9,7 +9,10 @@ Usage::
     ev.finish_round(row)                           # adds the round's mean local losses to the row
 
 The **global test set** is the union of the clients' test sets (each clean and cut to the common
-window ``data.max_length``). Every sample is evaluated once per model: the global model's results
+window ``data.max_length``), or, with ``partition.global_test_fraction`` > 0, the samples held out
+before partitioning (``global_test``: the same for every run with the same data and seed, so
+sweep cells are compared on the same samples). Every sample is evaluated once per model: the
+global model's results
 are split by owner (``global_eval``, one record per client plus ``client="__global__"``); a local
 model (the client's adapter after local training, before aggregation) gets two ``local_eval``
 records, ``test="own"`` (its own test set, a slice of the same pass) and ``test="__global__"``.
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cllora.config import Config
+from cllora.data.formatting import Sample
 from cllora.data.partition import Client
 from cllora.eval import EvalResult, by_bucket, evaluate_samples
 from cllora.fed.distributed import DistContext
@@ -44,6 +48,7 @@ class Evaluator:
         cfg: Config,
         metrics: MetricsLog,
         ctx: DistContext | None = None,
+        global_test: Sequence[Sample] = (),
     ) -> None:
         self.clients, self.edges, self.pad_id = list(clients), list(edges), pad_id
         self.cfg, self.metrics, self.ctx = cfg, metrics, ctx
@@ -53,12 +58,33 @@ class Evaluator:
         for c in self.clients:
             self.slices[c.name] = slice(start, start + len(c.test))
             start += len(c.test)
+        # the held-out set goes after the clients' test sets, in the same pass
+        self.samples += list(global_test)
+        self.global_slice = slice(start if global_test else 0, len(self.samples))
         self._local: dict[str, tuple[float, float]] = {}
 
-    def _pass(self, model: Any, desc: str, shard: bool = False) -> list[EvalResult]:
+    def _local_indices(self, name: str) -> list[int] | None:
+        """The samples a local model needs: all (None) when the global set is the union, else
+        its own test set and the held-out global set (the other clients' are not read)."""
+        if self.global_slice.start == 0:
+            return None
+        n = len(self.samples)
+        return [*range(n)[self.slices[name]], *range(n)[self.global_slice]]
+
+    def _pass(
+        self, model: Any, desc: str, shard: bool = False, only: list[int] | None = None
+    ) -> list[EvalResult]:
         """Every test sample's result; ``shard`` (a distributed global evaluation, the same
-        model on every rank): each rank evaluates every world-th sample, results gathered."""
+        model on every rank): each rank evaluates every world-th sample, results gathered.
+        ``only``: evaluate these sample indices (the others' results are empty)."""
         bs, progress = self.cfg.train.eval_batch_size, self.cfg.progress
+        if only is not None:
+            picked = [self.samples[i] for i in only]
+            out = [EvalResult(0.0, 0)] * len(self.samples)
+            for i, r in zip(only, evaluate_samples(model, picked, self.pad_id, bs, desc, progress),
+                            strict=True):  # fmt: skip
+                out[i] = r
+            return out
         if not shard or self.ctx is None:
             return evaluate_samples(model, self.samples, self.pad_id, bs, desc, progress)
         rank, world = self.ctx.rank, self.ctx.world
@@ -81,7 +107,7 @@ class Evaluator:
         """Evaluate the global model; write its records; return the round's summary row."""
         results = self._pass(model, f"eval round {round_idx}", shard=True)
         records = {name: self._record(results, part) for name, part in self.slices.items()}
-        records[GLOBAL] = self._record(results, slice(0, len(self.samples)))
+        records[GLOBAL] = self._record(results, self.global_slice)
         for name, rec in records.items():
             self.metrics.write(kind="global_eval", round=round_idx, client=name, **rec)
         row: dict[str, Any] = {
@@ -100,9 +126,9 @@ class Evaluator:
         (to ``metrics`` if given: a rank's collector in a distributed run)."""
         metrics = metrics or self.metrics
         c = self.clients[client_idx]
-        results = self._pass(model, f"eval local {c.name}")
+        results = self._pass(model, f"eval local {c.name}", only=self._local_indices(c.name))
         own = self._record(results, self.slices[c.name])
-        glob = self._record(results, slice(0, len(self.samples)))
+        glob = self._record(results, self.global_slice)
         for test, rec in (("own", own), (GLOBAL, glob)):
             metrics.write(kind="local_eval", round=round_idx, client=c.name, test=test, **rec)
         self._local[c.name] = (own["loss"], glob["loss"])

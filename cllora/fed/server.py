@@ -13,7 +13,8 @@ One base model is loaded per process and never aggregated: only LoRA adapter sta
 between the clients and the server (their bytes are counted every round). Each round: the server
 samples ``ceil(sample_fraction * N)`` clients (seeded), each trains from the global adapter with
 :func:`cllora.fed.client.client_update`, the updates are aggregated by the strategy, and the
-global model is evaluated on every client's test set and on their union (``__global__``).
+global model is evaluated on every client's test set and on the global test set (``__global__``:
+their union, or the held-out set of ``partition.global_test_fraction``).
 Strategies (``fed.strategy``) are the pure functions of :mod:`cllora.fed.strategy`; the server
 keeps the server optimizer's state between rounds and passes each client's LoRA scaling so that
 heterogeneous ranks (``lora.client_ranks``) aggregate correctly. A client whose local training
@@ -411,7 +412,7 @@ def _run(
     result = RunResult(run_dir=run_dir, global_state=lora_state_dict(model), config=cfg)
     # before a resumed adapter is loaded: the quality score is the base model's
     stats = client_stats(model, tokenizer, data, cfg, metrics, run_dir, write=ckpt is None)
-    evaluator = Evaluator(clients, data.edges, pad_id, cfg, metrics, ctx)
+    evaluator = Evaluator(clients, data.edges, pad_id, cfg, metrics, ctx, data.global_test)
     main = ctx is None or ctx.is_main
     strategy = "fedavg" if cfg.fed.strategy == "fedprox" else cfg.fed.strategy
     opts, server_state = strategy_options(cfg), {}

@@ -8,9 +8,10 @@ Usage::
     print(format_table(rows))
 
 Kinds written by the server: ``client_train`` (one per client per round), ``client_failed``,
-``global_eval`` (one per client test set per round, plus ``client="__global__"`` for the union of
-the clients' test sets) and ``round`` (bytes sent, seconds). ``summary.csv`` has one row per
-round: the global model's test loss/perplexity and its loss on each client's test set.
+``global_eval`` (one per client test set per round, plus ``client="__global__"`` for the global
+test set: the union of the clients' test sets, or the held-out set of
+``partition.global_test_fraction``) and ``round`` (bytes sent, seconds). ``summary.csv`` has one
+row per round: the global model's test loss/perplexity and its loss on each client's test set.
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ import pytest
 
 from cllora.cli import main
 from cllora.config import load_config
+from cllora.data.pipeline import build_clients, hold_out_global_test
+from cllora.data.readers import DataError
 from cllora.fed.server import run_experiment
+from cllora.model.load import load_tokenizer
 from tests.conftest import tiny_run_overrides
 
 
@@ -102,3 +105,65 @@ def test_a_client_emptied_by_its_window_stops_before_training(tmp_path, capsys):
     assert main(["run", *args]) == 2
     assert "has no training sample left after its context window of 8" in capsys.readouterr().err
     assert not _records(tmp_path / "w", "client_train")
+
+
+def test_a_held_out_global_test_set_is_the_same_whatever_the_partition(tmp_path):
+    """partition.global_test_fraction: the held-out samples depend on the data and the seed only
+    (not on the partition, quality or windows), never reach a client, and are capped by
+    max_global_test as a prefix of the same draw."""
+    tok = load_tokenizer("tiny-llama")
+    held = {}
+    for name, extra in {
+        "iid": {"partition__method": "iid", "partition__num_clients": 2},
+        "dirichlet": {
+            "partition__method": "dirichlet",
+            "partition__num_clients": 3,
+            "partition__alpha_len": 0.3,
+            "quality__rates": "[0.5]",
+            "data__client_max_length": "[48]",
+        },
+    }.items():
+        cfg = load_config(
+            None, tiny_run_overrides(tmp_path, partition__global_test_fraction=0.1, **extra)
+        )
+        data = build_clients(cfg, tok)
+        held[name] = [s.meta["where"] for s in data.global_test]
+        clients = {s.meta["where"] for c in data.clients for s in (*c.train, *c.test)}
+        assert not clients & set(held[name])
+        assert data.stats["global_test"] == len(held[name]) == data.stats["samples"] // 10
+        assert all(s.num_tokens <= cfg.data.max_length for s in data.global_test)
+    assert held["iid"] == held["dirichlet"]
+    capped = load_config(
+        None,
+        tiny_run_overrides(
+            tmp_path, partition__global_test_fraction=0.1, partition__max_global_test=5
+        ),
+    )
+    few = [s.meta["where"] for s in build_clients(capped, tok).global_test]
+    assert len(few) == 5 and set(few) <= set(held["iid"])
+    with pytest.raises(DataError, match="holds out all"):
+        hold_out_global_test(build_clients(capped, tok).global_test[:1], 0.5, seed=0)
+
+
+def test_the_held_out_set_is_what_global_and_local_models_are_scored_on(tmp_path):
+    cfg = load_config(
+        None,
+        tiny_run_overrides(
+            tmp_path,
+            run_name="h",
+            fed__rounds=1,
+            train__local_steps=1,
+            partition__global_test_fraction=0.05,
+            partition__max_global_test=6,
+        ),
+    )
+    run = run_experiment(cfg).run_dir
+    held = build_clients(cfg, load_tokenizer("tiny-llama")).global_test
+    assert len(held) == 6
+    # the scored tokens: next-token targets (a label predicted from the token before it)
+    targets = sum(sum(label != -100 for label in s.labels[1:]) for s in held)
+    glob = {r["client"]: r for r in _records(run, "global_eval") if r["round"] == 1}
+    assert glob["__global__"]["tokens"] == targets > 0
+    for r in _records(run, "local_eval"):
+        ref = glob[r["client"] if r["test"] == "own" else "__global__"]
+        assert r["tokens"] == ref["tokens"]
