@@ -136,7 +136,8 @@ def build_clients(cfg: Config, tokenizer: Any) -> ClientData:
     )
     clients = make_clients(pool, cfg.partition, cfg.seed, edges)
     boiler = tokenizer.encode(BOILERPLATE, add_special_tokens=False)
-    _corrupt_clients(cfg, clients, CorruptionContext.from_samples(samples, boiler))
+    # noise tokens come from the training pool's vocabulary: nothing of the held-out set
+    _corrupt_clients(cfg, clients, CorruptionContext.from_samples(pool, boiler))
     stats.update(_window_clients(cfg, clients))
     if held:
         held, cut, dropped = apply_window(held, cfg.data.max_length, cfg.data.overlong)

@@ -59,14 +59,15 @@ class Evaluator:
             self.slices[c.name] = slice(start, start + len(c.test))
             start += len(c.test)
         # the held-out set goes after the clients' test sets, in the same pass
+        self.held_out = bool(global_test)
         self.samples += list(global_test)
-        self.global_slice = slice(start if global_test else 0, len(self.samples))
+        self.global_slice = slice(start if self.held_out else 0, len(self.samples))
         self._local: dict[str, tuple[float, float]] = {}
 
     def _local_indices(self, name: str) -> list[int] | None:
         """The samples a local model needs: all (None) when the global set is the union, else
         its own test set and the held-out global set (the other clients' are not read)."""
-        if self.global_slice.start == 0:
+        if not self.held_out:
             return None
         n = len(self.samples)
         return [*range(n)[self.slices[name]], *range(n)[self.global_slice]]
