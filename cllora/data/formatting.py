@@ -9,7 +9,8 @@ Usage::
     samples, stats = build_samples(records, tokenizer, max_length=256)
     samples[0].input_ids, samples[0].labels     # labels are -100 outside the assistant turns
     stats   # {"records": .., "samples": .., "truncated": .., "dropped_overlong": ..,
-            #  "dropped_no_target": ..}
+            #  "dropped_no_target": .., "malformed_skipped": ..}
+    build_samples(records, tokenizer, on_malformed="skip")   # skip records with bad fields
 
 Record shapes (``SHAPES``; "auto" picks the first whose leading field the record has, in the
 order messages, alpaca, qa, text; a missing second field is then a clear error):
@@ -22,6 +23,16 @@ order messages, alpaca, qa, text; a missing second field is then a clear error):
 
 ``fields`` maps a shape's canonical field names to the record's own, e.g.
 ``{"question": "Q", "answer": "A"}``.
+
+Malformed records (:class:`cllora.data.readers.RecordError`, naming ``file:line``, the cause and
+the fix): no field that tells the shape; a required field that is missing, null, not a string,
+empty or blank, or holds an unpaired surrogate; a ``messages`` value that is not a non-empty
+list, a turn that is not a ``{"role": str, "content": str}`` object, an unknown role (allowed:
+``ROLES``), an empty user or assistant turn, a conversation that starts with the assistant, has
+no assistant turn or does not end with one; a conversation the chat template rejects. With
+``on_malformed="error"`` the first raises; with ``"skip"`` each is skipped and counted (a file
+whose every record is skipped is still an error). Configuration errors (``fields`` that fit no
+shape, a template that is not prefix-stable) always raise.
 
 Rendering: with ``tokenizer.chat_template`` set, the conversation is rendered by
 ``apply_chat_template``. Without one, a plain format is used::
@@ -40,13 +51,21 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
 
-from cllora.data.readers import DataError
+from cllora.data.readers import DataError, Malformed, RecordError, json_type, where_file
 from cllora.model.loss import IGNORE_INDEX
+
+try:  # the errors of chat templates (transformers renders them with jinja2)
+    from jinja2 import TemplateError as _TemplateError
+    from jinja2 import TemplateSyntaxError as _TemplateSyntaxError
+except ImportError:  # pragma: no cover - no jinja2, no chat templates
+    _TemplateError = _TemplateSyntaxError = ()  # type: ignore[assignment,misc]
 
 SHAPES = ("qa", "alpaca", "messages", "text")
 SHAPE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -55,20 +74,36 @@ SHAPE_FIELDS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
     "text": ("text",),
 }
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "qa": ("question", "answer"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
 QA_ALIASES = {"question": "prompt", "answer": "response"}
+ROLES = ("system", "user", "assistant")
 OVERLONG = ("truncate", "drop", "error")
 _PLAIN_ROLES = {"system": "System", "user": "Question", "assistant": "Answer"}
 _CHUNK = 512  # records tokenized per call of the tokenizer
+_SURROGATE = re.compile("[\\ud800-\\udfff]")
 
 
 @dataclass
 class Sample:
-    """One tokenized example. ``labels`` is ``input_ids`` with -100 where there is no loss."""
+    """One tokenized example. ``labels`` is ``input_ids`` with -100 where there is no loss.
+
+    ``full_length`` is the record's whole token count when it was cut (0 when it was not).
+    """
 
     input_ids: list[int]
     labels: list[int]
     meta: dict[str, Any] = field(default_factory=dict)
     truncated: bool = False
+    full_length: int = 0
+
+    @property
+    def true_length(self) -> int:
+        """The record's token count before any cut."""
+        return max(self.full_length, len(self.input_ids))
 
     @property
     def num_tokens(self) -> int:
@@ -104,9 +139,10 @@ def detect_shape(record: dict) -> str:
     if "text" in record:
         return "text"
     fields = sorted(k for k in record if k != "_where")
-    raise DataError(
-        f"{_where(record)}: cannot tell the record shape from its fields {fields}; expected one "
-        f"of: {_shape_help()}. Set data.shape and data.fields (e.g. {{question: Q, answer: A}})"
+    raise RecordError(
+        _where(record),
+        f"cannot tell the record shape from its fields {fields}; expected one of: {_shape_help()}",
+        "set data.shape and data.fields (e.g. {question: Q, answer: A})",
     )
 
 
@@ -135,55 +171,100 @@ def _resolve(record: dict, shape: str, fields: dict[str, str] | None) -> tuple[s
     return shape, mapping
 
 
-def _text_field(record: dict, key: str, optional: bool = False) -> str:
-    value = record.get(key)
-    if optional and value in (None, ""):
+def _a(word: str) -> str:
+    """``word`` with its indefinite article: "a number", "an array"."""
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
+def _text_problem(value: Any) -> str:
+    """Why ``value`` is not usable text ("" when it is)."""
+    if value is None:
+        return "is null"
+    if not isinstance(value, str):
+        return f"is {_a(json_type(value))} ({value!r:.40}), not a string"
+    if not value.strip():
+        return "is blank (only whitespace)" if value else "is empty"
+    if _SURROGATE.search(value):
+        return "holds an unpaired surrogate (like \\ud800), not valid Unicode text"
+    return ""
+
+
+def _text_field(record: dict, key: str, need: str, optional: bool = False) -> str:
+    """The text of ``record[key]``; ``need`` names the shape's required fields for the error."""
+    if key not in record:
+        if optional:
+            return ""
+        raise RecordError(_where(record), f"field {key!r} is missing ({need})")
+    value = record[key]
+    if optional and (value is None or (isinstance(value, str) and not value.strip())):
         return ""
-    if key not in record or value is None:
-        problem = "is missing"
-    elif not isinstance(value, str):
-        problem = f"is not a string (got {type(value).__name__})"
-    elif not value.strip():
-        problem = "is empty"
-    else:
-        return value
-    raise DataError(f"{_where(record)}: field {key!r} {problem}")
+    problem = _text_problem(value)
+    if problem:
+        raise RecordError(_where(record), f"field {key!r} {problem}")
+    return value
+
+
+def _check_turn(where: str, at: str, message: Any) -> dict[str, str]:
+    """One ``messages`` item as ``{"role", "content"}``; ``at`` names it (field 'messages'[i])."""
+    if not isinstance(message, dict):
+        kind = _a(json_type(message))
+        raise RecordError(where, f"{at} is {kind}, not a {{role, content}} object")
+    for name in ("role", "content"):
+        if name not in message:
+            raise RecordError(where, f"{at} has no {name!r} (a turn is {{role, content}})")
+        if not isinstance(message[name], str):
+            raise RecordError(where, f"{at}: {name!r} {_text_problem(message[name])}")
+    role, content = message["role"], message["content"]
+    if role not in ROLES:
+        raise RecordError(
+            where, f"{at} has the unknown role {role!r} (allowed: {', '.join(ROLES)})"
+        )
+    problem = _text_problem(content)
+    if problem and not (role == "system" and not content.strip()):
+        raise RecordError(where, f"{at}: the {role} turn's content {problem}")
+    return {"role": role, "content": content}
 
 
 def _check_messages(record: dict, key: str) -> list[dict]:
-    messages = record.get(key)
     where = _where(record)
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field {key!r} must be a non-empty list of {{role, content}}")
-    for i, message in enumerate(messages):
-        ok = isinstance(message, dict) and isinstance(message.get("role"), str)
-        if not ok or not isinstance(message.get("content"), str):
-            raise DataError(
-                f"{where}: field {key!r}[{i}] must be {{'role': str, 'content': str}}, "
-                f"got {message!r:.80}"
-            )
-        if message["role"] == "assistant" and not message["content"].strip():
-            raise DataError(f"{where}: field {key!r}[{i}] is an empty assistant turn")
-    if messages[0]["role"] == "assistant":
-        raise DataError(f"{where}: field {key!r} must start with a user (or system) turn")
-    if messages[-1]["role"] != "assistant":
-        raise DataError(f"{where}: field {key!r} must end with an assistant turn")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if key not in record:
+        raise RecordError(where, f"field {key!r} is missing (a messages record needs {key!r})")
+    messages = record[key]
+    if not isinstance(messages, list):
+        problem = "is null" if messages is None else f"is {_a(json_type(messages))}"
+        raise RecordError(where, f"field {key!r} {problem}, not a list of {{role, content}} turns")
+    if not messages:
+        raise RecordError(where, f"field {key!r} is an empty list")
+    turns = [_check_turn(where, f"field {key!r}[{i}]", m) for i, m in enumerate(messages)]
+    roles = [t["role"] for t in turns]
+    if roles[0] == "assistant":
+        raise RecordError(where, f"field {key!r} must start with a user (or system) turn")
+    if "assistant" not in roles:
+        raise RecordError(where, f"field {key!r} has no assistant turn (nothing to train on)")
+    if roles[-1] != "assistant":
+        raise RecordError(where, f"field {key!r} must end with an assistant turn")
+    return turns
+
+
+def _needs(shape: str, mapping: dict[str, str]) -> str:
+    names = " and ".join(repr(mapping[name]) for name in REQUIRED[shape])
+    return f"{_a(shape)} record needs {names}"
 
 
 def _chat(record: dict, shape: str, mapping: dict[str, str]) -> list[dict] | str:
-    if shape == "text":
-        return _text_field(record, mapping["text"])
     if shape == "messages":
         return _check_messages(record, mapping["messages"])
+    need = _needs(shape, mapping)
+    if shape == "text":
+        return _text_field(record, mapping["text"], need)
     if shape == "qa":
-        user = _text_field(record, mapping["question"])
-        answer = _text_field(record, mapping["answer"])
+        user = _text_field(record, mapping["question"], need)
+        answer = _text_field(record, mapping["answer"], need)
     else:
-        user = _text_field(record, mapping["instruction"])
-        extra = _text_field(record, mapping["input"], optional=True)
-        user = f"{user}\n\n{extra}" if extra.strip() else user
-        answer = _text_field(record, mapping["output"])
+        user = _text_field(record, mapping["instruction"], need)
+        extra = _text_field(record, mapping["input"], need, optional=True)
+        user = f"{user}\n\n{extra}" if extra else user
+        answer = _text_field(record, mapping["output"], need)
     return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
@@ -261,6 +342,25 @@ def _meta(record: dict, mapping: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
+def _render(
+    tokenizer: Any, chat: list[dict], where: str, response_only: bool
+) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as text and its labeled spans; a template that rejects this one
+    conversation (``raise_exception`` in the template) makes the record malformed."""
+    try:
+        if not getattr(tokenizer, "chat_template", None):
+            return _render_plain(tokenizer, chat)
+        if response_only:
+            return _render_template(tokenizer, chat, where)
+        text = tokenizer.apply_chat_template(chat, tokenize=False)  # any template works
+        return text, [(0, len(text))]
+    except _TemplateSyntaxError as e:
+        raise DataError(f"the tokenizer's chat template is broken ({e}); fix the template") from e
+    except _TemplateError as e:
+        reason = f"the tokenizer's chat template rejects the conversation ({e})"
+        raise RecordError(where, reason) from None
+
+
 def _prepare(
     record: dict, tokenizer: Any, shape: str, fields: dict | None, response_only: bool
 ) -> _Prepared:
@@ -270,12 +370,7 @@ def _prepare(
     if isinstance(chat, str):
         text = chat + (tokenizer.eos_token or "")
         return _Prepared(text, [(0, len(text))], meta)
-    if not getattr(tokenizer, "chat_template", None):
-        text, spans = _render_plain(tokenizer, chat)
-    elif response_only:
-        text, spans = _render_template(tokenizer, chat, meta["where"])
-    else:  # no spans needed, so any template works
-        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    text, spans = _render(tokenizer, chat, meta["where"], response_only)
     return _Prepared(text, spans if response_only else [(0, len(text))], meta)
 
 
@@ -317,23 +412,34 @@ def _encode(tokenizer: Any, items: list[_Prepared]) -> list[tuple[list[int], lis
     ]
 
 
+def overlong_message(where: str, tokens: int, limit: int, knob: str = "data.max_length") -> str:
+    """The error for a record of ``tokens`` tokens (its true length) over a ``limit``."""
+    return (
+        f"{where}: the record is {tokens} tokens long, longer than {knob}={limit} "
+        f"(data.overlong=error); raise {knob} to at least {tokens}, or set "
+        "data.overlong=truncate (cut it) or data.overlong=drop (leave it out)"
+    )
+
+
 def _finish(
     ids: list[int], labels: list[int], meta: dict, max_length: int, overlong: str
 ) -> tuple[Sample | None, str]:
-    """Apply the length policy; returns the sample (or None) and what happened to it."""
-    truncated = len(ids) > max_length
+    """Apply the length policy; returns the sample (or None) and what happened to it.
+
+    ``ids`` is the whole record (the tokenizer never cuts), so its length is the true one.
+    """
+    full_length = len(ids)
+    truncated = full_length > max_length
     if truncated:
         if overlong == "drop":
             return None, "dropped_overlong"
         if overlong == "error":
-            raise DataError(
-                f"{meta['where']}: {len(ids)} tokens, longer than max_length={max_length} "
-                "(data.overlong=error; use truncate or drop)"
-            )
+            raise DataError(overlong_message(meta["where"], full_length, max_length))
         ids, labels = ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
         return None, "dropped_no_target"
-    return Sample(ids, labels, meta, truncated), "truncated" if truncated else "ok"
+    sample = Sample(ids, labels, meta, truncated, full_length if truncated else 0)
+    return sample, "truncated" if truncated else "ok"
 
 
 @dataclass(frozen=True)
@@ -351,14 +457,36 @@ class _Options:
             raise DataError(f"max_length must be >= 1, got {self.max_length}")
 
 
+def _prepare_or_skip(
+    record: dict, tokenizer: Any, opts: _Options, malformed: Malformed
+) -> _Prepared | str:
+    """The prepared record, or the ``"where: reason"`` of a malformed one that is skipped
+    (raises in error mode)."""
+    try:
+        return _prepare(record, tokenizer, opts.shape, opts.fields, opts.response_only)
+    except RecordError as e:
+        if malformed.mode == "error":
+            raise
+        malformed(e.where, e.reason, e.hint)
+        return malformed.last
+
+
 def _process(
-    records: list[dict], tokenizer: Any, opts: _Options
+    records: list[dict], tokenizer: Any, opts: _Options, malformed: Malformed
 ) -> list[tuple[Sample | None, str]]:
-    items = [_prepare(r, tokenizer, opts.shape, opts.fields, opts.response_only) for r in records]
-    return [
-        _finish(ids, labels, item.meta, opts.max_length, opts.overlong)
-        for (ids, labels), item in zip(_encode(tokenizer, items), items, strict=True)
-    ]
+    """(sample or None, outcome) per record; outcome is ok, truncated, dropped_overlong,
+    dropped_no_target or, for a skipped malformed record, ``"malformed: <where>: <reason>"``."""
+    prepared = [_prepare_or_skip(r, tokenizer, opts, malformed) for r in records]
+    good = [item for item in prepared if isinstance(item, _Prepared)]
+    encoded = iter(_encode(tokenizer, good) if good else [])
+    results: list[tuple[Sample | None, str]] = []
+    for item in prepared:
+        if isinstance(item, str):
+            results.append((None, f"malformed: {item}"))
+            continue
+        ids, labels = next(encoded)
+        results.append(_finish(ids, labels, item.meta, opts.max_length, opts.overlong))
+    return results
 
 
 def tokenize_record(
@@ -372,9 +500,49 @@ def tokenize_record(
     response_only: bool = True,
 ) -> Sample | None:
     """One record as a :class:`Sample`, or None when it is dropped (overlong with
-    ``overlong="drop"``, or no labeled token left inside ``max_length``)."""
+    ``overlong="drop"``, or no labeled token left inside ``max_length``). A malformed record
+    raises :class:`~cllora.data.readers.RecordError`."""
     opts = _Options(shape, fields, max_length, overlong, response_only)
-    return _process([record], tokenizer, opts)[0][0]
+    return _process([record], tokenizer, opts, Malformed("error"))[0][0]
+
+
+class _FileTally:
+    """Records and malformed records per file, to find files left without any record."""
+
+    def __init__(self, records: list[dict]) -> None:
+        self.total = Counter(where_file(_where(r)) for r in records)
+        self.lost: Counter[str] = Counter()
+        self.first: dict[str, str] = {}
+
+    def skipped(self, record: dict, reason: str) -> None:
+        file = where_file(_where(record))
+        self.lost[file] += 1
+        self.first.setdefault(file, reason)
+
+    def check(self) -> None:
+        """With records from several files, one whose every record was skipped is an error."""
+        if len(self.total) < 2:
+            return  # a single source: the "no sample survived" error says it
+        for file, n in self.lost.items():
+            if n == self.total[file]:
+                raise DataError(
+                    f"no usable records in {file}: all {n} of its records are malformed and "
+                    f"were skipped (the first: {self.first[file]}); fix the file or leave it out"
+                )
+
+
+def _nothing_survived(stats: dict[str, int], opts: _Options, malformed: Malformed) -> str:
+    skipped = (
+        f", {stats['malformed_skipped']} skipped as malformed ({malformed.summary()})"
+        if stats["malformed_skipped"]
+        else ""
+    )
+    return (
+        f"no sample survived tokenization: {stats['records']} records, "
+        f"{stats['dropped_overlong']} dropped as longer than max_length={opts.max_length} "
+        f"(overlong={opts.overlong}), {stats['dropped_no_target']} with no response token "
+        f"inside the first max_length tokens{skipped}"
+    )
 
 
 def build_samples(
@@ -387,28 +555,49 @@ def build_samples(
     overlong: str = "truncate",
     response_only: bool = True,
     progress: bool = True,
+    on_malformed: str = "error",
+    malformed: Malformed | None = None,
 ) -> tuple[list[Sample], dict[str, int]]:
     """Tokenize every record (in batches); returns the surviving samples and counts of what
-    happened: records, samples, truncated, dropped_overlong, dropped_no_target."""
+    happened: records, samples, truncated, dropped_overlong, dropped_no_target and
+    malformed_skipped (the records skipped here with ``on_malformed="skip"``).
+
+    With a ``malformed`` collector (its mode wins over ``on_malformed``) the skips are counted
+    there too and the caller reports them; without one they are logged here as one warning.
+    """
     opts = _Options(shape, fields, max_length, overlong, response_only)
+    collector = Malformed(on_malformed) if malformed is None else malformed
+    try:
+        samples, stats = _build(records, tokenizer, opts, collector, progress)
+    finally:
+        if malformed is None:
+            collector.report()
+    return samples, stats
+
+
+def _build(
+    records: list[dict], tokenizer: Any, opts: _Options, malformed: Malformed, progress: bool
+) -> tuple[list[Sample], dict[str, int]]:
     stats = dict(records=len(records), samples=0, truncated=0, dropped_overlong=0)
-    stats["dropped_no_target"] = 0
+    stats.update(dropped_no_target=0, malformed_skipped=0)
+    tally = _FileTally(records)
     samples: list[Sample] = []
     with tqdm(total=len(records), desc="tokenize", unit="rec", disable=not progress) as bar:
         for start in range(0, len(records), _CHUNK):
             chunk = records[start : start + _CHUNK]
-            for sample, outcome in _process(chunk, tokenizer, opts):
+            for record, (sample, outcome) in zip(
+                chunk, _process(chunk, tokenizer, opts, malformed), strict=True
+            ):
                 if sample is not None:
                     samples.append(sample)
-                if outcome != "ok":
+                if outcome.startswith("malformed: "):
+                    stats["malformed_skipped"] += 1
+                    tally.skipped(record, outcome.removeprefix("malformed: "))
+                elif outcome != "ok":
                     stats[outcome] += 1
             bar.update(len(chunk))
     stats["samples"] = len(samples)
+    tally.check()
     if not samples:
-        raise DataError(
-            f"no sample survived tokenization: {stats['records']} records, "
-            f"{stats['dropped_overlong']} dropped as longer than max_length={max_length} "
-            f"(overlong={overlong}), {stats['dropped_no_target']} with no response token "
-            "inside the first max_length tokens"
-        )
+        raise DataError(_nothing_survived(stats, opts, malformed))
     return samples, stats

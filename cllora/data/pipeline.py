@@ -6,20 +6,25 @@ Usage::
     data = build_clients(cfg, tokenizer)          # reads cfg.data.path
     data.clients, data.edges, data.stats          # clients, length-bucket edges, counts
     data.global_test                              # held-out global test set ([] = the union)
+    data.stats["malformed_skipped"], data.stats["malformed_examples"]   # data.on_malformed=skip
 
-Order (every step seeded by ``cfg.seed``): records are tokenized once at full length (up to
-:data:`MEASURE_LENGTH` tokens) so that partitioning sees the true lengths; the length buckets are
-fixed (:func:`cllora.data.partition.bucket_edges`); with ``partition.global_test_fraction`` > 0
-the global test set is drawn from all samples (seeded by ``cfg.seed`` alone: the same samples
-whatever the partition, quality and window settings) and left out of the partition; samples are
-partitioned and split into
+Order (every step seeded by ``cfg.seed``): records are read and tokenized once at full length
+(samples are kept up to :data:`MEASURE_LENGTH` tokens, or one more than the largest window; the
+true length of a longer record is kept too) so that partitioning sees the true lengths; malformed
+records stop the load or, with ``data.on_malformed=skip``, are skipped and counted in the stats
+(``malformed_skipped``, the first reasons in ``malformed_examples``) with one warning; the length
+buckets are fixed (:func:`cllora.data.partition.bucket_edges`); with
+``partition.global_test_fraction`` > 0 the global test set is drawn from all samples (seeded by
+``cfg.seed`` alone: the same samples whatever the partition, quality and window settings) and
+left out of the partition; samples are partitioned and split into
 train/test per client; each client's training samples are corrupted at its rate
 (:mod:`cllora.data.quality`; test sets stay clean); then each client's context window is applied
 to its training samples (``data.client_max_length[i % len]``, else ``data.max_length``) and the
 common window ``data.max_length`` to every test set (the global one too), with the
-``data.overlong`` policy. What the
-windows truncated or dropped is counted per client. A client left without a training or test
-sample is an error before any training starts.
+``data.overlong`` policy (with ``data.overlong=error`` a record longer than its window stops the
+run, naming its place and its true length, before any corruption). What the windows truncated or
+dropped is counted per client. A client left without a training or test sample is an error before
+any training starts.
 """
 
 from __future__ import annotations
@@ -31,10 +36,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cllora.config import Config
-from cllora.data.formatting import Sample, build_samples
+from cllora.data.formatting import Sample, build_samples, overlong_message
 from cllora.data.partition import Client, apply_window, bucket_edges, make_clients
 from cllora.data.quality import BOILERPLATE, CorruptionContext, client_rates, corrupt
-from cllora.data.readers import DataError, load_records
+from cllora.data.readers import DataError, Malformed, load_records
 
 log = logging.getLogger("cllora")
 MEASURE_LENGTH = 16384  # tokens kept when measuring lengths (longer samples are cut here)
@@ -77,21 +82,77 @@ def client_window(cfg: Config, client_idx: int) -> int:
     return windows[client_idx % len(windows)] if windows else cfg.data.max_length
 
 
-def load_samples(cfg: Config, tokenizer: Any) -> tuple[list[Sample], dict[str, int]]:
-    """Records read, subsampled (``data.max_records``) and tokenized at full length."""
-    records = load_records(cfg.data.path, cfg.data.format, cfg.data.on_malformed)
-    if cfg.data.max_records and len(records) > cfg.data.max_records:
-        records = random.Random(cfg.seed).sample(records, cfg.data.max_records)
-    return build_samples(
-        records,
-        tokenizer,
-        shape=cfg.data.shape,
-        fields=cfg.data.fields or None,
-        max_length=max(MEASURE_LENGTH, cfg.data.max_length, *cfg.data.client_max_length),
-        overlong="truncate",
-        response_only=cfg.data.response_only,
-        progress=cfg.progress,
+def measure_length(cfg: Config) -> int:
+    """Tokens kept per sample when measuring: :data:`MEASURE_LENGTH`, or one more than the
+    largest window, so that a record longer than its window is always seen as longer."""
+    return max(MEASURE_LENGTH, 1 + max([cfg.data.max_length, *cfg.data.client_max_length]))
+
+
+def load_samples(cfg: Config, tokenizer: Any) -> tuple[list[Sample], dict[str, Any]]:
+    """Records read, subsampled (``data.max_records``) and tokenized at full length.
+
+    The stats are :func:`~cllora.data.formatting.build_samples`'s, with ``malformed_skipped``
+    counting every record skipped as malformed (by the reader, before ``data.max_records``
+    subsamples, and by the formatting) and ``malformed_examples`` the first reasons
+    (``"file:line: reason"``); one warning reports them.
+    """
+    malformed = Malformed(cfg.data.on_malformed)
+    try:
+        records = load_records(cfg.data.path, cfg.data.format, malformed=malformed)
+        if cfg.data.max_records and len(records) > cfg.data.max_records:
+            records = random.Random(cfg.seed).sample(records, cfg.data.max_records)
+        samples, stats = build_samples(
+            records,
+            tokenizer,
+            shape=cfg.data.shape,
+            fields=cfg.data.fields or None,
+            max_length=measure_length(cfg),
+            overlong="truncate",
+            response_only=cfg.data.response_only,
+            progress=cfg.progress,
+            malformed=malformed,
+        )
+    finally:
+        malformed.report()
+    return samples, {**stats, **malformed.stats()}
+
+
+def check_model_window(cfg: Config, max_positions: int | None) -> None:
+    """Every window (``data.max_length``, ``data.client_max_length``) fits the model's
+    ``max_position_embeddings`` (None: the model states no limit)."""
+    if not max_positions:
+        return
+    windows = {"data.max_length": cfg.data.max_length}
+    windows.update(
+        {f"data.client_max_length[{i}]": w for i, w in enumerate(cfg.data.client_max_length)}
     )
+    for knob, window in windows.items():
+        if window > max_positions:
+            raise DataError(
+                f"{knob}={window} is longer than the model allows (max_position_embeddings="
+                f"{max_positions}); set {knob} to at most {max_positions}"
+            )
+
+
+def _window_knob(cfg: Config, client_idx: int) -> str:
+    windows = cfg.data.client_max_length
+    return f"data.client_max_length[{client_idx % len(windows)}]" if windows else "data.max_length"
+
+
+def _check_overlong(cfg: Config, clients: list[Client], held: list[Sample]) -> None:
+    """With ``data.overlong=error``: the first sample longer than its window stops the run,
+    with the record's true length (not the measuring cap) and where it is."""
+    if cfg.data.overlong != "error":
+        return
+    limit = cfg.data.max_length
+    groups = [(c.train, client_window(cfg, i), _window_knob(cfg, i)) for i, c in enumerate(clients)]
+    groups += [(c.test, limit, "data.max_length") for c in clients]
+    groups.append((held, limit, "data.max_length"))
+    for samples, window, knob in groups:
+        for s in samples:
+            if s.true_length > window:
+                where = s.meta.get("where", "<record>")
+                raise DataError(overlong_message(where, s.true_length, window, knob))
 
 
 def _corrupt_clients(cfg: Config, clients: list[Client], ctx: CorruptionContext) -> None:
@@ -128,13 +189,14 @@ def build_clients(cfg: Config, tokenizer: Any) -> ClientData:
     """The clients of a run, measured, partitioned, corrupted and windowed (see module doc)."""
     samples, stats = load_samples(cfg, tokenizer)
     for s in samples:
-        s.meta["length"] = s.num_tokens  # the measured length, kept through corruption/windows
+        s.meta["length"] = s.true_length  # the measured length, kept through corruption/windows
     edges = bucket_edges([s.num_tokens for s in samples], cfg.partition.length_buckets)
     part = cfg.partition
     pool, held = hold_out_global_test(
         samples, part.global_test_fraction, cfg.seed, part.max_global_test
     )
     clients = make_clients(pool, cfg.partition, cfg.seed, edges)
+    _check_overlong(cfg, clients, held)
     boiler = tokenizer.encode(BOILERPLATE, add_special_tokens=False)
     # noise tokens come from the training pool's vocabulary: nothing of the held-out set
     _corrupt_clients(cfg, clients, CorruptionContext.from_samples(pool, boiler))

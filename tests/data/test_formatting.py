@@ -76,14 +76,32 @@ def test_record_to_chat_shapes():
 @pytest.mark.parametrize(
     ("record", "match"),
     [
-        ({"question": "q", "_where": "f:1"}, r"f:1: field 'answer' is missing"),
-        ({"question": "q", "answer": " ", "_where": "f:2"}, r"f:2: field 'answer' is empty"),
-        ({"question": 3, "answer": "a", "_where": "f:3"}, r"f:3: field 'question' is not a string"),
+        ({"question": "q", "_where": "f:1"}, r"f:1: malformed record: field 'answer' is missing"),
+        ({"question": "q", "answer": "", "_where": "f:2"}, r"f:2: .*field 'answer' is empty"),
+        ({"question": "q", "answer": " ", "_where": "f:2"}, r"f:2: .*field 'answer' is blank"),
+        (
+            {"question": 3, "answer": "a", "_where": "f:3"},
+            r"f:3: .*field 'question' is a number \(3\), not a string",
+        ),
         (
             {"messages": [{"role": "user", "content": "u"}], "_where": "f:4"},
-            "end with an assistant",
+            "has no assistant turn",
         ),
-        ({"messages": [{"role": "user"}], "_where": "f:5"}, r"f:5: field 'messages'\[0\]"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": "a"},
+                    {"role": "user", "content": "v"},
+                ],
+                "_where": "f:4",
+            },
+            "must end with an assistant turn",
+        ),
+        (
+            {"messages": [{"role": "user"}], "_where": "f:5"},
+            r"f:5: .*field 'messages'\[0\] has no 'content'",
+        ),
     ],
 )
 def test_record_to_chat_errors(record, match):
@@ -173,8 +191,15 @@ def test_overlong_truncate_drop_error(smol_tokenizer):
     assert sample.truncated and sample.num_tokens == 64
     assert 0 < sample.num_target_tokens < 64
     assert tokenize_record(LONG_QA, smol_tokenizer, max_length=64, overlong="drop") is None
-    with pytest.raises(DataError, match=r"t\.jsonl:9: \d+ tokens, longer than max_length=64"):
+    full = tokenize_record(LONG_QA, smol_tokenizer, max_length=1024).num_tokens
+    assert sample.full_length == sample.true_length == full > 64
+    with pytest.raises(DataError) as err:
         tokenize_record(LONG_QA, smol_tokenizer, max_length=64, overlong="error")
+    assert str(err.value) == (
+        f"t.jsonl:9: the record is {full} tokens long, longer than data.max_length=64 "
+        f"(data.overlong=error); raise data.max_length to at least {full}, or set "
+        "data.overlong=truncate (cut it) or data.overlong=drop (leave it out)"
+    )
     assert not tokenize_record(LONG_QA, smol_tokenizer, max_length=1024).truncated
 
 
@@ -193,6 +218,7 @@ def test_build_samples_stats(smol_tokenizer):
         "truncated": 1,
         "dropped_overlong": 0,
         "dropped_no_target": 1,
+        "malformed_skipped": 0,
     }
     assert [s.truncated for s in samples] == [False, True, False]
     _, stats = build_samples(

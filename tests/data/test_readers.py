@@ -124,13 +124,16 @@ def test_malformed_jsonl_lines_skip_mode_warns(tmp_path, caplog):
     assert any(f"{path}:4" in m and "not an object" in m for m in messages)
 
 
-def test_skip_mode_logs_first_twenty_then_a_count(tmp_path, caplog):
+def test_skip_mode_logs_one_warning_with_the_count_and_first_five(tmp_path, caplog):
     path = _write_jsonl(tmp_path / "d.jsonl", [json.dumps(ROWS[0])] + ["oops"] * 25)
     with caplog.at_level(logging.WARNING, logger="cllora.data"):
         assert len(read_records(path, on_malformed="skip")) == 1
     messages = [rec.getMessage() for rec in caplog.records]
-    assert len(messages) == 21
-    assert "5 more" in messages[-1]
+    reason = "not valid JSON (Expecting value at column 1)"
+    shown = "; ".join(f"{path}:{line}: {reason}" for line in range(2, 7))
+    assert messages == [
+        f"25 malformed records skipped (data.on_malformed=skip) (the first 5): {shown}"
+    ]
 
 
 def test_empty_files_are_errors(tmp_path):
