@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from cllora.data.batching import collate
 from cllora.data.formatting import Sample
+from cllora.model.batching import collate
 from cllora.model.loss import select_targets
 
 
@@ -123,3 +123,12 @@ def by_bucket(
     for s, r in zip(samples, results, strict=True):
         groups[labels[bucket_index(sample_length(s), edges)]].append(r)
     return {label: EvalResult.combine(rs) for label, rs in groups.items()}
+
+
+def quality_score(
+    model: PreTrainedModel, samples: Sequence[Sample], pad_id: int, batch_size: int = 8
+) -> tuple[list[float], float]:
+    """Per-sample base-model loss on the response, and the client score ``1 / ppl`` (label-free;
+    see :mod:`cllora.data.quality`)."""
+    results = evaluate_samples(model, samples, pad_id, batch_size)
+    return [r.loss for r in results], 1.0 / EvalResult.combine(results).ppl

@@ -59,7 +59,11 @@ from typing import Any
 from tqdm import tqdm
 
 from cllora.data.readers import DataError, Malformed, RecordError, json_type, where_file
-from cllora.model.loss import IGNORE_INDEX
+
+# The label of a token that carries no loss (torch's cross_entropy ignore_index default), defined
+# here once for cllora; cllora_kernels (kernels/reference.py), which imports nothing of cllora,
+# holds the same value (tests/model/test_loss.py checks they agree).
+IGNORE_INDEX = -100
 
 try:  # the errors of chat templates (transformers renders them with jinja2)
     from jinja2 import TemplateError as _TemplateError

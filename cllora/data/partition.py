@@ -45,9 +45,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cllora.config import PartitionConfig
-from cllora.data.formatting import Sample
+from cllora.data.formatting import IGNORE_INDEX, Sample
 from cllora.data.readers import DataError
-from cllora.model.loss import IGNORE_INDEX
 
 
 @dataclass

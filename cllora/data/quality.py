@@ -2,7 +2,8 @@
 
 Usage::
 
-    from cllora.data.quality import CorruptionContext, client_rates, corrupt, quality_score
+    from cllora.data.quality import CorruptionContext, client_rates, corrupt
+    from cllora.eval import quality_score
 
     ctx = CorruptionContext.from_samples(samples, boilerplate_ids=tok.encode(BOILERPLATE))
     rates = client_rates(cfg.quality, num_clients=8, seed=0)     # e.g. [0.0, 0.9, 0.1, ...]
@@ -32,7 +33,8 @@ explicitly (cycled over clients), or ``rate_k = min(1, mean_rate * K * s_k)`` wi
 ``s ~ Dir(alpha)``: a small alpha concentrates the corruption on a few clients, a large alpha
 spreads ``mean_rate`` evenly (without alpha, every client has ``mean_rate``).
 
-The quality score needs no labels: the base model's mean next-token loss on a sample's response
+The quality score (:func:`cllora.eval.quality_score`, an evaluation, hence not in this torch-free
+layer) needs no labels: the base model's mean next-token loss on a sample's response
 (per sample), and per client ``1 / ppl`` over its scored samples (higher = cleaner, more
 natural text). The same score weights clients under ``fed.weighting=quality``. Measured with
 SmolLM2-135M (tests/data/test_quality.py): shuffled and replaced answers score far lower, but a
@@ -51,9 +53,7 @@ from typing import Any
 import numpy as np
 
 from cllora.config import QualityConfig
-from cllora.data.formatting import Sample
-from cllora.eval import EvalResult, evaluate_samples
-from cllora.model.loss import IGNORE_INDEX
+from cllora.data.formatting import IGNORE_INDEX, Sample
 
 OPERATORS = ("shuffle", "replace", "swap", "truncate", "boilerplate")
 BOILERPLATE = "For more information, please visit our website or contact us. "
@@ -188,11 +188,3 @@ def corrupt(
         out[i] = apply_operator(op, samples[i], rng, ctx, cfg.strength, samples)
         counts[op] += 1
     return out, counts
-
-
-def quality_score(
-    model: Any, samples: Sequence[Sample], pad_id: int, batch_size: int = 8
-) -> tuple[list[float], float]:
-    """Per-sample base-model loss on the response, and the client score ``1 / ppl`` (label-free)."""
-    results = evaluate_samples(model, samples, pad_id, batch_size)
-    return [r.loss for r in results], 1.0 / EvalResult.combine(results).ppl

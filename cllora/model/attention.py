@@ -5,7 +5,7 @@ Usage::
     from cllora.model.attention import enable_packed_attention, packed_lm_loss_sum, use_backend
 
     enable_packed_attention(model)            # the model's attention now goes through this module
-    batch = collate_packed(row)               # cllora.data.packing
+    batch = collate_packed(row)               # cllora.model.packing
     loss_sum, n = packed_lm_loss_sum(model, batch)
     with use_backend("sdpa_mask"):            # override hook: force one path (tests, benchmarks)
         ...
@@ -251,7 +251,7 @@ def enable_packed_attention(model: nn.Module) -> None:
 def packed_lm_loss_sum(
     model: nn.Module, batch: dict, loss: str = "chunked", chunk: int = 0
 ) -> tuple[torch.Tensor, int]:
-    """Summed next-token loss of a packed batch (from :mod:`cllora.data.packing`) and the count.
+    """Summed next-token loss of a packed batch (from :mod:`cllora.model.packing`) and the count.
 
     ``loss`` / ``chunk`` as :func:`cllora.model.loss.head_loss_sum` (``train.loss``); the default
     ``chunked`` never forms the full (N x V) logits.

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from cllora.data.formatting import IGNORE_INDEX
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

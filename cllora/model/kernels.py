@@ -38,9 +38,9 @@ import cllora_kernels as ck
 import torch
 from torch import nn
 
+from cllora.data.formatting import IGNORE_INDEX
 from cllora.model.lora import LoRALinear
 
-IGNORE_INDEX = -100  # as cllora.model.loss (not imported: loss.py imports this module)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _SILU = ("silu", "swish")
 

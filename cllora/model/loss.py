@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-IGNORE_INDEX = -100
+from cllora.data.formatting import IGNORE_INDEX
+
 # target-logit elements (64 MB in fp32) above which `auto` stops forming all logits at once; on
 # CPU also the size of one chunk of the fused path. Chunks of that size, not the kernels'
 # default (logits about as big as the hidden states: 16-32 rows here), because on a CPU every

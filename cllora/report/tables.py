@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from cllora.data.formatting import IGNORE_INDEX
 from cllora.data.partition import Client, bucket_index, bucket_labels, sample_length
-from cllora.model.loss import IGNORE_INDEX
 
 _BOUNDARY = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 

@@ -14,9 +14,9 @@ from cllora.data.quality import (
     apply_operator,
     client_rates,
     corrupt,
-    quality_score,
     response_span,
 )
+from cllora.eval import quality_score
 
 PROMPT = [101, 102, 103, 104]
 END = 2

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from cllora.config import load_config
-from cllora.data.batching import batch_stream, collate
 from cllora.data.formatting import Sample
 from cllora.data.partition import make_clients
 from cllora.data.readers import DataError
 from cllora.fed.client import NonFiniteLossError, client_update
 from cllora.fed.server import client_seed, prepare, run_experiment, sample_clients
 from cllora.fed.strategy import client_weights, fedavg
+from cllora.model.batching import batch_stream, collate
 from cllora.model.lora import lora_parameters, lora_state_dict
 from tests.conftest import metrics_without_times, tiny_run_overrides
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from cllora.config import ModelConfig
-from cllora.data.batching import collate
+from cllora.model.batching import collate
 from cllora.data.formatting import Sample
-from cllora.data.packing import collate_packed, collate_packed_rows
+from cllora.model.packing import collate_packed, collate_packed_rows
 from cllora.model.attention import (
     available_backends,
     enable_packed_attention,

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cllora.config import ModelConfig
 from cllora.data.formatting import Sample
-from cllora.data.packing import collate_packed
+from cllora.model.packing import collate_packed
 from cllora.model.attention import enable_packed_attention, packed_lm_loss_sum
 from cllora.model.checkpointing import (
     disable_checkpointing,

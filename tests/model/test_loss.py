@@ -58,3 +58,13 @@ def test_no_targets_gives_zero(model):
     ids, mask, labels = _batch()
     s, n = loss_mod.lm_loss_sum(model, ids, mask, torch.full_like(labels, -100))
     assert n == 0 and float(s) == 0.0
+
+
+def test_ignore_index_is_one_value():
+    """cllora defines it once (data layer); the kernel package, which imports nothing of
+    cllora, must hold the same value."""
+    from cllora_kernels.reference import IGNORE_INDEX as KERNELS
+
+    from cllora.data.formatting import IGNORE_INDEX
+
+    assert IGNORE_INDEX == KERNELS == -100

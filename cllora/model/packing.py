@@ -2,7 +2,7 @@
 
 Usage::
 
-    from cllora.data.packing import pack_samples, collate_packed
+    from cllora.model.packing import pack_samples, collate_packed
 
     rows = pack_samples(samples, max_length=4096)       # list[list[Sample]], first-fit decreasing
     batch = collate_packed(rows[0])                     # one packed row, batch dimension 1
@@ -13,7 +13,7 @@ Usage::
     batch["max_seqlen"]     # int, the longest sample
     loss_sum, n = packed_lm_loss_sum(model, batch)      # see cllora.model.attention
 
-Labels stay aligned with ``input_ids`` (the model shifts them, as in :mod:`cllora.data.batching`);
+Labels stay aligned with ``input_ids`` (the model shifts them, as in :mod:`cllora.model.batching`);
 setting the label of each sample's first token to -100 means position ``t`` (the last token of
 sample ``i``) never predicts the first token of sample ``i+1``. The attention side (never attend
 across a boundary) is :mod:`cllora.model.attention`'s job; it reads ``cu_seqlens`` or derives
@@ -30,8 +30,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from cllora.data.formatting import Sample
-from cllora.model.loss import IGNORE_INDEX
+from cllora.data.formatting import IGNORE_INDEX, Sample
 
 
 def pack_samples(samples: Sequence[Sample], max_length: int) -> list[list[Sample]]:
@@ -67,7 +66,7 @@ def packed_stream(
     """Endless packed rows: a seeded permutation per epoch, filled greedily in that order.
 
     Each yielded row holds consecutive samples of the permutation whose lengths sum to at most
-    ``max_length`` (the training counterpart of :func:`cllora.data.batching.batch_stream`).
+    ``max_length`` (the training counterpart of :func:`cllora.model.batching.batch_stream`).
     """
     if not samples:
         raise ValueError("cannot draw rows from an empty sample list")

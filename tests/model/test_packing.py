@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cllora.data.formatting import Sample
-from cllora.data.packing import collate_packed, collate_packed_rows, pack_samples, packed_stream
+from cllora.model.packing import collate_packed, collate_packed_rows, pack_samples, packed_stream
 from cllora.model.attention import cu_seqlens_from_position_ids
 from cllora.model.loss import IGNORE_INDEX
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from cllora.data.batching import collate, batch_stream
+    from cllora.model.batching import collate, batch_stream
 
     batch = collate(samples[:4], pad_id=tokenizer.pad_token_id)   # dict of (B, T) tensors
     stream = batch_stream(samples, batch_size=4, generator=torch.Generator().manual_seed(0))
@@ -11,8 +11,8 @@ Usage::
 
 Sequences are right-padded to the longest in the batch; padded positions have attention 0 and
 label -100. The stream walks the samples in a fresh seeded permutation per epoch, so a client's
-batches depend only on its generator (deterministic runs). Packing without padding is the long
-context issue's job; this is the simple path.
+batches depend only on its generator (deterministic runs). Packing without padding:
+:mod:`cllora.model.packing`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from cllora.data.formatting import Sample
-from cllora.model.loss import IGNORE_INDEX
+from cllora.data.formatting import IGNORE_INDEX, Sample
 
 
 def collate(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -55,10 +54,3 @@ def batch_stream(
                 order = torch.randperm(len(samples), generator=generator).tolist()
             batch.append(samples[order.pop()])
         yield batch
-
-
-def eval_batches(samples: Sequence[Sample], batch_size: int) -> Iterator[list[Sample]]:
-    """Fixed-order batches for evaluation, grouped by length to waste little padding."""
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        yield [samples[i] for i in order[start : start + batch_size]]
