@@ -236,7 +236,7 @@ def _step_fn(provider: str, model, samples: list, device: str):
     """A closure running forward + backward for one step; its batch is already on ``device``
     (every provider's collation and host-to-device copy stay outside the timed region)."""
     if provider.startswith("cllora"):
-        from cllora.data.packing import collate_packed, collate_packed_rows
+        from cllora.model.packing import collate_packed, collate_packed_rows
         from cllora.model.attention import packed_lm_loss_sum
 
         same = all(len(s.input_ids) == len(samples[0].input_ids) for s in samples)
@@ -249,7 +249,7 @@ def _step_fn(provider: str, model, samples: list, device: str):
             (loss / max(n, 1)).backward()
 
         return run
-    from cllora.data.batching import collate
+    from cllora.model.batching import collate
 
     b = {k: v.to(device) for k, v in collate(samples, pad_id=0).items()}
 
@@ -342,7 +342,7 @@ def run_cell_isolated(cell: Cell, budget_gb: float, timeout_s: float = 3600) -> 
     lines = [ln for ln in out.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         oom = "out of memory" in err.lower() or proc.returncode in (-9, 137)
-        return {"status": "oom" if oom else "error", "error": err.strip()[-400:]}
+        return {"status": "oom" if oom else "error", "error": error_line(err)}
     return {"status": "ok", **json.loads(lines[-1])}
 
 
@@ -397,7 +397,7 @@ def _rows(cell: Cell, res: dict, base: dict) -> list[dict]:
     out = [{**row, "metric": "status", "value": res["status"], "unit": ""}]
     if res["status"] != "ok":
         if res.get("error"):
-            out.append({**row, "metric": "error", "value": res["error"][-200:], "unit": ""})
+            out.append({**row, "metric": "error", "value": res["error"], "unit": ""})
         return out
     for metric, unit in (("tokens_per_s", "tokens/s"), ("step_s", "s"),
                          ("tokens_per_step", "tokens"), ("load_s", "s")):  # fmt: skip
@@ -451,7 +451,7 @@ def _find_max_context_cuda(provider: str, spec: BenchSpec, base: dict, log) -> l
     row = {**base, "provider": provider, "workload": "fixed", "batch": spec.batch}
     if done.returncode != 0 or not lines:
         log(f"  max-context {provider}: error: {error_line(done.stderr)}")
-        return [{**row, "context": "", "metric": "error", "value": done.stderr.strip()[-200:],
+        return [{**row, "context": "", "metric": "error", "value": error_line(done.stderr),
                  "unit": ""}]  # fmt: skip
     rows, best = [], 0
     for p in json.loads(lines[-1]):

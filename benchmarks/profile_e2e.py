@@ -222,7 +222,7 @@ def run_profile(spec: BenchSpec, provider: str = "cllora", log=print) -> Path:
             status = {**base, "context": context, "metric": "status", "unit": ""}
             rows.append({**status, "value": "oom" if oom else "error"})
             if not oom:
-                rows.append({**status, "metric": "error", "value": err[-200:]})
+                rows.append({**status, "metric": "error", "value": error_line(res.stderr)})
             _write_csv(path, rows)
             continue
         m = json.loads(lines[-1])

@@ -15,15 +15,23 @@ Usage::
 Arguments after the optional config file are ``key=value`` overrides (see README's config
 reference). ``bench`` and ``profile`` pass their options to ``benchmarks/bench_e2e.py`` and
 ``benchmarks/profile_e2e.py`` of the source checkout (``cllora bench --help`` lists them); they
-are not part of an installed wheel. Exit status: 0 on success, 2 on a bad config or bad input
-(the message says which key, file or line), 1 on any other failure.
+are not part of an installed wheel.
+
+Errors: one line on stderr naming the cause and the fix, never a traceback unless ``--debug``
+is given (before or after the subcommand). Exit status: 0 on success; 2 on a bad config or bad
+input (the message names the key, file or line); 1 when a run stops (too few clients, a
+non-finite global model: its last good checkpoint is kept) or on any other failure; 130 on
+Ctrl-C and 143 on SIGTERM, after printing the exact command that resumes the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,9 +49,16 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cllora", description=__doc__.split("\n")[0])
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of an error (and debug logging)",
+    )
+    p = argparse.ArgumentParser(prog="cllora", description=__doc__.split("\n")[0], parents=[debug])
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a federated LoRA experiment")
+    run = sub.add_parser("run", help="run a federated LoRA experiment", parents=[debug])
     run.add_argument(
         "args", nargs="*", metavar="[CONFIG] key=value", help="config file, then overrides"
     )
@@ -53,12 +68,16 @@ def _parser() -> argparse.ArgumentParser:
         help="continue a killed run from its last complete round (a config or overrides given "
         "too must not change the experiment)",
     )
-    cfg = sub.add_parser("config", help="print the resolved config and exit")
+    cfg = sub.add_parser("config", help="print the resolved config and exit", parents=[debug])
     cfg.add_argument("args", nargs="*", metavar="[CONFIG] key=value")
-    sweep = sub.add_parser("sweep", help="run a grid of experiments (resumable), one results CSV")
+    sweep = sub.add_parser(
+        "sweep", help="run a grid of experiments (resumable), one results CSV", parents=[debug]
+    )
     sweep.add_argument("sweep_file", metavar="SWEEP.yaml")
     sweep.add_argument("args", nargs="*", metavar="key=value", help="overrides of every cell")
-    report = sub.add_parser("report", help="plots and an HTML report of a run or sweep directory")
+    report = sub.add_parser(
+        "report", help="plots and an HTML report of a run or sweep directory", parents=[debug]
+    )
     report.add_argument("directory", metavar="RUN_OR_SWEEP_DIR")
     tools = (
         ("bench", "training-step speed and memory per context length"),
@@ -112,58 +131,119 @@ def _cpu_buffer_policy(args: argparse.Namespace) -> None:
         align_large_buffers()
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (a scheduler stopping the job): exit status 143."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
+    """One line saying how to go on after Ctrl-C / SIGTERM; the exit status 130 / 143."""
+    from cllora.fed.guards import RunInterrupted
+
+    what = (
+        "terminated"
+        if isinstance(err, _Terminated) or isinstance(err.__context__, _Terminated)
+        else "interrupted"
+    )
+    if args.command == "sweep":
+        again = shlex.join(["cllora", "sweep", args.sweep_file, *args.args])
+        hint = f"finished cells are kept; continue with: {again}"
+    elif isinstance(err, RunInterrupted) and err.run_dir is not None:
+        hint = f"resume with: cllora run --resume {shlex.quote(str(err.run_dir))}"
+    elif args.command == "run":
+        hint = "no round was checkpointed yet, nothing to resume: run the same command again"
+    else:
+        hint = "nothing was written"
+    print(f"cllora: {what}; {hint}", file=sys.stderr)
+    return 143 if what == "terminated" else 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cllora`` console script."""
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command not in ("bench", "profile"):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    previous = None
     if args.command in ("run", "sweep"):
         _cpu_buffer_policy(args)  # before anything imports torch
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _dispatch(args, argv)
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        return _interrupted(args, err)
+    except Exception as err:
+        if debug:
+            raise
+        return _report_error(err)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _report_error(err: Exception) -> int:
+    """Print one line for ``err``; its exit status (2: the user's input, 1: anything else)."""
     from cllora.data.readers import DataError
-    from cllora.fed.server import TooFewClientsError
+    from cllora.fed.guards import RunStopped
     from cllora.model.load import ModelNotFoundError
 
-    try:
-        if args.command == "sweep":
-            return _sweep(args.sweep_file, args.args)
-        if args.command in ("bench", "profile"):
-            name = "bench_e2e" if args.command == "bench" else "profile_e2e"
-            tool_main = _benchmark_main(name)
-            try:
-                return tool_main(list(argv if argv is not None else sys.argv[1:])[1:])
-            except ValueError as err:  # an unknown provider, preset or option value
-                print(f"cllora {args.command}: error: {err}", file=sys.stderr)
-                return 2
-        if args.command == "report":
-            from cllora.report.html import make_report
-
-            print(f"report: {make_report(Path(args.directory))}")
-            return 0
-        path, overrides = _split_args(args.args)
-        if args.command == "run" and args.resume:
-            saved = Path(args.resume) / "config.yaml"
-            # overrides alone apply to the run's saved config (e.g. progress=false)
-            cfg = load_config(path or str(saved), overrides) if path or overrides else None
-            return _run(cfg, Path(args.resume))
-        cfg = load_config(path, overrides)
-        if args.command == "config":
-            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
-            return 0
-        return _run(cfg)
-    except (
-        ConfigError,
-        DataError,
-        ModelNotFoundError,
-        FileExistsError,
-        FileNotFoundError,
-    ) as err:
+    if isinstance(err, ConfigError | DataError | ModelNotFoundError | FileExistsError):
         print(f"cllora: error: {err}", file=sys.stderr)
         return 2
-    except TooFewClientsError as err:
+    if isinstance(err, FileNotFoundError):
+        print(f"cllora: error: {err.strerror or err}: {err.filename or ''}".rstrip(": "),
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if isinstance(err, RunStopped):
         print(f"cllora: stopped: {err}", file=sys.stderr)
         return 1
+    text = str(err).strip().splitlines()
+    print(
+        f"cllora: error: {type(err).__name__}: {text[0] if text else ''} (unexpected: rerun with "
+        "--debug for the traceback and report it)",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Run the subcommand ``args`` names."""
+    if args.command == "sweep":
+        return _sweep(args.sweep_file, args.args)
+    if args.command in ("bench", "profile"):
+        name = "bench_e2e" if args.command == "bench" else "profile_e2e"
+        tool_main = _benchmark_main(name)
+        try:
+            return tool_main(list(argv if argv is not None else sys.argv[1:])[1:])
+        except ValueError as err:  # an unknown provider, preset or option value
+            print(f"cllora {args.command}: error: {err}", file=sys.stderr)
+            return 2
+    if args.command == "report":
+        from cllora.report.html import make_report
+
+        print(f"report: {make_report(Path(args.directory))}")
+        return 0
+    path, overrides = _split_args(args.args)
+    if args.command == "run" and args.resume:
+        saved = Path(args.resume) / "config.yaml"
+        # overrides alone apply to the run's saved config (e.g. progress=false)
+        cfg = load_config(path or str(saved), overrides) if path or overrides else None
+        return _run(cfg, Path(args.resume))
+    cfg = load_config(path, overrides)
+    if args.command == "config":
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    return _run(cfg)
 
 
 def _run(cfg, resume: Path | None = None) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -201,12 +202,8 @@ class FedConfig:
     rounds: int = 3
     # Fraction of the clients sampled each round (at least one client).
     sample_fraction: float = 1.0
-    # fedavg: average A and B; fedprox: fedavg plus the proximal term prox_mu on the clients;
-    # fedavgm / fedadam / fedyogi / fedadagrad: server optimizers on the averaged update;
-    # exact: SVD re-factoring of the weighted sum of B A; frozen_a: A frozen, only B averaged.
-    strategy: Literal[
-        "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "exact", "frozen_a"
-    ] = "fedavg"
+    # The federated algorithm: one file of cllora/fed/algorithms/ each (README, "Algorithms").
+    strategy: str = "fedavg"
     # How clients are weighted in the aggregate: by training samples, by training tokens, by the
     # measured quality score (1 / perplexity of the initial model on the client's responses).
     weighting: Literal["samples", "tokens", "quality", "uniform"] = "samples"
@@ -244,6 +241,12 @@ class Config:
     progress: bool = True
 
 
+def _algorithm_names() -> tuple[str, ...]:
+    from cllora.fed.algorithms import algorithm_names  # lists files: imports no torch
+
+    return algorithm_names()
+
+
 # Range checks that a type alone cannot express: key -> (predicate, what is allowed).
 _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "lora.r": (lambda v: v >= 1, "an integer >= 1"),
@@ -267,6 +270,10 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.checkpoint_every": (lambda v: v >= 1, "an integer >= 1"),
     "train.loss_chunk": (lambda v: v >= 0, "an integer >= 0 (0 = automatic)"),
     "fed.rounds": (lambda v: v >= 1, "an integer >= 1"),
+    "fed.strategy": (
+        lambda v: v in _algorithm_names(),
+        "one of " + ", ".join(repr(n) for n in _algorithm_names()),
+    ),
     "fed.sample_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "fed.prox_mu": (lambda v: v >= 0, "a number >= 0"),
     "fed.server_lr": (lambda v: v is None or v > 0, "a number > 0, or empty for the default"),
@@ -346,14 +353,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise bad
+        number = None
         if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise bad from None
-        raise bad
+        if number is None:
+            raise bad
+        if not math.isfinite(number):  # .inf / .nan would train a non-finite model
+            raise ConfigError(f"config key '{key}': got {value!r}; allowed: a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -396,7 +408,27 @@ def _check_ranges(cfg: Config) -> None:
         )
     if isinstance(cfg.lora.target_modules, list) and not cfg.lora.target_modules:
         raise ConfigError("config key 'lora.target_modules': the list is empty")
+    if cfg.run_name:
+        check_dir_name("run_name", cfg.run_name)
+    if not cfg.out_dir.strip():
+        raise ConfigError("config key 'out_dir' is empty; give a directory such as runs")
     _check_measurement(cfg)
+
+
+def check_dir_name(key: str, name: str) -> None:
+    """``name`` must be one directory name under ``out_dir`` (no separator, not ``.`` / ``..``,
+    not absolute): a run or sweep never writes, nor deletes, outside ``out_dir``."""
+    bad = (
+        name != name.strip()
+        or name in (".", "..")
+        or any(sep in name for sep in ("/", "\\", "\0"))
+        or Path(name).is_absolute()
+    )
+    if bad:
+        raise ConfigError(
+            f"config key '{key}': got {name!r}; allowed: one directory name inside out_dir "
+            "(no '/', '\\', '..' or surrounding spaces); set out_dir to write elsewhere"
+        )
 
 
 OPERATORS = ("shuffle", "replace", "swap", "truncate", "boilerplate")
@@ -447,7 +479,13 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); quote "
+                "it or fix it"
+            ) from None
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -474,9 +512,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     merged: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml(path, "config file") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(
                 f"{path}: the config must be a mapping of sections (model:, data:, ...)"
@@ -491,6 +527,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _merge(cfg, parse_overrides(overrides))
         _check_ranges(cfg)
     return cfg
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The one-line reason of a YAML error (its problem, or its text's first line)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    return f"{context}, {problem}" if context else problem
+
+
+def read_yaml(path: Path, what: str = "YAML file") -> Any:
+    """The parsed YAML of ``path``; a missing, unreadable or malformed file is a ConfigError that
+    names ``file:line:column`` of a syntax error."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.start}); save the {what} as UTF-8"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the {what}: {err.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(
+            f"{where}: YAML syntax error: {_yaml_problem(err)}; fix the file"
+        ) from None
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -18,36 +18,89 @@ A sweep file is a normal config file (the base of every cell) plus a ``sweep:`` 
 
 Precedence per cell: defaults < the file's config < ``key=value`` arguments < the cell's grid
 values. Arguments starting with ``sweep.`` change the sweep itself, e.g. ``sweep.grid.seed=[0]``
-or ``sweep.name=small``. Every cell's config is built and validated, and every cell's data
-partitioned (tokenizer only, no model), before the first cell trains: an unknown key, a bad value
-or a partition that cannot be made stops the sweep at once, naming the cell.
+or ``sweep.name=small``. ``sweep.name`` is a relative path that stays inside ``out_dir`` (an
+absolute path, a ``..`` part or a link leading out is refused; set ``out_dir`` to write
+elsewhere). Every grid key must be a config key other than ``out_dir`` / ``run_name`` (the sweep
+sets those), no two grid keys may overlap (``partition`` and ``partition.alpha_len``), and no two
+cells may be the same experiment (``seed: [0, 0]``, or ``train.lr: [1e-3, 0.001]``, which both
+give 0.001). Every cell's config is built and validated, and every cell's data partitioned
+(tokenizer only, no model), before the first cell trains: an unknown key, a bad value or a
+partition that cannot be made stops the sweep at once, naming the cell.
 
-Cells run in grid order as runs named ``cells/<key=value__key=value>``; a cell whose run finished
-(``summary.csv`` written) is not run again, an unfinished one is removed and run again. After
-each cell, ``results.csv`` is rewritten in long format, one row per (cell, round, evaluated model,
-test set, length bucket): columns ``cell``, the grid keys, ``round``, ``model`` (``global`` or
-``local``), ``client`` (the local model's owner), ``test`` (a client's test set or
-``__global__``), ``bucket`` (``all`` or a length bucket), ``loss``, ``tokens``.
+**Cell names.** A cell runs as ``cells/<name>``, the name built from the cell's values as the
+config holds them (``train.lr: "1e-3"`` is the number 0.001): ``key=value`` pairs joined by
+``__``, floats written so YAML reads them back as floats (``1.0e-05``), None as ``null``, e.g.
+``partition.alpha_len=0.1__seed=0``. That readable name is used as it is when it spells the
+values exactly (YAML reads each value back to the same value, only letters, digits and ``._=+,-``,
+no ``__`` inside a value, at most 200 characters, not ending like a hash suffix). Otherwise
+(a ``/`` or other character replaced by ``_``, a string YAML would read as a number, a list, a
+name cut to length) the name is the sanitised text, cut, plus ``-`` and the first 8 hex digits
+of the SHA-256 of the exact values: ``data.path=a_b.jsonl-9e178fea`` for ``a/b.jsonl``, next to
+``data.path=a_b.jsonl`` for ``a_b.jsonl``. A name depends on its cell's values only, so a re-run
+of the same sweep finds its cells, and distinct values always give distinct names.
+
+**Cell records.** When a cell's run finishes, ``cell.json`` (``{"name": ..., "values": {grid
+key: value}}``) is written into its directory (the run's ``config.yaml``, written when the run
+starts, records the same values for a run still going). Before any cell runs, every existing
+cell directory is checked against its cell: a ``cell.json`` with other values, a finished run
+whose ``config.yaml`` differs from the cell's config (any key other than ``progress``,
+``out_dir`` and ``run_name``: e.g. ``fed.rounds`` changed since), or an unfinished directory
+holding another cell's run, stops the sweep with a ``ConfigError`` naming the directory, both
+sides and how to proceed. A finished cell directory **without** ``cell.json`` (from a cllora
+before cell records, or a run stopped between ``summary.csv`` and ``cell.json``) is adopted, and
+its ``cell.json`` written, only when its ``config.yaml`` resolves to exactly the cell's config
+(and its ``metrics.jsonl`` holds the last round's evaluation, else it counts as unfinished);
+with another config it is refused, saying to remove it (to run the cell again) or to choose
+another ``sweep.name``. An older directory whose name this scheme spells differently (values
+with ``/``, ``1e-05``, None, lists, strings YAML reads as numbers) is not looked at: that cell
+runs again under its new name and the old directory is left as it is.
+
+Cells run in grid order; a cell whose run finished (``summary.csv`` and a matching
+``cell.json``) is not run again, an unfinished one is removed and run again (only ever a
+directory directly under this sweep's ``cells/``, not a link, recorded as this cell's or holding
+nothing but ``run.log``). After each cell, ``results.csv`` is rewritten in long format, one row
+per (cell, round, evaluated model, test set, length bucket): columns ``cell``, the grid keys,
+``round``, ``model`` (``global`` or ``local``), ``client`` (the local model's owner), ``test`` (a
+client's test set or ``__global__``), ``bucket`` (``all`` or a length bucket), ``loss``,
+``tokens``.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
+import hashlib
 import itertools
+import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
 
-from cllora.config import Config, ConfigError, config_from_dict, get_key, parse_overrides
+from cllora.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    get_key,
+    load_config,
+    parse_overrides,
+    read_yaml,
+)
 from cllora.report.metrics import read_metrics
+from cllora.report.records import OWN, Kind
 
 log = logging.getLogger("cllora")
-GLOBAL = "__global__"
+CELL_FILE = "cell.json"
+RESULT_COLUMNS = ("cell", "round", "model", "client", "test", "bucket", "loss", "tokens")
+SET_BY_SWEEP = ("out_dir", "run_name")
+MAX_NAME = 200
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+,-]")
+_HASH_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 
 
 @dataclass
@@ -55,6 +108,7 @@ class Cell:
     name: str
     values: dict[str, Any]
     cfg: Config
+    raw: dict[str, Any] = field(default_factory=dict)  # the grid values as written
 
 
 @dataclass
@@ -63,6 +117,69 @@ class Sweep:
     root: Path
     keys: list[str]
     cells: list[Cell] = field(default_factory=list)
+    out_dir: Path | None = None
+
+
+# --- cell names -------------------------------------------------------------------------------
+
+
+def canonical(values: Any) -> str:
+    """Exact, type-keeping text of plain values (1, 1.0 and "1" differ); the basis of hashes."""
+    return json.dumps(values, sort_keys=True, separators=(",", ":"), default=repr)
+
+
+def value_text(value: Any) -> str:
+    """Readable text of one value: YAML reads scalars back as the same value where it can."""
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        text = repr(value)
+        if "e" in text and "." not in text:  # 1e-05: YAML 1.1 needs the dot to read a float
+            mantissa, exponent = text.split("e")
+            text = f"{mantissa}.0e{exponent}"
+        return text
+    if isinstance(value, list):
+        return ",".join(value_text(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{value_text(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _reads_back(value: Any, text: str) -> bool:
+    try:
+        return canonical(yaml.safe_load(text)) == canonical(value)
+    except yaml.YAMLError:
+        return False
+
+
+def _sanitise(text: str) -> str:
+    return re.sub(r"(?<=\.)\.", "_", _UNSAFE.sub("_", text))  # no '..' either
+
+
+def cell_name(values: dict[str, Any]) -> str:
+    """Directory name of a cell: readable ``key=value__key=value``, plus ``-<hash>`` of the exact
+    values where the readable text does not spell them exactly (see the module doc)."""
+    texts = {k: value_text(v) for k, v in values.items()}
+    readable = "__".join(f"{k}={t}" for k, t in texts.items())
+    safe = _sanitise(readable)
+    exact = (
+        safe == readable
+        and len(safe) <= MAX_NAME
+        and not _HASH_SUFFIX.search(safe)
+        and all("__" not in t and _reads_back(values[k], t) for k, t in texts.items())
+    )
+    if exact:
+        return safe
+    digest = hashlib.sha256(canonical(values).encode()).hexdigest()[:8]
+    return f"{safe[: MAX_NAME - 9]}-{digest}"
+
+
+def _label(raw: dict[str, Any]) -> str:
+    """The cell as written in the grid, for messages about cells that could not be built."""
+    return "__".join(f"{k}={v}" for k, v in raw.items())
+
+
+# --- reading the sweep file -------------------------------------------------------------------
 
 
 def _deep_update(base: dict, updates: dict) -> dict:
@@ -72,34 +189,162 @@ def _deep_update(base: dict, updates: dict) -> dict:
     return out
 
 
-def cell_name(values: dict[str, Any]) -> str:
-    """Directory name of a cell: ``key=value`` pairs joined by ``__``."""
-    return "__".join(f"{k}={v}" for k, v in values.items()).replace("/", "_")
+def _nest(values: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        *parents, last = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return nested
 
 
 def _read_spec(path: Path) -> tuple[dict, dict]:
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    loaded = yaml.safe_load(path.read_text()) or {}
+    loaded = read_yaml(path, "sweep file") or {}
     if not isinstance(loaded, dict) or not isinstance(loaded.get("sweep"), dict):
         raise ConfigError(f"{path}: a sweep file needs a 'sweep:' section with a 'grid:' mapping")
     spec = loaded.pop("sweep")
-    unknown = set(spec) - {"name", "grid"}
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown sweep setting(s) {sorted(unknown)}; allowed: name, grid"
-        )
     _check_spec(path, spec)
     return loaded, spec
 
 
 def _check_spec(path: Path, spec: dict) -> None:
+    unknown = set(spec) - {"name", "grid"}
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown sweep setting(s) {sorted(map(str, unknown))}; allowed: name, grid"
+        )
     grid = spec.get("grid")
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(f"{path}: sweep.grid must map config keys to lists of values")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: sweep.grid.{key} must be a non-empty list of values")
+        seen: dict[str, Any] = {}
+        for v in values:
+            if canonical(v) in seen:
+                raise ConfigError(f"{path}: sweep.grid.{key} lists {v!r} twice; remove one")
+            seen[canonical(v)] = v
+
+
+def _apply_sweep_overrides(path: Path, spec: dict, items: list[str]) -> dict:
+    """``sweep.name=x`` / ``sweep.grid.KEY=[...]`` arguments (grid keys are never nested)."""
+    spec = dict(spec)
+    for item in items:
+        key, eq, raw = item.partition("=")
+        key = key.removeprefix("sweep.").strip()
+        if not eq or not key:
+            raise ConfigError(f"override {item!r} is not of the form sweep.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
+        if key.startswith("grid."):
+            spec["grid"] = {**spec["grid"], key.removeprefix("grid."): value}
+        else:
+            spec[key] = value
+    _check_spec(path, spec)
+    return spec
+
+
+def check_grid_key(key: Any) -> None:
+    """A grid key must name a config key (or section) the sweep does not set itself."""
+    if not isinstance(key, str):
+        raise ConfigError(f"sweep.grid key {key!r} is not a config key (a dotted name)")
+    obj: Any = Config()
+    for part in key.split("."):
+        names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+        if part not in names:
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"sweep.grid key '{key}' is not a config key{hint}")
+        obj = getattr(obj, part)
+    if key in SET_BY_SWEEP:
+        raise ConfigError(
+            f"sweep.grid key '{key}': the sweep sets every cell's out_dir and run_name "
+            "(out_dir/<sweep.name>/cells/<cell>); set out_dir outside the grid, run_name not at all"
+        )
+    if key in RESULT_COLUMNS:
+        raise ConfigError(
+            f"sweep.grid key '{key}' would clash with the '{key}' column of results.csv; grid "
+            f"the keys inside it instead, e.g. {key}.name"
+        )
+
+
+def _check_grid_keys(grid: dict) -> None:
+    for key in grid:
+        check_grid_key(key)
+    for a, b in itertools.permutations(grid, 2):
+        if b.startswith(a + "."):
+            raise ConfigError(
+                f"sweep.grid keys '{a}' and '{b}' overlap (one sets the other); keep one"
+            )
+
+
+def sweep_root(out_dir: str | Path, name: Any) -> Path:
+    """``out_dir/name``, refusing a name that is not a relative path staying inside ``out_dir``."""
+    text = name if isinstance(name, str) else None
+    if isinstance(name, int | float) and not isinstance(name, bool):
+        text = str(name)
+    fix = "set out_dir to write elsewhere (e.g. out_dir=/elsewhere sweep.name=mysweep)"
+    if text is None:
+        raise ConfigError(f"sweep.name: got {name!r}; allowed: a directory name; {fix}")
+    parts = PurePath(text).parts
+    bad = (
+        not parts
+        or text != text.strip()
+        or "\0" in text
+        or PurePath(text).is_absolute()
+        or ".." in parts
+    )
+    out = Path(out_dir)
+    root = out / text
+    if bad or not root.resolve().is_relative_to(out.resolve()) or root.resolve() == out.resolve():
+        raise ConfigError(
+            f"sweep.name {text!r} must be a directory inside out_dir ({out}): not absolute, no "
+            f"'..', not out_dir itself, no link leading out; {fix}"
+        )
+    return root
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    return json.loads(json.dumps(value))
+
+
+def _make_cell(base: dict, root: Path, raw: dict[str, Any]) -> Cell:
+    """The cell of grid values ``raw``: its config, values as the config holds them, name."""
+    cells_dir = str(root / "cells")
+    label = _label(raw)
+    try:
+        probe = config_from_dict(_deep_update(base, {**_nest(raw), "out_dir": cells_dir}))
+        values = {k: _plain(get_key(probe, k)) for k in raw}
+        name = cell_name(values)
+        updates = {**_nest(raw), "out_dir": cells_dir, "run_name": name}
+        cfg = config_from_dict(_deep_update(base, updates))
+    except ConfigError as err:
+        raise ConfigError(f"sweep cell {label}: {err}") from None
+    return Cell(name, values, cfg, raw)
+
+
+def _check_distinct(cells: list[Cell]) -> None:
+    by_name: dict[str, Cell] = {}
+    for cell in cells:
+        other = by_name.setdefault(cell.name, cell)
+        if other is cell:
+            continue
+        if canonical(other.values) != canonical(cell.values):  # a hash collision
+            raise ConfigError(
+                f"sweep cells {_label(other.raw)} and {_label(cell.raw)} got the same "
+                f"directory name {cell.name}; change one of their values"
+            )
+        key = next(k for k in cell.raw if canonical(cell.raw[k]) != canonical(other.raw[k]))
+        raise ConfigError(
+            f"sweep.grid.{key}: {other.raw[key]!r} and {cell.raw[key]!r} are the same value "
+            f"({cell.values[key]!r}), so two cells would be one experiment; remove one"
+        )
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
@@ -107,44 +352,161 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     path = Path(path)
     base, spec = _read_spec(path)
     mine = [o for o in overrides or [] if o.startswith("sweep.")]
-    for item in mine:  # grid keys are dotted config keys: never nest them
-        key, _, raw = item.partition("=")
-        key = key.removeprefix("sweep.")
-        value = yaml.safe_load(raw)
-        if key.startswith("grid."):
-            spec["grid"] = {**spec["grid"], key.removeprefix("grid."): value}
-        else:
-            spec[key] = value
-    _check_spec(path, spec)
+    spec = _apply_sweep_overrides(path, spec, mine)
     base = _deep_update(base, parse_overrides([o for o in overrides or [] if o not in mine]))
     grid: dict[str, list] = spec["grid"]
-    for key in grid:
-        try:
-            get_key(Config(), key)
-        except AttributeError:
-            raise ConfigError(f"sweep.grid key '{key}' is not a config key") from None
+    _check_grid_keys(grid)
     probe = config_from_dict(base)
-    root = Path(probe.out_dir) / str(spec.get("name") or path.stem)
-    sweep = Sweep(name=root.name, root=root, keys=list(grid))
+    name = spec.get("name")
+    root = sweep_root(probe.out_dir, path.stem if name is None or name == "" else name)
+    sweep = Sweep(name=root.name, root=root, keys=list(grid), out_dir=Path(probe.out_dir))
     for combo in itertools.product(*grid.values()):
-        values = dict(zip(grid, combo, strict=True))
-        name = cell_name(values)
-        cell_updates = parse_overrides(
-            [f"{k}={yaml.safe_dump(v).strip()}" for k, v in values.items()]
-        )
-        cell_updates = _deep_update(
-            cell_updates, {"out_dir": str(root / "cells"), "run_name": name}
-        )
-        try:
-            cfg = config_from_dict(_deep_update(base, cell_updates))
-        except ConfigError as err:
-            raise ConfigError(f"sweep cell {name}: {err}") from None
-        sweep.cells.append(Cell(name, values, cfg))
+        sweep.cells.append(_make_cell(base, root, dict(zip(grid, combo, strict=True))))
+    _check_distinct(sweep.cells)
     return sweep
 
 
+# --- cell directories -------------------------------------------------------------------------
+
+
+def cell_dir(cell: Cell) -> Path:
+    return Path(cell.cfg.out_dir) / cell.name
+
+
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    """The grid values ``cell.json`` records for ``run_dir`` (None: no ``cell.json``)."""
+    path = Path(run_dir) / CELL_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("values"), dict):
+        raise ConfigError(
+            f"{path} is not a sweep cell record (JSON with 'values'); remove {run_dir} to run "
+            "its cell again"
+        )
+    return record["values"]
+
+
+def write_record(cell: Cell) -> Path:
+    """Write ``cell.json`` (the cell's name and grid values) into the cell's directory."""
+    path = cell_dir(cell) / CELL_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"name": cell.name, "values": cell.values}, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def is_done(cell: Cell) -> bool:
-    return (Path(cell.cfg.out_dir) / cell.name / "summary.csv").is_file()
+    """The cell's run finished (``summary.csv``) and ``cell.json`` records this cell's values."""
+    run_dir = cell_dir(cell)
+    if not (run_dir / "summary.csv").is_file():
+        return False
+    try:
+        recorded = read_record(run_dir)
+    except ConfigError:
+        return False
+    return recorded is not None and canonical(recorded) == canonical(cell.values)
+
+
+def _saved_config(run_dir: Path) -> Config | None:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        raise ConfigError(
+            f"{run_dir} holds a config.yaml this cllora cannot read ({err}); remove {run_dir} "
+            "to run its cell again, or choose another sweep.name"
+        ) from None
+
+
+def _differences(saved: Config, cell: Cell) -> list[str]:
+    from cllora.fed.resume import config_diff
+
+    return [f"{k}: {get_key(saved, k)!r} there, {get_key(cell.cfg, k)!r} here"
+            for k in config_diff(saved, cell.cfg)]  # fmt: skip
+
+
+def _all_rounds_evaluated(run_dir: Path, rounds: int) -> bool:
+    try:
+        records = read_metrics(run_dir / "metrics.jsonl")
+    except (OSError, ValueError):
+        return False
+    return any(r.get("kind") == Kind.GLOBAL_EVAL and r.get("round") == rounds for r in records)
+
+
+def _refuse(run_dir: Path, what: str) -> ConfigError:
+    return ConfigError(
+        f"sweep cell directory {run_dir} {what}; to run this cell again remove {run_dir} (or "
+        "move it away), to keep it choose another sweep.name"
+    )
+
+
+def cell_state(cell: Cell) -> str:
+    """``"new"``, ``"done"`` or ``"unfinished"``; refuses (ConfigError) a directory that is not
+    this cell's. A finished one without ``cell.json`` is adopted when its config is the cell's."""
+    run_dir = cell_dir(cell)
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise _refuse(run_dir, "is a link or a file, not a cell directory")
+    if not run_dir.exists():
+        return "new"
+    mine = json.dumps(cell.values, sort_keys=True)
+    recorded = read_record(run_dir)
+    if recorded is not None and canonical(recorded) != canonical(cell.values):
+        there = json.dumps(recorded, sort_keys=True)
+        raise _refuse(run_dir, f"records the cell values {there}, this sweep's cell is {mine}")
+    saved = _saved_config(run_dir)
+    if (run_dir / "summary.csv").is_file():
+        if saved is None:
+            raise _refuse(run_dir, "holds summary.csv but no config.yaml")
+        diff = _differences(saved, cell)
+        if diff:
+            raise _refuse(run_dir, f"holds a finished run of another config ({'; '.join(diff)})")
+        if recorded is not None:
+            return "done"
+        if not _all_rounds_evaluated(run_dir, cell.cfg.fed.rounds):
+            return "unfinished"  # stopped while summary.csv was being written
+        log.info("sweep cell %s: adopted (its config.yaml is this cell's)", run_dir)
+        write_record(cell)
+        return "done"
+    if recorded is None and saved is not None:
+        there = {k: _plain(get_key(saved, k)) for k in cell.values}
+        if canonical(there) != canonical(cell.values):
+            where = json.dumps(there, sort_keys=True)
+            raise _refuse(run_dir, f"holds an unfinished run of the values {where}, not {mine}")
+    if recorded is None and saved is None and {p.name for p in run_dir.iterdir()} - {"run.log"}:
+        raise _refuse(run_dir, "holds files but neither cell.json nor config.yaml")
+    return "unfinished"
+
+
+def _remove_unfinished(sweep: Sweep, cell: Cell) -> None:
+    """Remove an unfinished cell directory: only ever one directly under this sweep's cells/."""
+    run_dir, cells = cell_dir(cell), sweep.root / "cells"
+    top = (sweep.out_dir or sweep.root.parent).resolve()
+    inside = (
+        any(c is cell for c in sweep.cells)
+        and cell.name not in ("", ".", "..")
+        and Path(cell.name).name == cell.name
+        and not cells.is_symlink()
+        and not run_dir.is_symlink()
+        and run_dir.is_dir()
+        and run_dir.resolve().parent == cells.resolve()
+        and cells.resolve().parent == sweep.root.resolve()
+        and sweep.root.resolve().is_relative_to(top)
+        and sweep.root.resolve() != top
+    )
+    if not inside or cell_state(cell) != "unfinished":
+        raise ConfigError(f"refusing to remove {run_dir}: not an unfinished cell of {cells}")
+    shutil.rmtree(run_dir)
+
+
+def check_cell_dirs(sweep: Sweep) -> dict[str, str]:
+    """The state of every cell (see :func:`cell_state`); refuses foreign directories."""
+    return {cell.name: cell_state(cell) for cell in sweep.cells}
 
 
 def check_cells(sweep: Sweep) -> None:
@@ -170,6 +532,7 @@ def run_sweep(sweep: Sweep, check: bool = True) -> Path:
     """Run every unfinished cell in order; rewrite ``results.csv`` after each; return it."""
     from cllora.fed.server import run_experiment
 
+    check_cell_dirs(sweep)  # before anything is written: a foreign directory stops the sweep
     sweep.root.mkdir(parents=True, exist_ok=True)
     (sweep.root / "sweep.yaml").write_text(
         yaml.safe_dump({"name": sweep.name, "keys": sweep.keys,
@@ -179,28 +542,34 @@ def run_sweep(sweep: Sweep, check: bool = True) -> Path:
     if check:
         check_cells(sweep)
     for i, cell in enumerate(sweep.cells, 1):
-        run_dir = Path(cell.cfg.out_dir) / cell.name
-        if is_done(cell):
+        state = cell_state(cell)
+        if state == "done":
             log.info(
                 "sweep %s: cell %d/%d %s done, skipped", sweep.name, i, len(sweep.cells), cell.name
             )
             continue
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # an unfinished cell: start it again
+        if state == "unfinished":
+            _remove_unfinished(sweep, cell)  # start it again
         log.info("sweep %s: cell %d/%d %s", sweep.name, i, len(sweep.cells), cell.name)
         run_experiment(cell.cfg)
+        if not (cell_dir(cell) / "summary.csv").is_file():
+            raise RuntimeError(f"sweep cell {cell.name}: the run ended without summary.csv")
+        write_record(cell)
         write_results(sweep)
     return write_results(sweep)
+
+
+# --- results ----------------------------------------------------------------------------------
 
 
 def cell_rows(cell_name_: str, values: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
     """Long-format rows of one finished run's evaluation records."""
     rows = []
     for rec in read_metrics(run_dir / "metrics.jsonl"):
-        if rec["kind"] not in ("global_eval", "local_eval"):
+        if rec["kind"] not in (Kind.GLOBAL_EVAL, Kind.LOCAL_EVAL):
             continue
-        local = rec["kind"] == "local_eval"
-        test = rec["client"] if local and rec["test"] == "own" else rec.get("test", rec["client"])
+        local = rec["kind"] == Kind.LOCAL_EVAL
+        test = rec["client"] if local and rec["test"] == OWN else rec.get("test", rec["client"])
         base = {"cell": cell_name_, **values, "round": rec["round"],
                 "model": "local" if local else "global", "client": rec["client"] if local else "",
                 "test": test}  # fmt: skip
@@ -213,13 +582,13 @@ def cell_rows(cell_name_: str, values: dict[str, Any], run_dir: Path) -> list[di
 def write_results(sweep: Sweep) -> Path:
     """``results.csv`` of every finished cell (long format, see module doc)."""
     path = sweep.root / "results.csv"
-    columns = ["cell", *sweep.keys, "round", "model", "client", "test", "bucket", "loss", "tokens"]
-    with path.open("w", newline="", encoding="utf-8") as fh:
+    columns = ["cell", *sweep.keys, *RESULT_COLUMNS[1:]]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for cell in sweep.cells:
             if is_done(cell):
-                writer.writerows(
-                    cell_rows(cell.name, cell.values, Path(cell.cfg.out_dir) / cell.name)
-                )
+                writer.writerows(cell_rows(cell.name, cell.values, cell_dir(cell)))
+    tmp.replace(path)
     return path

@@ -1,4 +1,5 @@
-"""The README's config reference lists every config key (and no key that does not exist)."""
+"""The README's config reference lists every config key (and no key that does not exist), and
+its algorithm table every algorithm file."""
 
 from __future__ import annotations
 
@@ -29,3 +30,11 @@ def test_config_reference_is_complete():
     root = Path(__file__).resolve().parents[1]
     documented = _documented((root / "README.md").read_text(), "### Config reference")
     assert documented == set(_keys(Config()))
+
+
+def test_algorithm_table_lists_every_algorithm():
+    from cllora.fed.algorithms import algorithm_names
+
+    root = Path(__file__).resolve().parents[1]
+    documented = _documented((root / "README.md").read_text(), "### Algorithms")
+    assert documented == set(algorithm_names())

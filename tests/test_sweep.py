@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import yaml
@@ -30,6 +31,10 @@ def test_sweep_runs_every_cell_resumes_and_reports(tmp_path, capsys):
     root = tmp_path / "sw"
     cells = sorted(p.name for p in (root / "cells").iterdir())
     assert cells == ["train.lr=0.001", "train.lr=0.01"]
+    for c, lr in zip(cells, (0.001, 0.01), strict=True):
+        assert json.loads((root / "cells" / c / "cell.json").read_text())["values"] == {
+            "train.lr": lr
+        }
     rows = list(csv.DictReader((root / "results.csv").open()))
     assert {r["cell"] for r in rows} == {"train.lr=0.001", "train.lr=0.01"}
     assert {r["model"] for r in rows} == {"global", "local"}

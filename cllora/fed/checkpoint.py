@@ -7,10 +7,13 @@ Usage::
 
 Layout: ``checkpoint/round-0003/`` holding ``adapter.safetensors``, ``server_state.safetensors``
 and ``state.json`` (round, summary rows, server-optimizer scalars, ``extra`` such as RNG states,
-and the SHA-256 of both tensor files). Each round directory is written under a temporary name
-and renamed when complete, so a run killed while writing never leaves a half checkpoint under a
-real name; the two newest are kept. :func:`load_checkpoint` verifies the checksums and falls back
-to the previous checkpoint, with a warning, when the newest is damaged (e.g. truncated on disk).
+the config and the data fingerprint, and the SHA-256 of both tensor files). ``state.json`` also
+carries the SHA-256 of its own canonical content (``self_sha256``), so every file of a checkpoint
+is covered: an edited or damaged ``state.json`` is detected like a damaged tensor file. Each
+round directory is written under a temporary name and renamed when complete, so a run killed
+while writing never leaves a half checkpoint under a real name; the two newest are kept.
+:func:`load_checkpoint` verifies the checksums and falls back to the previous checkpoint, with a
+warning, when the newest is damaged (e.g. truncated on disk) or edited.
 Tensors go to safetensors only (never pickle).
 """
 
@@ -110,21 +113,36 @@ def save_checkpoint(
             f: _sha256(tmp / f) for f in ("adapter.safetensors", "server_state.safetensors")
         },
     }
+    meta = json.loads(json.dumps(meta))  # the digest is of what a reader gets back
+    meta["self_sha256"] = _meta_digest(meta)
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for old in _round_dirs(directory)[KEEP:]:
+    for old in round_dirs(directory)[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _round_dirs(directory: Path) -> list[Path]:
+def round_dirs(directory: Path) -> list[Path]:
     """Round checkpoint directories, newest first."""
     return sorted(directory.glob("round-*"), reverse=True) if directory.is_dir() else []
 
 
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of ``state.json``'s content without its own digest (canonical JSON)."""
+    body = {k: v for k, v in meta.items() if k != "self_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _read(path: Path) -> Checkpoint:
     meta = json.loads((path / "state.json").read_text())
+    if "self_sha256" not in meta:
+        raise CheckpointError(
+            f"{path / 'state.json'}: no checksum of its own (written before cllora checksummed "
+            "state.json); it cannot be verified"
+        )
+    if _meta_digest(meta) != meta["self_sha256"]:
+        raise CheckpointError(f"{path / 'state.json'}: checksum mismatch (edited or damaged)")
     for name, digest in meta["sha256"].items():
         if _sha256(path / name) != digest:
             raise CheckpointError(f"{path / name}: checksum mismatch (damaged or truncated)")
@@ -142,10 +160,10 @@ def _read(path: Path) -> Checkpoint:
 def load_checkpoint(directory: Path) -> Checkpoint:
     """The newest intact checkpoint under ``directory`` (falls back past damaged ones)."""
     errors = []
-    for path in _round_dirs(Path(directory)):
+    for path in round_dirs(Path(directory)):
         try:
             ckpt = _read(path)
-        except (OSError, ValueError, KeyError, CheckpointError) as err:
+        except (OSError, ValueError, KeyError, TypeError, CheckpointError) as err:
             log.warning("checkpoint %s is unusable (%s); trying the previous one", path, err)
             errors.append(f"{path.name}: {err}")
             continue

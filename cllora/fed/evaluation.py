@@ -5,8 +5,8 @@ Usage::
     from cllora.fed.evaluation import Evaluator
     ev = Evaluator(clients, edges, pad_id, cfg, metrics)
     row = ev.global_round(model, round_idx)        # writes `global_eval` records; a summary row
-    ev.local(model, client_idx, round_idx)         # writes `local_eval` records (after training)
-    ev.finish_round(row)                           # adds the round's mean local losses to the row
+    records = ev.local(model, client_idx, round_idx)   # `local_eval` records, for the caller
+    add_local_means(row, records)                  # the round's mean local losses, into the row
 
 The **global test set** is the union of the clients' test sets (each clean and cut to the common
 window ``data.max_length``), or, with ``partition.global_test_fraction`` > 0, the samples held out
@@ -16,6 +16,9 @@ global model's results
 are split by owner (``global_eval``, one record per client plus ``client="__global__"``); a local
 model (the client's adapter after local training, before aggregation) gets two ``local_eval``
 records, ``test="own"`` (its own test set, a slice of the same pass) and ``test="__global__"``.
+A non-finite loss is never written: a local model's raises
+:class:`~cllora.fed.guards.NonFiniteError` (its client fails the round), the global model's
+:class:`~cllora.fed.guards.NonFiniteModelError` (the run stops).
 Each record holds ``loss``, ``ppl``, ``tokens`` and ``buckets``: ``{label: {loss, tokens}}`` per
 token-length bucket with at least one target token (buckets by the measured length, see
 :func:`cllora.data.partition.sample_length`).
@@ -32,9 +35,9 @@ from cllora.data.formatting import Sample
 from cllora.data.partition import Client
 from cllora.eval import EvalResult, by_bucket, evaluate_samples
 from cllora.fed.distributed import DistContext
+from cllora.fed.guards import NonFiniteError, NonFiniteModelError, non_finite_values
 from cllora.report.metrics import MetricsLog
-
-GLOBAL = "__global__"
+from cllora.report.records import GLOBAL, OWN, GlobalEval, LocalEval
 
 
 class Evaluator:
@@ -62,7 +65,6 @@ class Evaluator:
         self.held_out = bool(global_test)
         self.samples += list(global_test)
         self.global_slice = slice(start if self.held_out else 0, len(self.samples))
-        self._local: dict[str, tuple[float, float]] = {}
 
     def _local_indices(self, name: str) -> list[int] | None:
         """The samples a local model needs: all (None) when the global set is the union, else
@@ -109,8 +111,14 @@ class Evaluator:
         results = self._pass(model, f"eval round {round_idx}", shard=True)
         records = {name: self._record(results, part) for name, part in self.slices.items()}
         records[GLOBAL] = self._record(results, self.global_slice)
+        bad = non_finite_values({k: v["loss"] for k, v in records.items() if v["tokens"]})
+        if bad:  # nothing written: the run stops on its last good checkpoint
+            raise NonFiniteModelError(
+                f"round {round_idx}: the global model's test loss is not finite on "
+                f"{', '.join(bad)}; the run stopped"
+            )
         for name, rec in records.items():
-            self.metrics.write(kind="global_eval", round=round_idx, client=name, **rec)
+            self.metrics.write(GlobalEval(round=round_idx, client=name, **rec))
         row: dict[str, Any] = {
             "round": round_idx,
             "global_loss": records[GLOBAL]["loss"],
@@ -120,32 +128,29 @@ class Evaluator:
         row.update(local_own=math.nan, local_global=math.nan)
         return row
 
-    def local(
-        self, model: Any, client_idx: int, round_idx: int, metrics: MetricsLog | None = None
-    ) -> None:
-        """Evaluate client ``client_idx``'s local model (now in ``model``); write its records
-        (to ``metrics`` if given: a rank's collector in a distributed run)."""
-        metrics = metrics or self.metrics
+    def local(self, model: Any, client_idx: int, round_idx: int) -> list[LocalEval]:
+        """Evaluate client ``client_idx``'s local model (now in ``model``): its two records
+        (own test set, global test set), for the caller to write; a non-finite loss raises
+        :class:`~cllora.fed.guards.NonFiniteError` (the caller fails that client)."""
         c = self.clients[client_idx]
         results = self._pass(model, f"eval local {c.name}", only=self._local_indices(c.name))
         own = self._record(results, self.slices[c.name])
         glob = self._record(results, self.global_slice)
-        for test, rec in (("own", own), (GLOBAL, glob)):
-            metrics.write(kind="local_eval", round=round_idx, client=c.name, test=test, **rec)
-        self._local[c.name] = (own["loss"], glob["loss"])
+        bad = non_finite_values({OWN: own["loss"], GLOBAL: glob["loss"]})
+        if bad:
+            raise NonFiniteError(
+                f"the local model of {c.name} evaluates to a non-finite loss (own test "
+                f"{own['loss']}, global test {glob['loss']})"
+            )
+        return [
+            LocalEval(round=round_idx, client=c.name, test=test, **rec)
+            for test, rec in ((OWN, own), (GLOBAL, glob))
+        ]
 
-    @property
-    def local_losses(self) -> dict[str, tuple[float, float]]:
-        """This round's local-model losses so far: client -> (own test, global test)."""
-        return dict(self._local)
 
-    @local_losses.setter
-    def local_losses(self, losses: dict[str, tuple[float, float]]) -> None:
-        self._local = dict(losses)
-
-    def finish_round(self, row: dict[str, Any]) -> None:
-        """Put the mean loss of this round's local models (own / global test) into ``row``."""
-        if self._local:
-            own, glob = zip(*self._local.values(), strict=True)
-            row.update(local_own=sum(own) / len(own), local_global=sum(glob) / len(glob))
-        self._local = {}
+def add_local_means(row: dict[str, Any], local: Sequence[LocalEval]) -> None:
+    """Put the mean loss of a round's local models (own / global test) into ``row``."""
+    own = [r.loss for r in local if r.test == OWN]
+    glob = [r.loss for r in local if r.test == GLOBAL]
+    if own:
+        row.update(local_own=sum(own) / len(own), local_global=sum(glob) / len(glob))

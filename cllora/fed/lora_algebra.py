@@ -132,10 +132,10 @@ def refactor(
     if fill_A is not None:
         if tuple(fill_A.shape) != (r, n_in):
             raise ValueError(f"fill_A must be ({r}, {n_in}), got {tuple(fill_A.shape)}")
-        A = fill_A.float().clone()
+        A = fill_A.float().clone().to(U.device)
     else:
-        A = torch.zeros(r, n_in)
-    B = torch.zeros(out, r)
+        A = torch.zeros(r, n_in, device=U.device)
+    B = torch.zeros(out, r, device=U.device)
     s = torch.where(live, s, torch.zeros_like(s)) / scaling
     if split == "sqrt":
         B[:, :keep] = U[:, :keep] * s.sqrt()

@@ -8,19 +8,29 @@ Usage::
 
 ``open_resume`` reads the run's saved ``config.yaml``; a config given with ``--resume`` must
 resolve to the same experiment: any differing key (other than ``progress``, ``out_dir`` and
-``run_name``) is refused with the list of keys. It loads the newest intact checkpoint and cuts
-``metrics.jsonl`` back to the records of the rounds that checkpoint covers, so the resumed run's
-metrics read exactly as an uninterrupted run's.
+``run_name``) is refused with the list of keys. It loads the newest intact checkpoint (every file
+checksummed, :mod:`cllora.fed.checkpoint`), refuses a ``config.yaml`` edited since that checkpoint
+(the checkpoint holds the config it was made with) and data files that changed since the run
+started (:mod:`cllora.data.fingerprint`; the samples are compared too, once rebuilt, by the
+server), and cuts ``metrics.jsonl`` back to the records of the rounds that checkpoint covers, so
+the resumed run's metrics read exactly as an uninterrupted run's.
+
+A run directory with a ``config.yaml`` but no round checkpoint at all (its start failed or was
+killed before round 0 was written) holds no results: ``open_resume`` returns no checkpoint and the
+server starts the run over in the same directory (:func:`start_over`). Checkpoints that exist but
+are all damaged are an error, never a silent restart.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-from cllora.config import Config, ConfigError, config_to_dict, load_config
-from cllora.fed.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from cllora.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+from cllora.data.fingerprint import data_changes, file_digests
+from cllora.fed.checkpoint import Checkpoint, CheckpointError, load_checkpoint, round_dirs
 
 _IGNORED = {"progress", "out_dir", "run_name"}
 
@@ -61,10 +71,57 @@ def truncate_metrics(path: Path, last_round: int) -> int:
     return len(kept)
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds at least one round checkpoint (intact or not)."""
+    return bool(round_dirs(Path(run_dir) / "checkpoint"))
+
+
+# what a run writes; start_over removes these and nothing else
+_RUN_FILES = ("metrics.jsonl", "summary.csv", "clients.csv", "samples.csv", "run.log")
+_RUN_DIRS = ("checkpoint", "adapter")
+
+
+def start_over(run_dir: Path, keep_config: bool) -> None:
+    """Remove what an unstarted run left in ``run_dir`` (its files only, and ``config.yaml``
+    unless ``keep_config``), so the run can start again there."""
+    names = [*_RUN_FILES, *(() if keep_config else ("config.yaml",))]
+    for name in names:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in _RUN_DIRS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+def _check_saved_config(run_dir: Path, saved: Config, ckpt: Checkpoint) -> None:
+    """``config.yaml`` must still be the config the checkpoint was written with."""
+    if "config" not in ckpt.extra:
+        return
+    diff = config_diff(config_from_dict(ckpt.extra["config"]), saved)
+    if diff:
+        raise ConfigError(
+            f"cannot resume {run_dir}: its config.yaml was edited after the run started "
+            f"(differing keys: {', '.join(diff)}); restore it, or start a new run"
+        )
+
+
+def _check_data_files(run_dir: Path, cfg: Config, ckpt: Checkpoint) -> None:
+    """The data files must be the ones the run trained on (before anything loads)."""
+    old = ckpt.extra.get("data", {})
+    if "files" not in old:
+        return
+    changes = data_changes(old, {"files": file_digests(cfg.data.path, cfg.data.format)})
+    if changes:
+        raise ConfigError(
+            f"cannot resume {run_dir}: its data changed since the run started "
+            f"({'; '.join(changes)} in {cfg.data.path}); restore the data it trained on, or "
+            "start a new run"
+        )
+
+
 def open_resume(
     run_dir: Path, requested: Config | None = None, truncate: bool = True
-) -> tuple[Config, Checkpoint]:
-    """The run's config and its newest intact checkpoint; refuses a different config.
+) -> tuple[Config, Checkpoint | None]:
+    """The run's config and its newest intact checkpoint (None: the run never wrote one, start
+    it over); refuses a different config, an edited config.yaml and changed data.
     ``truncate=False`` leaves ``metrics.jsonl`` alone (ranks other than 0 of a distributed run).
     """
     run_dir = Path(run_dir)
@@ -79,14 +136,18 @@ def open_resume(
                 f"cannot resume {run_dir} with a different config; differing keys: "
                 f"{', '.join(diff)} (resume without a config, or start a new run)"
             )
+    if not has_checkpoint(run_dir):
+        return (requested if requested is not None else saved), None
     try:
         ckpt = load_checkpoint(run_dir / "checkpoint")
     except CheckpointError as err:
-        raise ConfigError(f"cannot resume {run_dir}: {err}") from err
+        raise ConfigError(f"cannot resume {run_dir}: {err}") from None
     if "rng" not in ckpt.extra:
         raise ConfigError(
             f"cannot resume {run_dir}: its checkpoint predates resumable runs (no RNG states)"
         )
+    _check_saved_config(run_dir, saved, ckpt)
+    _check_data_files(run_dir, saved, ckpt)
     if truncate:
         truncate_metrics(run_dir / "metrics.jsonl", ckpt.round)
     return (requested if requested is not None else saved), ckpt

@@ -32,7 +32,8 @@ from typing import Any
 import yaml
 
 from cllora.report.metrics import read_metrics
-from cllora.report.plots import GLOBAL, plot_buckets, plot_knob, plot_rounds, plot_train_loss
+from cllora.report.plots import plot_buckets, plot_knob, plot_rounds, plot_train_loss
+from cllora.report.records import GLOBAL, OWN, Kind
 
 _STYLE = (
     "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
@@ -107,7 +108,7 @@ def run_report(run_dir: Path) -> Path:
         plot_train_loss(records, out / "train_loss.png"),
         plot_buckets(records, out / "buckets.png"),
     ]
-    part = next((r for r in records if r["kind"] == "partition"), {})
+    part = next((r for r in records if r["kind"] == Kind.PARTITION), {})
     parts = [
         "<h2>Loss vs round</h2>", _img(pngs[0]), _img(pngs[1]),
         "<h2>By token-length bucket</h2>", _img(pngs[2]),
@@ -123,17 +124,17 @@ def run_report(run_dir: Path) -> Path:
 
 def _final(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Final-round summary of one run: global loss, mean local losses, per-bucket global loss."""
-    glob = [r for r in records if r["kind"] == "global_eval" and r["client"] == GLOBAL]
+    glob = [r for r in records if r["kind"] == Kind.GLOBAL_EVAL and r["client"] == GLOBAL]
     last = max(r["round"] for r in glob)
     final = next(r for r in glob if r["round"] == last)
-    loc = [r for r in records if r["kind"] == "local_eval" and r["round"] == last]
-    own = [r["loss"] for r in loc if r["test"] == "own"]
+    loc = [r for r in records if r["kind"] == Kind.LOCAL_EVAL and r["round"] == last]
+    own = [r["loss"] for r in loc if r["test"] == OWN]
     on_glob = [r["loss"] for r in loc if r["test"] == GLOBAL]
-    part = next((r for r in records if r["kind"] == "partition"), {})
+    part = next((r for r in records if r["kind"] == Kind.PARTITION), {})
     per_client = [
         r["loss"]
         for r in records
-        if r["kind"] == "global_eval" and r["round"] == last and r["client"] != GLOBAL
+        if r["kind"] == Kind.GLOBAL_EVAL and r["round"] == last and r["client"] != GLOBAL
     ]
     return {
         "round": last,

@@ -2,44 +2,46 @@
 
 Usage::
 
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    log.write(kind="global_eval", round=0, client="__global__", loss=2.1, ppl=8.2, tokens=900)
+    log = MetricsLog(run_dir / "metrics.jsonl")      # a new file starts with the schema record
+    log.write(GlobalEval(round=0, client=GLOBAL, loss=2.1, ppl=8.2, tokens=900, buckets={}))
     write_summary(run_dir / "summary.csv", rows)
     print(format_table(rows))
 
-Kinds written by the server: ``client_train`` (one per client per round), ``client_failed``,
-``global_eval`` (one per client test set per round, plus ``client="__global__"`` for the global
-test set: the union of the clients' test sets, or the held-out set of
-``partition.global_test_fraction``) and ``round`` (bytes sent, seconds). ``summary.csv`` has one
-row per round: the global model's test loss/perplexity and its loss on each client's test set.
+The kinds and fields of the records are defined once in :mod:`cllora.report.records`.
+``summary.csv`` has one row per round: the global model's test loss/perplexity and its loss on
+each client's test set.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cllora.report.records import Record, SchemaRecord, check_schema
+
 
 class MetricsLog:
     """Append-only JSON-lines writer (flushed per line, so a killed run keeps what it logged).
 
-    ``path=None`` writes nothing (ranks other than 0 of a distributed run); ``keep=True`` also
-    keeps every record in ``kept``, tagged with the current ``client_idx`` (a rank collects its
-    clients' records for rank 0 to write in client order).
+    ``path=None`` writes nothing (ranks other than 0 of a distributed run).
     """
 
-    def __init__(self, path: Path | None, keep: bool = False) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
+        new = path is not None and (not path.exists() or path.stat().st_size == 0)
         self._fh = path.open("a", encoding="utf-8") if path is not None else None
-        self.keep, self.kept, self.client_idx = keep, [], -1
+        if new:
+            self.write(SchemaRecord())
 
-    def write(self, **record: Any) -> None:
-        if self.keep:
-            self.kept.append({**record, "_client_idx": self.client_idx})
+    def write(self, record: Record | None = None, **fields: Any) -> None:
+        """Append ``record`` (a :mod:`cllora.report.records` dataclass) or a record given as
+        fields."""
+        record = record.as_dict() if record is not None else fields
         if self._fh is not None:
             self._fh.write(json.dumps(record, sort_keys=False) + "\n")
             self._fh.flush()
@@ -50,8 +52,31 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl`` file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """All records of a ``metrics.jsonl`` file. A last line cut by a kill is left out with a
+    warning; any other line that is not a record is a
+    :class:`~cllora.data.readers.DataError` naming ``file:line``."""
+    from cllora.data.readers import DataError
+
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == len(lines):
+                logging.getLogger("cllora").warning("%s:%d: a cut last record, left out", path, i)
+                continue
+            raise DataError(f"{path}:{i}: not a metrics record ({err.msg})") from None
+        if not isinstance(record, dict) or "kind" not in record:
+            raise DataError(f"{path}:{i}: not a metrics record (no 'kind')")
+        records.append(record)
+    try:
+        check_schema(records, str(path))
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    return records
 
 
 def write_summary(path: Path, rows: Sequence[dict[str, Any]]) -> None:

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-GLOBAL = "__global__"
+from cllora.report.records import GLOBAL, OWN, Kind
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -39,7 +39,7 @@ def plot_rounds(records: Sequence[dict[str, Any]], path: Path) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     glob: dict[str, list] = defaultdict(list)
     for r in records:
-        if r["kind"] == "global_eval":
+        if r["kind"] == Kind.GLOBAL_EVAL:
             glob[r["client"]].append((r["round"], r["loss"]))
     for name, pts in sorted(glob.items()):
         x, y = zip(*pts, strict=True)
@@ -57,8 +57,8 @@ def plot_rounds(records: Sequence[dict[str, Any]], path: Path) -> Path:
     own: dict[str, list] = defaultdict(list)
     on_global: dict[int, list] = defaultdict(list)
     for r in records:
-        if r["kind"] == "local_eval":
-            if r["test"] == "own":
+        if r["kind"] == Kind.LOCAL_EVAL:
+            if r["test"] == OWN:
                 own[r["client"]].append((r["round"], r["loss"]))
             else:
                 on_global[r["round"]].append(r["loss"])
@@ -83,7 +83,7 @@ def plot_train_loss(records: Sequence[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     per: dict[str, list[float]] = defaultdict(list)
     for r in records:
-        if r["kind"] == "client_train":
+        if r["kind"] == Kind.CLIENT_TRAIN:
             per[r["client"]].extend(r["losses"])
     for name, losses in sorted(per.items()):
         ax.plot(range(1, len(losses) + 1), losses, lw=1, label=name)
@@ -95,8 +95,8 @@ def plot_train_loss(records: Sequence[dict[str, Any]], path: Path) -> Path:
 def plot_buckets(records: Sequence[dict[str, Any]], path: Path) -> Path:
     """Loss per length bucket on the global test set: the global model at the first and last
     round, and the mean of the last round's local models."""
-    evals = [r for r in records if r["kind"] == "global_eval" and r["client"] == GLOBAL]
-    locals_ = [r for r in records if r["kind"] == "local_eval" and r["test"] == GLOBAL]
+    evals = [r for r in records if r["kind"] == Kind.GLOBAL_EVAL and r["client"] == GLOBAL]
+    locals_ = [r for r in records if r["kind"] == Kind.LOCAL_EVAL and r["test"] == GLOBAL]
     fig, ax = plt.subplots(figsize=(8, 3.5))
     if not evals:
         return _save(fig, path)

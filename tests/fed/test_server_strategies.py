@@ -121,7 +121,8 @@ def test_too_few_clients_stops_with_a_checkpoint(tmp_path):
 def test_server_optimizer_state_is_checkpointed(tmp_path):
     result = _run(tmp_path, "adam", fed__strategy="fedadam")
     ckpt = load_checkpoint(result.run_dir / "checkpoint")
-    assert ckpt.round == 2 and ckpt.server_state["step"] == 2
-    assert ckpt.server_state["m"].keys() == result.global_state.keys()
+    server = ckpt.server_state["server"]  # the algorithm's state: its server optimizer's
+    assert ckpt.round == 2 and server["step"] == 2
+    assert server["m"].keys() == result.global_state.keys()
     for k, v in result.global_state.items():
         torch.testing.assert_close(ckpt.global_state[k], v)

@@ -1,0 +1,61 @@
+"""Federated algorithms, one file each; ``fed.strategy`` names the file.
+
+Usage::
+
+    from cllora.fed.algorithms import algorithm_names, make_algorithm
+    algorithm_names()            # ('centralized', 'exact', 'fedadam', ..., 'frozen_a', ...)
+    algo = make_algorithm(cfg)   # an instance of the class in cllora/fed/algorithms/<name>.py
+
+Adding an algorithm: a file ``<name>.py`` here with one subclass of
+:class:`cllora.fed.algorithms.base.Algorithm` whose ``name`` is ``<name>``, its test, and a row
+of the README's algorithm table. :func:`algorithm_names` lists the files without importing them
+(so the config, which must not import torch, can check ``fed.strategy``); files whose name
+starts with ``_`` and ``base.py`` are helpers, not algorithms.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from functools import cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cllora.config import Config
+    from cllora.fed.algorithms.base import Algorithm
+
+_NOT_ALGORITHMS = {"base"}
+
+
+@cache
+def algorithm_names() -> tuple[str, ...]:
+    """The ``fed.strategy`` values: every algorithm file of this package, sorted."""
+    names = (m.name for m in pkgutil.iter_modules(__path__))
+    return tuple(sorted(n for n in names if not n.startswith("_") and n not in _NOT_ALGORITHMS))
+
+
+def algorithm_class(name: str) -> type[Algorithm]:
+    """The class of algorithm ``name`` (imports its file)."""
+    from cllora.fed.algorithms.base import Algorithm
+
+    if name not in algorithm_names():
+        raise ValueError(f"unknown algorithm {name!r}; allowed: {', '.join(algorithm_names())}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    found = [
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type)
+        and issubclass(obj, Algorithm)
+        and obj.__module__ == module.__name__
+        and obj.name == name
+    ]
+    if len(found) != 1:
+        raise TypeError(f"{module.__file__} must define one Algorithm subclass named {name!r}")
+    return found[0]
+
+
+def make_algorithm(cfg: Config) -> Algorithm:
+    """The algorithm ``cfg.fed.strategy`` names, after its own check of ``cfg``."""
+    cls = algorithm_class(cfg.fed.strategy)
+    cls.check_config(cfg)
+    return cls(cfg)

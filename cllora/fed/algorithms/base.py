@@ -1,0 +1,224 @@
+"""The interface every federated algorithm implements, and the FedAvg behaviour it defaults to.
+
+Usage::
+
+    from cllora.fed.algorithms import make_algorithm
+    algo = make_algorithm(cfg)                 # the class fed.strategy names, checked against cfg
+    down = algo.downlink(i, global_state)      # what client i receives (bytes counted)
+    rule = algo.local_rule(i, down)            # how it trains differently (prox, frozen A, ...)
+    up = algo.uplink(i, down, trained_state)   # what it sends back (bytes counted)
+    agg = algo.aggregate(global_state, [ClientResult(i, up, weight), ...])
+    algo.state_dict() / algo.load_state_dict(d)   # server (and simulated client) state: checkpoints
+
+An algorithm is one subclass of :class:`Algorithm` in one file of ``cllora/fed/algorithms/``
+whose module name is its ``fed.strategy`` value; the registry finds it by file name. A subclass
+overrides only what differs from FedAvg:
+
+- :meth:`Algorithm.check_config` — settings it refuses (a :class:`~cllora.config.ConfigError`);
+- :meth:`Algorithm.trainees` — who trains this round and for how many steps (``centralized``
+  pools every client's data into one trainer);
+- :meth:`Algorithm.downlink` / :meth:`Algorithm.local_rule` / :meth:`Algorithm.uplink` — what
+  travels down, what the client does differently, what travels up (only what is in a
+  :class:`Downlink` / :class:`Uplink` is counted in ``bytes_down`` / ``bytes_up``);
+- :meth:`Algorithm.aggregate` — the new global adapter from the uplinks (pure maths live in
+  :mod:`cllora.fed.strategy` and :mod:`cllora.fed.lora_algebra`);
+- :meth:`Algorithm.apply_global` / :meth:`Algorithm.export` — how the global model is put into
+  the shared model, and saved (algorithms that fold updates into the base override both);
+- ``self.state`` — everything it keeps between rounds, saved in every checkpoint and restored
+  on ``--resume`` (tensors, numbers, strings, lists, nested dicts). State a real client would
+  keep on its own machine (its own B, its control variate) lives under ``self.state["clients"]``
+  in this in-process simulation; it never counts as traffic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from cllora.config import Config
+from cllora.fed.strategy import AggregateResult, StrategyOptions, aggregate, to_client_rank
+from cllora.model.lora import set_lora_state, state_nbytes
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class Trainee:
+    """One local training of a round: client ``index`` (its seed, rank and local evaluation; -1
+    for a trainer that is no client, as ``centralized``'s pool) on ``train`` for ``steps``."""
+
+    index: int
+    name: str
+    train: list[Any]
+    steps: int
+
+
+@dataclass
+class Downlink:
+    """What the server sends one client: the adapter it starts from (at its rank) and any
+    algorithm state that travels with it (e.g. SCAFFOLD's server control variate)."""
+
+    adapter: State
+    extra: dict[str, State] = field(default_factory=dict)
+    counted: bool = True  # False: nothing travels (the client starts from what it kept)
+
+    def nbytes(self) -> int:
+        if not self.counted:
+            return 0
+        return state_nbytes(self.adapter) + sum(state_nbytes(s) for s in self.extra.values())
+
+
+@dataclass
+class LocalRule:
+    """How a client's local training differs from plain AdamW on A and B.
+
+    ``prox_mu``: FedProx's ``mu/2 ||theta - theta_start||^2``; ``freeze_a`` / ``freeze_b``:
+    factors kept fixed; ``step_correction``: each adapter tensor it names moves by
+    ``-lr * correction`` after every optimizer step (SCAFFOLD's ``c - c_i``)."""
+
+    prox_mu: float = 0.0
+    freeze_a: bool = False
+    freeze_b: bool = False
+    step_correction: State | None = None
+
+
+@dataclass
+class Uplink:
+    """What a client sends back: its adapter (or the part that travels) and extra state.
+
+    ``kept``: what the client keeps for itself (its own B, its control variate). It never
+    travels and is not counted; the in-process simulation hands it to :meth:`Algorithm.aggregate`
+    to store under ``state["clients"]``, so every process holds the same algorithm state.
+    :meth:`Algorithm.uplink` must be pure (no change to ``self.state``)."""
+
+    adapter: State
+    extra: dict[str, State] = field(default_factory=dict)
+    kept: dict[str, State] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return state_nbytes(self.adapter) + sum(state_nbytes(s) for s in self.extra.values())
+
+
+@dataclass
+class ClientResult:
+    """One client's uplink with its aggregation weight (weights of a round sum to 1)."""
+
+    index: int
+    uplink: Uplink
+    weight: float
+
+
+class Algorithm:
+    """FedAvg over LoRA factors; subclasses override what differs (see the module doc)."""
+
+    name: ClassVar[str] = ""  # the fed.strategy value: the file's module name
+    #: the server learning rate when ``fed.server_lr`` is empty (None: the algorithm has none)
+    default_server_lr: ClassVar[float | None] = None
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.state: dict[str, Any] = {}
+
+    # -- configuration -------------------------------------------------------------------
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Raise :class:`~cllora.config.ConfigError` for settings this algorithm cannot run."""
+
+    @property
+    def server_lr(self) -> float:
+        f = self.cfg.fed
+        return f.server_lr if f.server_lr is not None else (self.default_server_lr or 1.0)
+
+    def options(self) -> StrategyOptions:
+        """Server-optimizer settings for :func:`cllora.fed.strategy.aggregate`."""
+        f = self.cfg.fed
+        return StrategyOptions(
+            server_lr=self.server_lr, momentum=f.server_momentum, beta1=f.beta1,
+            beta2=f.beta2, tau=f.tau,
+        )  # fmt: skip
+
+    # -- ranks ---------------------------------------------------------------------------
+
+    def global_rank(self) -> int:
+        """Rank of the global adapter: lora.r, or the largest client rank if larger."""
+        return max([self.cfg.lora.r, *self.cfg.lora.client_ranks])
+
+    def client_rank(self, index: int) -> int:
+        """Rank client ``index`` trains (``lora.client_ranks`` cycled; else the global rank)."""
+        ranks = self.cfg.lora.client_ranks
+        return ranks[index % len(ranks)] if ranks and index >= 0 else self.global_rank()
+
+    def scaling(self, rank: int) -> float:
+        return self.cfg.lora.alpha / rank
+
+    # -- one round -----------------------------------------------------------------------
+
+    def trainees(self, chosen: list[int], clients: list[Any]) -> list[Trainee]:
+        """The local trainings of a round: each chosen client on its data, local_steps steps."""
+        steps = self.cfg.train.local_steps
+        return [Trainee(i, clients[i].name, clients[i].train, steps) for i in chosen]
+
+    def downlink(self, index: int, global_state: State) -> Downlink:
+        """The global adapter at the client's rank (SVD-truncated when lower)."""
+        rank, big = self.client_rank(index), self.global_rank()
+        if rank == big:
+            return Downlink(global_state)
+        adapter = to_client_rank(
+            global_state, rank, global_scaling=self.scaling(big), client_scaling=self.scaling(rank)
+        )
+        return Downlink(adapter)
+
+    def local_rule(self, index: int, down: Downlink) -> LocalRule:
+        return LocalRule()
+
+    def uplink(self, index: int, down: Downlink, trained: State) -> Uplink:
+        return Uplink(trained)
+
+    def aggregate(self, global_state: State, results: list[ClientResult]) -> AggregateResult:
+        """FedAvg-family aggregation (``self.name`` as the strategy of the maths)."""
+        return self._aggregate_as(self.name or "fedavg", global_state, results)
+
+    def _aggregate_as(
+        self, strategy: str, global_state: State, results: list[ClientResult]
+    ) -> AggregateResult:
+        """:func:`cllora.fed.strategy.aggregate` over the uplinks, with ``self.state`` as the
+        server optimizer's state (updated in place)."""
+        agg = aggregate(
+            strategy,
+            global_state,
+            [r.uplink.adapter for r in results],
+            [r.weight for r in results],
+            self.state.get("server", {}),
+            self.options(),
+            client_scalings=[self.scaling(self.client_rank(r.index)) for r in results],
+            global_scaling=self.scaling(self.global_rank()),
+        )
+        if agg.server_state:
+            self.state["server"] = agg.server_state
+        return agg
+
+    # -- the global model ------------------------------------------------------------------
+
+    def apply_global(self, model: torch.nn.Module, global_state: State) -> None:
+        """Put the global model into the shared model (evaluation, next round's start)."""
+        set_lora_state(model, global_state, resize=True)
+
+    def export(self, model: torch.nn.Module, global_state: State, directory: Path) -> Path:
+        """Save the global model as a PEFT adapter that reproduces it."""
+        from cllora.model.adapter import save_adapter
+
+        return save_adapter(model, directory, base_model=self.cfg.model.name, state=global_state)
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def load_state_dict(self, state: dict[str, Any], model: torch.nn.Module | None = None) -> None:
+        """Restore :meth:`state_dict` (on ``--resume``; ``model``: the shared model, for
+        algorithms whose state lives in it too)."""
+        self.state = dict(state)

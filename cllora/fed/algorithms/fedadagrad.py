@@ -1,0 +1,14 @@
+"""``fedadagrad`` (Reddi et al., 2021): as fedadam with ``v = v + d^2``.
+
+Usage: ``cllora run fed.strategy=fedadagrad fed.server_lr=0.01`` (also ``fed.beta1``, ``fed.beta2``,
+``fed.tau``).
+The server state (step, moments) is checkpointed; see :mod:`cllora.fed.algorithms._fedopt`.
+"""
+
+from __future__ import annotations
+
+from cllora.fed.algorithms._fedopt import FedOpt
+
+
+class FedAdagrad(FedOpt):
+    name = "fedadagrad"

@@ -1,0 +1,15 @@
+"""``fedavgm`` (Hsu et al., 2019): server momentum, ``m = beta m + d``, ``x += eta m``.
+
+Usage: ``cllora run fed.strategy=fedavgm fed.server_lr=1.0 fed.server_momentum=0.9``. With
+``d = fedavg(clients) - global``; ``server_lr=1`` and momentum 0 is FedAvg. The momentum is
+checkpointed (:mod:`cllora.fed.algorithms._fedopt`).
+"""
+
+from __future__ import annotations
+
+from cllora.fed.algorithms._fedopt import FedOpt
+
+
+class FedAvgM(FedOpt):
+    name = "fedavgm"
+    default_server_lr = 1.0

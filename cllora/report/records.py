@@ -1,0 +1,184 @@
+"""The records of ``metrics.jsonl``, defined once: their kinds, fields and schema version.
+
+Usage::
+
+    from cllora.report.records import GLOBAL, Kind, RoundRecord, of_kind
+    log.write(RoundRecord(round=1, clients=["a"], succeeded=1, ...))   # MetricsLog
+    evals = of_kind(read_metrics(path), Kind.GLOBAL_EVAL)              # dicts of one kind
+    [r for r in evals if r["client"] == GLOBAL]                         # the global test set
+
+Every writer builds one of the dataclasses below and every reader (sweep, report, plots, HTML,
+CLI) selects records by :class:`Kind` and reads the fields named here. The first record of a
+``metrics.jsonl`` is ``{"kind": "schema", "version": SCHEMA_VERSION}``; a reader that meets a
+newer version refuses it (:func:`check_schema`). A file without that record predates it
+(version 0: the same kinds and fields). ``GLOBAL`` is the name of the global test set (and of
+the global model's evaluation on it) wherever a client name can stand.
+
+Kinds: ``schema``; ``partition`` (one: the partition's heterogeneity summary and data counts);
+``client_stats`` (one per client: samples, tokens, quality, length mix); ``client_train`` (per
+client per round it trained: every local step's loss); ``client_failed`` (a client left out of a
+round, with the error); ``global_eval`` (per round, one per client test set plus ``GLOBAL``);
+``local_eval`` (per round per trained client: ``test="own"`` and ``test=GLOBAL``); ``round``
+(per round: clients, weights, bytes up and down, seconds, the algorithm's info).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+SCHEMA_VERSION = 1
+GLOBAL = "__global__"
+OWN = "own"
+
+
+class Kind(StrEnum):
+    SCHEMA = "schema"
+    PARTITION = "partition"
+    CLIENT_STATS = "client_stats"
+    CLIENT_TRAIN = "client_train"
+    CLIENT_FAILED = "client_failed"
+    GLOBAL_EVAL = "global_eval"
+    LOCAL_EVAL = "local_eval"
+    ROUND = "round"
+
+
+@dataclass
+class Record:
+    """Base of every record: ``as_dict()`` is the JSON object written (``kind`` first)."""
+
+    kind: Kind = field(init=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": str(self.kind)}
+        for f in dataclasses.fields(self):
+            if f.name != "kind":
+                value = getattr(self, f.name)
+                if f.name == "extra":
+                    out.update(value)
+                else:
+                    out[f.name] = value
+        return out
+
+
+@dataclass
+class SchemaRecord(Record):
+    version: int = SCHEMA_VERSION
+    kind: Kind = field(init=False, default=Kind.SCHEMA)
+
+
+@dataclass
+class ClientTrain(Record):
+    round: int
+    client: str
+    rank: int
+    losses: list[float]
+    samples: int
+    tokens_seen: int
+    seconds: float
+    kind: Kind = field(init=False, default=Kind.CLIENT_TRAIN)
+
+
+@dataclass
+class ClientFailed(Record):
+    round: int
+    client: str
+    error: str
+    kind: Kind = field(init=False, default=Kind.CLIENT_FAILED)
+
+
+@dataclass
+class GlobalEval(Record):
+    """The global model on one test set (``client``: its owner, or ``GLOBAL``)."""
+
+    round: int
+    client: str
+    loss: float
+    ppl: float
+    tokens: int
+    buckets: dict[str, dict[str, float]]
+    kind: Kind = field(init=False, default=Kind.GLOBAL_EVAL)
+
+
+@dataclass
+class LocalEval(Record):
+    """Client ``client``'s local model on its own test set (``test=OWN``) or on ``GLOBAL``."""
+
+    round: int
+    client: str
+    test: str
+    loss: float
+    ppl: float
+    tokens: int
+    buckets: dict[str, dict[str, float]]
+    kind: Kind = field(init=False, default=Kind.LOCAL_EVAL)
+
+
+@dataclass
+class RoundRecord(Record):
+    round: int
+    clients: list[str]
+    succeeded: int
+    weights: list[float]
+    bytes_down: int
+    bytes_up: int
+    seconds: float
+    global_loss: float
+    extra: dict[str, Any] = field(default_factory=dict)  # the algorithm's info, flattened in
+    kind: Kind = field(init=False, default=Kind.ROUND)
+
+
+@dataclass
+class FreeRecord(Record):
+    """A record whose fields are open (``partition``, ``client_stats``: measured tables)."""
+
+    of: Kind
+    extra: dict[str, Any] = field(default_factory=dict)
+    kind: Kind = field(init=False, default=Kind.PARTITION)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": str(self.of), **self.extra}
+
+
+def of_kind(records: Iterable[dict[str, Any]], kind: Kind) -> list[dict[str, Any]]:
+    """The records of one kind, in file order."""
+    return [r for r in records if r.get("kind") == kind]
+
+
+def check_schema(records: list[dict[str, Any]], where: str) -> int:
+    """The schema version of a file's records (0: no schema record); a newer one than this
+    cllora reads is a ValueError naming ``where``."""
+    schema = of_kind(records[:1], Kind.SCHEMA)
+    version = int(schema[0]["version"]) if schema else 0
+    if version > SCHEMA_VERSION:
+        raise ValueError(
+            f"{where}: metrics schema version {version} is newer than this cllora reads "
+            f"({SCHEMA_VERSION}); upgrade cllora"
+        )
+    return version
+
+
+_CLASSES: dict[str, type[Record]] = {
+    Kind.SCHEMA: SchemaRecord,
+    Kind.CLIENT_TRAIN: ClientTrain,
+    Kind.CLIENT_FAILED: ClientFailed,
+    Kind.GLOBAL_EVAL: GlobalEval,
+    Kind.LOCAL_EVAL: LocalEval,
+    Kind.ROUND: RoundRecord,
+}
+
+
+def record_from_dict(d: dict[str, Any]) -> Record:
+    """The record a dict of :meth:`Record.as_dict` came from (e.g. sent between processes)."""
+    kind = d["kind"]
+    cls = _CLASSES.get(kind)
+    if cls is None:
+        return FreeRecord(of=Kind(kind), extra={k: v for k, v in d.items() if k != "kind"})
+    names = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"}
+    fields_ = {k: v for k, v in d.items() if k in names}
+    if "extra" in {f.name for f in dataclasses.fields(cls)}:
+        fields_["extra"] = {k: v for k, v in d.items() if k not in names and k != "kind"}
+    return cls(**fields_)
