@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from cllora.config import ModelConfig
-from cllora.model.batching import collate
 from cllora.data.formatting import Sample
-from cllora.model.packing import collate_packed, collate_packed_rows
 from cllora.model.attention import (
     available_backends,
     enable_packed_attention,
@@ -17,9 +15,11 @@ from cllora.model.attention import (
     use_backend,
     varlen_attention,
 )
+from cllora.model.batching import collate
 from cllora.model.load import load_model
 from cllora.model.lora import inject_lora, lora_modules, lora_parameters
 from cllora.model.loss import IGNORE_INDEX, lm_loss_sum
+from cllora.model.packing import collate_packed, collate_packed_rows
 
 CPU_BACKENDS = ("sdpa_segments", "sdpa_mask")
 

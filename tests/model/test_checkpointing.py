@@ -10,7 +10,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cllora.config import ModelConfig
 from cllora.data.formatting import Sample
-from cllora.model.packing import collate_packed
 from cllora.model.attention import enable_packed_attention, packed_lm_loss_sum
 from cllora.model.checkpointing import (
     disable_checkpointing,
@@ -21,6 +20,7 @@ from cllora.model.checkpointing import (
 from cllora.model.load import load_model
 from cllora.model.lora import inject_lora, lora_modules, lora_parameters
 from cllora.model.loss import lm_loss_sum
+from cllora.model.packing import collate_packed
 
 
 def _grads(model, fn):

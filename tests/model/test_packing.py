@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from cllora.data.formatting import Sample
-from cllora.model.packing import collate_packed, collate_packed_rows, pack_samples, packed_stream
 from cllora.model.attention import cu_seqlens_from_position_ids
 from cllora.model.loss import IGNORE_INDEX
+from cllora.model.packing import collate_packed, collate_packed_rows, pack_samples, packed_stream
 
 
 def _samples(lengths: list[int], seed: int = 0) -> list[Sample]:
