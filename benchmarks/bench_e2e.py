@@ -236,8 +236,8 @@ def _step_fn(provider: str, model, samples: list, device: str):
     """A closure running forward + backward for one step; its batch is already on ``device``
     (every provider's collation and host-to-device copy stay outside the timed region)."""
     if provider.startswith("cllora"):
-        from cllora.model.packing import collate_packed, collate_packed_rows
         from cllora.model.attention import packed_lm_loss_sum
+        from cllora.model.packing import collate_packed, collate_packed_rows
 
         same = all(len(s.input_ids) == len(samples[0].input_ids) for s in samples)
         # fixed: one row per sequence; real: the step's samples packed into one row
