@@ -54,3 +54,11 @@ def metrics_without_times(run_dir) -> list[dict]:
         record.pop("seconds", None)
         out.append(record)
     return out
+
+
+def records_of(run_dir, kind: str) -> list[dict]:
+    """The records of one kind in a run's metrics.jsonl, in file order."""
+    import json
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]

@@ -32,7 +32,8 @@ from cllora.report.records import GLOBAL
 GLOBAL_TEST = GLOBAL  # the held-out global test set
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -58,7 +59,7 @@ def file_digests(path: str, fmt: str = "auto") -> dict[str, str]:
         blob = json.dumps(builtin_records(), sort_keys=True, default=str).encode()
         return {"builtin": hashlib.sha256(blob).hexdigest()}
     root = Path(path)
-    return {(p.name if root.is_dir() else str(p)): _sha256_file(p) for p in _data_files(root, fmt)}
+    return {(p.name if root.is_dir() else str(p)): sha256_file(p) for p in _data_files(root, fmt)}
 
 
 def _samples_digest(samples: Iterable[Sample]) -> str:

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from cllora.data.fingerprint import sha256_file
+
 log = logging.getLogger("cllora")
 _SEP = "/"
 KEEP = 2
@@ -75,12 +77,6 @@ def _join(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, A
     return tree
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(
@@ -110,7 +106,7 @@ def save_checkpoint(
         "rows": rows,
         "extra": extra or {},
         "sha256": {
-            f: _sha256(tmp / f) for f in ("adapter.safetensors", "server_state.safetensors")
+            f: sha256_file(tmp / f) for f in ("adapter.safetensors", "server_state.safetensors")
         },
     }
     meta = json.loads(json.dumps(meta))  # the digest is of what a reader gets back
@@ -144,7 +140,7 @@ def _read(path: Path) -> Checkpoint:
     if _meta_digest(meta) != meta["self_sha256"]:
         raise CheckpointError(f"{path / 'state.json'}: checksum mismatch (edited or damaged)")
     for name, digest in meta["sha256"].items():
-        if _sha256(path / name) != digest:
+        if sha256_file(path / name) != digest:
             raise CheckpointError(f"{path / name}: checksum mismatch (damaged or truncated)")
     server = _join(load_file(str(path / "server_state.safetensors")), meta["server_state"])
     return Checkpoint(

@@ -4,7 +4,6 @@ corruption, local and global evaluation by length bucket, and its bookkeeping.""
 from __future__ import annotations
 
 import csv
-import json
 import math
 
 import pytest
@@ -15,12 +14,7 @@ from cllora.data.pipeline import build_clients, hold_out_global_test
 from cllora.data.readers import DataError
 from cllora.fed.server import run_experiment
 from cllora.model.load import load_tokenizer
-from tests.conftest import tiny_run_overrides
-
-
-def _records(run_dir, kind):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+from tests.conftest import records_of, tiny_run_overrides
 
 
 def _combine_buckets(rec) -> tuple[float, int]:
@@ -56,16 +50,16 @@ def test_heterogeneous_run_writes_tables_and_every_evaluation(tmp_path):
     )
     assert all(0 < float(r["quality"]) < 1 and 0 <= float(r["tv_len"]) <= 1 for r in rows)
     assert len(list(csv.DictReader((run / "samples.csv").open()))) == 3 * 4
-    (part,) = _records(run, "partition")
+    (part,) = records_of(run, "partition")
     assert part["length_buckets"] and "mean_tv_len" in part and "cv_samples" in part
 
-    glob = {r["client"]: r for r in _records(run, "global_eval") if r["round"] == 1}
+    glob = {r["client"]: r for r in records_of(run, "global_eval") if r["round"] == 1}
     names = [r["client"] for r in rows]
     assert glob["__global__"]["tokens"] == sum(glob[n]["tokens"] for n in names)
     for rec in glob.values():  # the buckets partition the test tokens exactly
         loss, tokens = _combine_buckets(rec)
         assert tokens == rec["tokens"] and loss == pytest.approx(rec["loss"], rel=1e-6)
-    local = _records(run, "local_eval")
+    local = records_of(run, "local_eval")
     assert sorted((r["client"], r["test"]) for r in local) == sorted(
         (n, t) for n in names for t in ("own", "__global__")
     )
@@ -86,9 +80,9 @@ def test_with_one_client_the_local_model_is_the_global_model(tmp_path):
     )
     run = run_experiment(cfg).run_dir
     (g,) = [
-        r for r in _records(run, "global_eval") if r["round"] == 1 and r["client"] != "__global__"
+        r for r in records_of(run, "global_eval") if r["round"] == 1 and r["client"] != "__global__"
     ]
-    own, on_global = sorted(_records(run, "local_eval"), key=lambda r: r["test"] != "own")
+    own, on_global = sorted(records_of(run, "local_eval"), key=lambda r: r["test"] != "own")
     assert own["test"] == "own" and on_global["test"] == "__global__"
     assert own["loss"] == pytest.approx(g["loss"], rel=1e-6)  # FedAvg of one = its local model
     assert own["buckets"].keys() == g["buckets"].keys()
@@ -162,8 +156,8 @@ def test_the_held_out_set_is_what_global_and_local_models_are_scored_on(tmp_path
     assert len(held) == 6
     # the scored tokens: next-token targets (a label predicted from the token before it)
     targets = sum(sum(label != -100 for label in s.labels[1:]) for s in held)
-    glob = {r["client"]: r for r in _records(run, "global_eval") if r["round"] == 1}
+    glob = {r["client"]: r for r in records_of(run, "global_eval") if r["round"] == 1}
     assert glob["__global__"]["tokens"] == targets > 0
-    for r in _records(run, "local_eval"):
+    for r in records_of(run, "local_eval"):
         ref = glob[r["client"] if r["test"] == "own" else "__global__"]
         assert r["tokens"] == ref["tokens"]

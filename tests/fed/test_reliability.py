@@ -25,15 +25,10 @@ from cllora.fed.checkpoint import load_checkpoint, save_checkpoint
 from cllora.fed.guards import NonFiniteError, check_finite, non_finite
 from cllora.fed.resume import open_resume
 from cllora.fed.server import run_experiment
-from tests.conftest import metrics_without_times, tiny_run_overrides
+from tests.conftest import metrics_without_times, records_of, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 MEDQUAD = ROOT.parent / "shared" / "data" / "medquad"
-
-
-def _records(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def _data_dir(tmp_path: Path, n: int = 10) -> Path:
@@ -81,12 +76,12 @@ def test_a_non_finite_client_update_fails_that_client_only(tmp_path):
         result = run_experiment(load_config(None, argv))
     finally:
         handle.remove()
-    failed = _records(result.run_dir, "client_failed")
+    failed = records_of(result.run_dir, "client_failed")
     assert len(failed) == 1 and "NonFiniteError" in failed[0]["error"]
     assert "lora_A" in failed[0]["error"] and "(1 of" in failed[0]["error"]
-    assert _records(result.run_dir, "round")[0]["succeeded"] == 4
+    assert records_of(result.run_dir, "round")[0]["succeeded"] == 4
     assert failed[0]["client"] not in {
-        r["client"] for r in _records(result.run_dir, "client_train")
+        r["client"] for r in records_of(result.run_dir, "client_train")
     }
     assert not non_finite(result.global_state)
     assert not non_finite(load_file(str(result.run_dir / "adapter" / "adapter_model.safetensors")))
@@ -99,7 +94,7 @@ def test_a_local_model_that_evaluates_non_finite_fails_its_client(tmp_path):
     argv = tiny_run_overrides(tmp_path, run_name="big", train__local_steps=1, train__lr=1e30)
     assert main(["run", *argv]) == 1
     run_dir = tmp_path / "big"
-    failed = _records(run_dir, "client_failed")
+    failed = records_of(run_dir, "client_failed")
     assert len(failed) == 5 and all("non-finite loss" in r["error"] for r in failed)
     assert "NaN" not in (run_dir / "metrics.jsonl").read_text()
     assert "Infinity" not in (run_dir / "metrics.jsonl").read_text()

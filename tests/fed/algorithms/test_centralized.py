@@ -3,7 +3,6 @@ total steps; its adapter is the new global; nothing federated travels; resume bi
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from types import SimpleNamespace
@@ -18,7 +17,7 @@ from cllora.fed.algorithms.centralized import POOLED, Centralized
 from cllora.fed.checkpoint import load_checkpoint
 from cllora.fed.runner import run_experiment
 from cllora.model.adapter import read_adapter
-from tests.conftest import metrics_without_times, tiny_run_overrides
+from tests.conftest import metrics_without_times, records_of, tiny_run_overrides
 
 
 def _cfg(tmp_path, **extra):
@@ -69,22 +68,17 @@ def test_refuses_what_one_pooled_trainer_cannot_run(tmp_path, extra, match):
         make_algorithm(_cfg(tmp_path, **extra))
 
 
-def _records(run_dir, kind):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
 def test_a_run_trains_the_pool_counts_no_bytes_and_resumes_bit_exact(tmp_path):
     a = run_experiment(_cfg(tmp_path, fed__rounds=3, fed__sample_fraction=0.5)).run_dir
-    rounds = _records(a, "round")
+    rounds = records_of(a, "round")
     assert [(r["bytes_down"], r["bytes_up"]) for r in rounds] == [(0, 0)] * 3
     assert [r["weights"] for r in rounds] == [[1.0]] * 3
-    pooled = sum(c["samples"] for c in _records(a, "client_stats"))
-    trains = _records(a, "client_train")
+    pooled = sum(c["samples"] for c in records_of(a, "client_stats"))
+    trains = records_of(a, "client_train")
     assert [t["client"] for t in trains] == [POOLED] * 3
     for t, r in zip(trains, rounds, strict=True):  # the sampled clients' steps, on the pool
         assert len(t["losses"]) == len(r["clients"]) * 3 and t["samples"] == pooled
-    assert _records(a, "local_eval") == []
+    assert records_of(a, "local_eval") == []
     losses = [row["global_loss"] for row in load_checkpoint(a / "checkpoint").rows]
     assert len(set(losses)) == len(losses)  # the global model moves every round
     b = tmp_path / "resumed"

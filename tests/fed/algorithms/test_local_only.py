@@ -3,7 +3,6 @@ nothing travels; its client state is checkpointed (resume bit-exact) and exporte
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -16,7 +15,7 @@ from cllora.fed.algorithms.local_only import LocalOnly
 from cllora.fed.checkpoint import load_checkpoint
 from cllora.fed.runner import run_experiment
 from cllora.model.adapter import read_adapter
-from tests.conftest import metrics_without_times, tiny_run_overrides
+from tests.conftest import metrics_without_times, records_of, tiny_run_overrides
 
 
 def _cfg(tmp_path, **extra):
@@ -75,14 +74,9 @@ def test_refuses_a_run_without_local_evaluation(tmp_path):
         make_algorithm(_cfg(tmp_path, eval__local="false"))
 
 
-def _records(run_dir, kind):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
 def test_a_run_counts_no_bytes_keeps_the_global_and_resumes_bit_exact(tmp_path):
     a = run_experiment(_cfg(tmp_path, fed__rounds=3, fed__sample_fraction=0.5)).run_dir
-    rounds = _records(a, "round")
+    rounds = records_of(a, "round")
     assert [(r["bytes_down"], r["bytes_up"]) for r in rounds] == [(0, 0)] * 3
     # the global model is the initial adapter: every round's global loss is round 0's
     ckpt = load_checkpoint(a / "checkpoint")
@@ -92,7 +86,7 @@ def test_a_run_counts_no_bytes_keeps_the_global_and_resumes_bit_exact(tmp_path):
     assert _equal(exported, ckpt.global_state)
     # each client's own adapter is checkpointed and exported under adapter/clients/<name>
     names = ckpt.server_state["names"]
-    trained = {r["client"] for r in _records(a, "client_train")}
+    trained = {r["client"] for r in records_of(a, "client_train")}
     assert {names[i] for i in ckpt.server_state["clients"]} == trained
     for i, state in ckpt.server_state["clients"].items():
         _, own = read_adapter(a / "adapter" / "clients" / names[i])
