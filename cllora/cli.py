@@ -10,6 +10,7 @@ Usage::
     cllora report runs/length                    # plots + report.html of a run or a sweep
     cllora bench --contexts 512,1024,2048        # training-step speed and memory per context
     cllora profile --contexts 512,1024,2048      # where the step's time goes, traces, cost model
+    cllora plan --providers cllora-4bit --contexts 4096,32768 --gpu h100   # GPU cost, on the CPU
     python -m cllora run ...                     # same thing
 
 Arguments after the optional config file are ``key=value`` overrides (see README's config
@@ -82,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     tools = (
         ("bench", "training-step speed and memory per context length"),
         ("profile", "step time by category per context length, traces"),
+        ("plan", "predicted GPU memory, FLOPs, bytes and roofline time of a step, on the CPU"),
     )
     for name, what in tools:
         tool = sub.add_parser(name, help=what, add_help=False)
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cllora`` console script."""
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command not in ("bench", "profile"):
+    if unknown and args.command not in ("bench", "profile", "plan"):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     debug = getattr(args, "debug", False)
     logging.basicConfig(
@@ -228,6 +230,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
         except ValueError as err:  # an unknown provider, preset or option value
             print(f"cllora {args.command}: error: {err}", file=sys.stderr)
             return 2
+    if args.command == "plan":
+        from cllora.plan.cli import main as plan_main
+
+        return plan_main(list(argv if argv is not None else sys.argv[1:])[1:])
     if args.command == "report":
         from cllora.report.html import make_report
 

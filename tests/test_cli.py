@@ -88,3 +88,11 @@ def test_cli_run_real_smollm2_short(tmp_path, capsys):
     first, last = float(rows[0]["global_loss"]), float(rows[-1]["global_loss"])
     assert 0.5 < first < 6.0  # a trained model, far below ln(49152) = 10.8 of a random one
     assert last < first  # two steps at lr 1e-3 on 5 clients already help
+
+
+def test_cli_plan_is_wired_and_bad_input_is_one_line(capsys):
+    assert main(["plan", "--providers", "cllora-4bit", "--contexts", "1024", "--gpu", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "cllora plan: error: unknown GPU 'nope'; use one of h100, h200, a100, l40s, l4, rtx4090"
+    ]

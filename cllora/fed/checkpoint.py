@@ -77,8 +77,6 @@ def _join(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, A
     return tree
 
 
-
-
 def save_checkpoint(
     directory: Path,
     round_idx: int,

@@ -1,0 +1,203 @@
+"""A model of PyTorch's CUDA caching allocator, replayed on a planned step's allocations.
+
+Usage::
+
+    from cllora.plan.allocator import CachingAllocator, OutOfMemory, replay
+
+    alloc = CachingAllocator(cap_bytes=24 * 2**30)     # set_per_process_memory_fraction's cap
+    block = alloc.malloc(300 * 2**20)
+    alloc.free(block)
+    alloc.peak_allocated, alloc.peak_reserved
+    result = replay(events, cap_bytes=24 * 2**30)      # events: StepTracker.events
+
+``torch.cuda.max_memory_allocated`` counts the blocks handed out; a cap set with
+``torch.cuda.set_per_process_memory_fraction`` bounds *reserved* memory, the segments obtained
+from ``cudaMalloc``, which also hold cached free blocks. A step whose allocated peak fits the
+cap can still fail when the free space is scattered over segments the allocator cannot return.
+This module follows ``c10/cuda/CUDACachingAllocator.cpp`` with its default configuration (one
+stream, no ``expandable_segments``, no ``max_split_size_mb``, no garbage-collection threshold):
+
+- a request is rounded up to a multiple of 512 bytes; up to 1 MiB it comes from the small pool
+  (2 MiB segments), above from the large pool (20 MiB segments below 10 MiB, else the size
+  rounded up to 2 MiB);
+- the smallest cached free block of the pool that is large enough is used (best fit, lowest
+  address among equals) and split when the rest is at least 512 bytes (small pool) or more than
+  1 MiB (large pool); an unsplit block counts whole as allocated;
+- a freed block merges with free neighbours of its segment and goes back to the pool;
+- without a fitting block a new segment is allocated; past the cap, every segment that is
+  entirely free is released (``release_cached_blocks``) and the allocation retried once; then
+  it is an out-of-memory error (:class:`OutOfMemory`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+MIN_BLOCK = 512
+SMALL_SIZE = 1 << 20  # largest request of the small pool
+SMALL_BUFFER = 2 << 20  # small-pool segment
+LARGE_BUFFER = 20 << 20  # large-pool segment for requests below MIN_LARGE_ALLOC
+MIN_LARGE_ALLOC = 10 << 20
+ROUND_LARGE = 2 << 20
+
+
+class OutOfMemory(RuntimeError):
+    """A request the capped allocator cannot serve."""
+
+
+@dataclass(eq=False)
+class Block:
+    size: int
+    segment: int
+    offset: int
+    small: bool
+    free: bool = True
+    prev: Block | None = field(default=None, repr=False)
+    next: Block | None = field(default=None, repr=False)
+
+    def key(self) -> tuple[int, int, int]:
+        return (self.size, self.segment, self.offset)
+
+
+def round_size(size: int) -> int:
+    return MIN_BLOCK if size < MIN_BLOCK else MIN_BLOCK * math.ceil(size / MIN_BLOCK)
+
+
+def allocation_size(size: int) -> int:
+    """Bytes of the segment ``cudaMalloc`` gets for a rounded request that fits nowhere."""
+    if size <= SMALL_SIZE:
+        return SMALL_BUFFER
+    if size < MIN_LARGE_ALLOC:
+        return LARGE_BUFFER
+    return ROUND_LARGE * math.ceil(size / ROUND_LARGE)
+
+
+class CachingAllocator:
+    """See the module docstring; ``cap_bytes`` None: no cap."""
+
+    def __init__(self, cap_bytes: float | None = None) -> None:
+        self.cap = cap_bytes
+        self.pools: dict[bool, list[tuple[tuple[int, int, int], Block]]] = {True: [], False: []}
+        self.segments = 0
+        self.allocated = self.reserved = 0
+        self.peak_allocated = self.peak_reserved = 0
+
+    # -------------------------------------------------------------- pools
+
+    def _insert(self, block: Block) -> None:
+        bisect.insort(self.pools[block.small], (block.key(), block), key=lambda e: e[0])
+
+    def _remove(self, block: Block) -> None:
+        pool = self.pools[block.small]
+        i = bisect.bisect_left(pool, block.key(), key=lambda e: e[0])
+        while pool[i][1] is not block:
+            i += 1
+        del pool[i]
+
+    def _best_fit(self, size: int, small: bool) -> Block | None:
+        pool = self.pools[small]
+        i = bisect.bisect_left(pool, (size, -1, -1), key=lambda e: e[0])
+        return pool[i][1] if i < len(pool) else None
+
+    # -------------------------------------------------------------- segments
+
+    def _new_segment(self, size: int, small: bool) -> Block:
+        alloc = allocation_size(size)
+        if self.cap is not None and self.reserved + alloc > self.cap:
+            self.empty_cache()
+            if self.reserved + alloc > self.cap:
+                raise OutOfMemory(
+                    f"{size / 2**20:.1f} MiB requested, {self.allocated / 2**30:.2f} GiB "
+                    f"allocated, {self.reserved / 2**30:.2f} GiB reserved, cap "
+                    f"{self.cap / 2**30:.2f} GiB"
+                )
+        self.segments += 1
+        self.reserved += alloc
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        return Block(alloc, self.segments, 0, small)
+
+    def empty_cache(self) -> None:
+        """Release every segment that is entirely free (``torch.cuda.empty_cache``)."""
+        for small in (True, False):
+            whole = [b for _, b in self.pools[small] if b.prev is None and b.next is None]
+            for b in whole:
+                self._remove(b)
+                self.reserved -= b.size
+
+    # -------------------------------------------------------------- malloc / free
+
+    def malloc(self, nbytes: int) -> Block:
+        size = round_size(nbytes)
+        small = size <= SMALL_SIZE
+        block = self._best_fit(size, small)
+        if block is not None:
+            self._remove(block)
+        else:
+            block = self._new_segment(size, small)
+        rest = block.size - size
+        if (small and rest >= MIN_BLOCK) or (not small and rest > SMALL_SIZE):
+            tail = Block(rest, block.segment, block.offset + size, small, True, block, block.next)
+            if block.next is not None:
+                block.next.prev = tail
+            block.next, block.size = tail, size
+            self._insert(tail)
+        block.free = False
+        self.allocated += block.size
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        return block
+
+    def free(self, block: Block) -> None:
+        block.free = True
+        self.allocated -= block.size
+        for other in (block.prev, block.next):
+            if other is not None and other.free:
+                self._remove(other)
+                if other is block.prev:
+                    other.size += block.size
+                    other.next = block.next
+                    if block.next is not None:
+                        block.next.prev = other
+                    block = other
+                else:
+                    block.size += other.size
+                    block.next = other.next
+                    if other.next is not None:
+                        other.next.prev = block
+        self._insert(block)
+
+    def reset_peak(self) -> None:
+        self.peak_allocated, self.peak_reserved = self.allocated, self.reserved
+
+
+@dataclass
+class Replay:
+    """The allocator after a replayed event list."""
+
+    ok: bool
+    peak_allocated: int
+    peak_reserved: int
+    error: str = ""
+
+
+def replay(
+    events: list[tuple[int, int]], cap_bytes: float | None = None, step_start: int = 0
+) -> Replay:
+    """Replay ``(serial, nbytes)`` events (``nbytes`` > 0: allocation, 0: free of ``serial``)
+    through a :class:`CachingAllocator`; ``torch.cuda.empty_cache()`` and a peak reset happen
+    before event ``step_start``, as the benchmark does before each measured step."""
+    alloc = CachingAllocator(cap_bytes)
+    live: dict[int, Block] = {}
+    try:
+        for i, (serial, nbytes) in enumerate(events):
+            if i == step_start:
+                alloc.empty_cache()
+                alloc.reset_peak()
+            if nbytes:
+                live[serial] = alloc.malloc(nbytes)
+            elif serial in live:
+                alloc.free(live.pop(serial))
+    except OutOfMemory as err:
+        return Replay(False, alloc.peak_allocated, alloc.peak_reserved, str(err))
+    return Replay(True, alloc.peak_allocated, alloc.peak_reserved)

@@ -1,0 +1,58 @@
+"""The caching-allocator model: rounding, best fit, splitting, merging, the capped retry."""
+
+from __future__ import annotations
+
+import pytest
+
+from cllora.plan.allocator import CachingAllocator, OutOfMemory, allocation_size, replay
+
+MiB = 2**20
+
+
+def test_rounding_and_segment_sizes():
+    assert allocation_size(100) == 2 * MiB  # small pool
+    assert allocation_size(3 * MiB) == 20 * MiB  # large pool, below 10 MiB
+    assert allocation_size(11 * MiB + 1) == 12 * MiB  # rounded up to 2 MiB
+    alloc = CachingAllocator()
+    b = alloc.malloc(1)
+    assert b.size == 512 and alloc.reserved == 2 * MiB
+
+
+def test_freed_blocks_are_reused_split_and_merged():
+    alloc = CachingAllocator()
+    a = alloc.malloc(100 * MiB)
+    alloc.free(a)
+    b = alloc.malloc(40 * MiB)  # best fit: the cached 100 MiB segment, split
+    c = alloc.malloc(40 * MiB)
+    assert alloc.reserved == 100 * MiB and b.segment == c.segment == a.segment
+    alloc.free(b)
+    alloc.free(c)  # merges back into one free 100 MiB block
+    d = alloc.malloc(100 * MiB)
+    assert alloc.reserved == 100 * MiB and d.offset == 0
+
+
+def test_a_rest_of_at_most_1_mib_is_not_split_and_counts_as_allocated():
+    alloc = CachingAllocator()
+    alloc.free(alloc.malloc(100 * MiB))
+    b = alloc.malloc(99 * MiB + 512)
+    assert b.size == 100 * MiB and alloc.allocated == 100 * MiB
+
+
+def test_cap_releases_whole_free_segments_then_fails_on_fragments():
+    alloc = CachingAllocator(cap_bytes=100 * MiB)
+    alloc.free(alloc.malloc(60 * MiB))  # a cached, entirely free segment
+    alloc.malloc(80 * MiB)  # does not fit it: released, then a new segment fits under the cap
+    assert alloc.reserved == 80 * MiB
+    frag = CachingAllocator(cap_bytes=100 * MiB)
+    frag.free(frag.malloc(60 * MiB))
+    keep = frag.malloc(30 * MiB)  # splits the cached segment: its free 30 MiB cannot be released
+    with pytest.raises(OutOfMemory):
+        frag.malloc(50 * MiB)  # 60 reserved + 50 > 100 although only 30 are allocated
+    assert keep.size == 30 * MiB and frag.reserved == 60 * MiB
+
+
+def test_replay_resets_the_peak_at_the_step():
+    events = [(1, 50 * MiB), (1, 0), (2, 10 * MiB), (3, 20 * MiB), (2, 0), (3, 0)]
+    result = replay(events, cap_bytes=None, step_start=2)
+    assert result.ok and result.peak_allocated == 30 * MiB
+    assert not replay(events, cap_bytes=25 * MiB, step_start=2).ok
