@@ -28,16 +28,20 @@ from cllora.fed.server import run_experiment
 from tests.conftest import metrics_without_times, records_of, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
-MEDQUAD = ROOT.parent / "shared" / "data" / "medquad"
 
 
 def _data_dir(tmp_path: Path, n: int = 10) -> Path:
-    """Two data owners (files) of ``n`` MedQuAD records each."""
+    """Two data owners (files) of ``n`` question/answer records each."""
     out = tmp_path / "data"
     out.mkdir()
     for name in ("CDC", "GARD"):
-        lines = (MEDQUAD / f"{name}.jsonl").read_text().splitlines()[:n]
-        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+        rows = [
+            {"question": f"What does the {name} say about topic {i}?",
+             "answer": f"The {name} notes that topic {i} is treated with rest and the right care.",
+             "source": name}
+            for i in range(n)
+        ]  # fmt: skip
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
 
