@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from cllora.config import Config
+from cllora.config import Config, ConfigError
 from cllora.fed.strategy import AggregateResult, StrategyOptions, aggregate, to_client_rank
 from cllora.model.lora import set_lora_state, state_nbytes
 
@@ -222,3 +222,14 @@ class Algorithm:
         """Restore :meth:`state_dict` (on ``--resume``; ``model``: the shared model, for
         algorithms whose state lives in it too)."""
         self.state = dict(state)
+
+
+def require_one_rank(cfg: Config, name: str, why: str) -> None:
+    """ConfigError unless every client trains the global rank (for algorithms whose tensors
+    must have one shape on every client; ``why`` says which)."""
+    big = max([cfg.lora.r, *cfg.lora.client_ranks])
+    if any(r != big for r in cfg.lora.client_ranks):
+        raise ConfigError(
+            f"fed.strategy={name} needs one rank for every client: {why}, but "
+            f"lora.client_ranks={cfg.lora.client_ranks} (global rank {big})"
+        )

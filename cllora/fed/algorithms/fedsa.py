@@ -28,8 +28,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cllora.config import Config, ConfigError
-from cllora.fed.algorithms.base import Algorithm, ClientResult, Downlink, State, Uplink
+from cllora.config import Config
+from cllora.fed.algorithms.base import (
+    Algorithm,
+    ClientResult,
+    Downlink,
+    State,
+    Uplink,
+    require_one_rank,
+)
 from cllora.fed.lora_algebra import A_SUFFIX, B_SUFFIX
 from cllora.fed.strategy import AggregateResult, fedavg
 from cllora.model.lora import state_nbytes
@@ -70,12 +77,7 @@ class FedSA(Algorithm):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        big = max([cfg.lora.r, *cfg.lora.client_ranks])
-        if any(r != big for r in cfg.lora.client_ranks):
-            raise ConfigError(
-                "fed.strategy=fedsa needs one rank for every client: A is shared and averaged, "
-                f"but lora.client_ranks={cfg.lora.client_ranks} (global rank {big})"
-            )
+        require_one_rank(cfg, "fedsa", "A is shared and averaged")
 
     def _own_b(self, index: int, global_state: State) -> State:
         """Client ``index``'s B: its kept one, else the initial global B."""

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from cllora.config import Config, ConfigError
+from cllora.config import Config
 from cllora.fed.algorithms.base import (
     Algorithm,
     ClientResult,
@@ -50,6 +50,7 @@ from cllora.fed.algorithms.base import (
     State,
     Trainee,
     Uplink,
+    require_one_rank,
 )
 from cllora.fed.strategy import AggregateResult, fedavg
 
@@ -102,13 +103,7 @@ class Scaffold(Algorithm):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        big = max([cfg.lora.r, *cfg.lora.client_ranks])
-        if any(r != big for r in cfg.lora.client_ranks):
-            raise ConfigError(
-                "fed.strategy=scaffold needs one rank for every client: its control variates "
-                f"have the adapter's shapes, but lora.client_ranks={cfg.lora.client_ranks} "
-                f"(global rank {big})"
-            )
+        require_one_rank(cfg, "scaffold", "its control variates have the adapter's shapes")
 
     def trainees(self, chosen: list[int], clients: list[Any]) -> list[Trainee]:
         self.num_clients = len(clients)
