@@ -85,6 +85,18 @@ def assert_close(a: dict, b: dict, tol: float = 1e-5) -> None:
         torch.testing.assert_close(a[k].double(), b[k].double(), atol=tol, rtol=tol)
 
 
+def assert_export_reproduces(export: dict, rank: int, model) -> None:
+    """The exported adapter (rank ``rank``) on a fresh original base gives ``model``'s
+    effective weights."""
+    base = small_model()
+    for n, m in lora_modules(base).items():
+        m.set_rank(rank)
+        with torch.no_grad():
+            m.lora_A.copy_(export[f"{n}.lora_A"])
+            m.lora_B.copy_(export[f"{n}.lora_B"])
+    assert_close(effective(base), effective(model))
+
+
 def test_residual_is_the_dense_hand_computation():
     g = torch.Generator().manual_seed(0)
     c1 = {"m.lora_A": torch.randn(2, 6, generator=g), "m.lora_B": torch.randn(5, 2, generator=g)}
@@ -126,13 +138,7 @@ def test_global_model_is_the_weighted_average_of_the_client_models(tmp_path):
     # the exported adapter reproduces the global model on the original base
     export, rank = export_state(state, algo.state["delta"], ALPHA)
     assert rank > 4 and export["0.lora_A"].shape == (rank, 6)
-    base = small_model()
-    for n, m in lora_modules(base).items():
-        m.set_rank(rank)
-        with torch.no_grad():
-            m.lora_A.copy_(export[f"{n}.lora_A"])
-            m.lora_B.copy_(export[f"{n}.lora_B"])
-    assert_close(effective(base), effective(model))
+    assert_export_reproduces(export, rank, model)
 
 
 def test_a_client_receives_the_residuals_it_missed(tmp_path):

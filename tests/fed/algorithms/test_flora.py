@@ -17,6 +17,7 @@ from cllora.model.lora import lora_modules, lora_state_dict
 from tests.fed.algorithms.test_fedex import (
     ALPHA,
     assert_close,
+    assert_export_reproduces,
     check_export_reproduces_the_global_model,
     check_resume_bit_exact,
     client_round,
@@ -71,13 +72,7 @@ def test_global_model_is_the_weighted_average_and_lora_restarts(tmp_path):
     for n, m in lora_modules(fresh).items():
         assert torch.equal(m.base.weight, folded[n])
     export, rank = export_state(state, algo.state["delta"], ALPHA)
-    base = small_model()
-    for n, m in lora_modules(base).items():
-        m.set_rank(rank)
-        with torch.no_grad():
-            m.lora_A.copy_(export[f"{n}.lora_A"])
-            m.lora_B.copy_(export[f"{n}.lora_B"])
-    assert_close(effective(base), effective(model))
+    assert_export_reproduces(export, rank, model)
 
 
 def test_a_client_receives_the_stacks_it_missed(tmp_path):
