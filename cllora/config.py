@@ -157,8 +157,10 @@ class QualityConfig:
 @dataclass
 class EvalConfig:
     # Evaluate every local model (after local training, before aggregation) on its own test set
-    # and on the global test set each round.
+    # and on the global test set: every round, or only in the last round ("last": the final
+    # local models, which is what a comparison of algorithms reads, at a fraction of the cost).
     local: bool = True
+    local_rounds: Literal["every", "last"] = "every"
 
 
 @dataclass

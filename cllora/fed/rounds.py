@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cllora.config import Config
 from cllora.fed.algorithms.base import ClientResult, Downlink, Trainee, Uplink
 from cllora.fed.client import client_update
 from cllora.report.records import ClientFailed, ClientTrain, LocalEval, Record
@@ -68,6 +69,11 @@ class RoundOutcome:
         ]
 
 
+def _evaluates_local(cfg: Config, r: int) -> bool:
+    """Whether round ``r``'s local models are evaluated (``eval.local``, ``eval.local_rounds``)."""
+    return cfg.eval.local and (cfg.eval.local_rounds == "every" or r == cfg.fed.rounds)
+
+
 def _train_one(run: Run, r: int, t: Trainee, down: Downlink, fail: bool) -> TraineeOutcome:
     """Local training (and local evaluation) of one trainee; failures become a record."""
     cfg, out = run.cfg, TraineeOutcome(t)
@@ -82,7 +88,7 @@ def _train_one(run: Run, r: int, t: Trainee, down: Downlink, fail: bool) -> Trai
             desc=f"round {r} {t.name}", progress=cfg.progress,
         )  # fmt: skip
         local = []
-        if cfg.eval.local and t.index >= 0:  # the model still holds the local adapter
+        if _evaluates_local(cfg, r) and t.index >= 0:  # the model holds the local adapter
             local = run.evaluator.local(run.model, t.index, r)  # non-finite: fails the client
         out.uplink = run.algorithm.uplink(t.index, down, u.state)
     except Exception as err:  # one client's failure must not stop the round

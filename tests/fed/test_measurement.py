@@ -92,6 +92,15 @@ def test_with_one_client_the_local_model_is_the_global_model(tmp_path):
     assert on_global["loss"] == pytest.approx(own["loss"], rel=1e-6)
 
 
+def test_local_rounds_last_evaluates_only_the_final_local_models(tmp_path):
+    cfg = load_config(None, tiny_run_overrides(tmp_path, fed__rounds=2, eval__local_rounds="last"))
+    run = run_experiment(cfg).run_dir
+    assert {r["round"] for r in records_of(run, "local_eval")} == {2}
+    assert {r["round"] for r in records_of(run, "client_train")} == {1, 2}
+    summary = list(csv.DictReader((run / "summary.csv").open()))
+    assert math.isnan(float(summary[1]["local_own"])) and float(summary[2]["local_own"]) > 0
+
+
 def test_a_client_emptied_by_its_window_stops_before_training(tmp_path, capsys):
     args = tiny_run_overrides(
         tmp_path, run_name="w", data__overlong="drop", data__client_max_length="[8]"
