@@ -236,7 +236,7 @@ def _step_fn(provider: str, model, samples: list, device: str):
     """A closure running forward + backward for one step; its batch is already on ``device``
     (every provider's collation and host-to-device copy stay outside the timed region)."""
     if provider.startswith("cllora"):
-        from cllora.model.attention import packed_lm_loss_sum
+        from cllora.model.loss import batch_loss_sum
         from cllora.model.packing import collate_packed, collate_packed_rows
 
         same = all(len(s.input_ids) == len(samples[0].input_ids) for s in samples)
@@ -245,7 +245,7 @@ def _step_fn(provider: str, model, samples: list, device: str):
         batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
         def run() -> None:
-            loss, n = packed_lm_loss_sum(model, batch, loss="auto")
+            loss, n = batch_loss_sum(model, batch, loss="auto")
             (loss / max(n, 1)).backward()
 
         return run

@@ -20,13 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from cllora.data.formatting import Sample
 from cllora.model.batching import collate
-from cllora.model.loss import select_targets
+from cllora.model.loss import row_loss_sums
 
 
 @dataclass
@@ -50,34 +49,6 @@ class EvalResult:
         return {"loss": self.loss, "ppl": self.ppl, "tokens": self.tokens}
 
 
-EVAL_CHUNK = 2048  # target rows whose logits exist at once while evaluating
-
-
-def _row_losses(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[list, list]:
-    """Summed next-token cross-entropy of each row over its targets, and its target count.
-
-    The LM head runs on :data:`EVAL_CHUNK` target rows at a time, so a long evaluation batch
-    never holds its full (targets x vocab) logits (run under ``no_grad``)."""
-    head = model.get_output_embeddings()
-    device = head.weight.device
-    ids, mask_in, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    hidden = model.get_decoder()(
-        input_ids=ids, attention_mask=mask_in, use_cache=False
-    ).last_hidden_state  # (B, T, H)
-    picked, wanted, mask = select_targets(hidden, labels)  # (N, H), (N,), (B, T-1)
-    rows = torch.arange(mask.shape[0], device=device).unsqueeze(1).expand_as(mask)[mask]
-    ce = torch.cat(
-        [
-            F.cross_entropy(head(picked[s : s + EVAL_CHUNK]).float(), wanted[s : s + EVAL_CHUNK],
-                            reduction="none")
-            for s in range(0, picked.shape[0], EVAL_CHUNK)
-        ]
-        or [picked.new_zeros(0, dtype=torch.float32)]
-    )  # fmt: skip
-    sums = torch.zeros(mask.shape[0], device=device).index_add_(0, rows, ce)
-    return sums.tolist(), mask.sum(1).tolist()
-
-
 @torch.no_grad()
 def evaluate_samples(
     model: PreTrainedModel,
@@ -94,7 +65,7 @@ def evaluate_samples(
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
         idx = order[start : start + batch_size]
-        sums, counts = _row_losses(model, collate([samples[i] for i in idx], pad_id))
+        sums, counts = row_loss_sums(model, collate([samples[i] for i in idx], pad_id))
         for i, s, n in zip(idx, sums, counts, strict=True):
             out[i] = EvalResult(float(s), int(n))
     return out

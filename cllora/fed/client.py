@@ -38,10 +38,9 @@ from transformers import PreTrainedModel
 from cllora.config import TrainConfig
 from cllora.data.formatting import Sample
 from cllora.fed.guards import check_finite
-from cllora.model.attention import packed_lm_loss_sum
 from cllora.model.batching import batch_stream, collate
 from cllora.model.lora import lora_modules, lora_state_dict, set_lora_state
-from cllora.model.loss import lm_loss_sum
+from cllora.model.loss import batch_loss_sum
 from cllora.model.packing import collate_packed
 
 
@@ -69,12 +68,10 @@ def _step_loss(
     ``cfg.packing`` (no padding), else a right-padded batch."""
     if cfg.packing:
         b = collate_packed(samples)
-        loss_sum, n = packed_lm_loss_sum(model, b, cfg.loss, cfg.loss_chunk)
+        loss_sum, n = batch_loss_sum(model, b, cfg.loss, cfg.loss_chunk)
         return loss_sum, n, int(b["input_ids"].numel())
     b = collate(samples, pad_id)
-    loss_sum, n = lm_loss_sum(
-        model, b["input_ids"], b["attention_mask"], b["labels"], cfg.loss, cfg.loss_chunk
-    )
+    loss_sum, n = batch_loss_sum(model, b, cfg.loss, cfg.loss_chunk)
     return loss_sum, n, int(b["attention_mask"].sum())
 
 

@@ -2,11 +2,12 @@
 
 Usage::
 
-    from cllora.model.attention import enable_packed_attention, packed_lm_loss_sum, use_backend
+    from cllora.model.attention import enable_packed_attention, use_backend
+    from cllora.model.loss import batch_loss_sum
 
     enable_packed_attention(model)            # the model's attention now goes through this module
     batch = collate_packed(row)               # cllora.model.packing
-    loss_sum, n = packed_lm_loss_sum(model, batch)
+    loss_sum, n = batch_loss_sum(model, batch)
     with use_backend("sdpa_mask"):            # override hook: force one path (tests, benchmarks)
         ...
 
@@ -43,8 +44,6 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from cllora.model.loss import head_loss_sum, select_targets
 
 ATTN_NAME = "cllora_varlen"
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa_segments", "sdpa_mask")
@@ -246,28 +245,3 @@ def enable_packed_attention(model: nn.Module) -> None:
     """Route ``model``'s attention through :func:`packed_attention_forward` (explicit opt-in)."""
     register_packed_attention()
     model.set_attn_implementation(ATTN_NAME)
-
-
-def packed_lm_loss_sum(
-    model: nn.Module, batch: dict, loss: str = "chunked", chunk: int = 0
-) -> tuple[torch.Tensor, int]:
-    """Summed next-token loss of a packed batch (from :mod:`cllora.model.packing`) and the count.
-
-    ``loss`` / ``chunk`` as :func:`cllora.model.loss.head_loss_sum` (``train.loss``); the default
-    ``chunked`` never forms the full (N x V) logits.
-    """
-    device = next(model.parameters()).device
-    ids = batch["input_ids"].to(device)
-    hidden = model.get_decoder()(
-        input_ids=ids,
-        position_ids=batch["position_ids"].to(device),
-        cu_seq_lens_q=batch["cu_seqlens"].to(device),
-        cu_seq_lens_k=batch["cu_seqlens"].to(device),
-        max_length_q=batch["max_seqlen"],
-        max_length_k=batch["max_seqlen"],
-        use_cache=False,
-    ).last_hidden_state  # (B, T, H)
-    picked, wanted, _ = select_targets(hidden, batch["labels"].to(device))
-    if wanted.numel() == 0:
-        return hidden.sum() * 0.0, 0
-    return head_loss_sum(model.get_output_embeddings(), picked, wanted, loss, chunk), wanted.numel()

@@ -11,7 +11,7 @@ Usage::
     batch["labels"]         # (1, T) -100 at each sample's first token: no target crosses a boundary
     batch["cu_seqlens"]     # (S+1,) int32 cumulative sample lengths [0, l0, l0+l1, ...]
     batch["max_seqlen"]     # int, the longest sample
-    loss_sum, n = packed_lm_loss_sum(model, batch)      # see cllora.model.attention
+    loss_sum, n = batch_loss_sum(model, batch)   # cllora.model.loss; packed attention on
 
 Labels stay aligned with ``input_ids`` (the model shifts them, as in :mod:`cllora.model.batching`);
 setting the label of each sample's first token to -100 means position ``t`` (the last token of

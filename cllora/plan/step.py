@@ -383,12 +383,12 @@ def _step_fn(spec: PlanSpec, model: Any, tracker: StepTracker, raw: dict) -> Any
     """forward + loss + backward of one batch, as the benchmark's step closure."""
     batch = {k: tracker.real_to_fake(v) if torch.is_tensor(v) else v for k, v in raw.items()}
     if spec.provider.startswith("cllora"):
-        from cllora.model.attention import packed_lm_loss_sum
+        from cllora.model.loss import batch_loss_sum
 
         loss, chunk = _loss_mode(spec, model)
 
         def run() -> None:
-            out, n = packed_lm_loss_sum(model, batch, loss=loss, chunk=chunk)
+            out, n = batch_loss_sum(model, batch, loss=loss, chunk=chunk)
             (out / max(n, 1)).backward()
 
         return run

@@ -11,14 +11,13 @@ from cllora.data.formatting import Sample
 from cllora.model.attention import (
     available_backends,
     enable_packed_attention,
-    packed_lm_loss_sum,
     use_backend,
     varlen_attention,
 )
 from cllora.model.batching import collate
 from cllora.model.load import load_model
 from cllora.model.lora import inject_lora, lora_modules, lora_parameters
-from cllora.model.loss import IGNORE_INDEX, lm_loss_sum
+from cllora.model.loss import IGNORE_INDEX, batch_loss_sum, lm_loss_sum
 from cllora.model.packing import collate_packed, collate_packed_rows
 
 CPU_BACKENDS = ("sdpa_segments", "sdpa_mask")
@@ -60,7 +59,7 @@ def _packed(model, batch, backend):
     for p in lora_parameters(model):
         p.grad = None
     with use_backend(backend):
-        loss, n = packed_lm_loss_sum(model, batch)
+        loss, n = batch_loss_sum(model, batch)
     loss.backward()
     return loss.detach(), n, [p.grad.clone() for p in lora_parameters(model)]
 

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cllora.config import ModelConfig
 from cllora.data.formatting import Sample
-from cllora.model.attention import enable_packed_attention, packed_lm_loss_sum
+from cllora.model.attention import enable_packed_attention
 from cllora.model.checkpointing import (
     disable_checkpointing,
     enable_checkpointing,
@@ -19,7 +19,7 @@ from cllora.model.checkpointing import (
 )
 from cllora.model.load import load_model
 from cllora.model.lora import inject_lora, lora_modules, lora_parameters
-from cllora.model.loss import lm_loss_sum
+from cllora.model.loss import batch_loss_sum, lm_loss_sum
 from cllora.model.packing import collate_packed
 
 
@@ -50,7 +50,7 @@ def test_checkpointed_grads_equal_plain(every_n_layers, keep_attention):
         return lm_loss_sum(model, ids, torch.ones_like(ids), ids)
 
     def packed():
-        return packed_lm_loss_sum(model, collate_packed(row))
+        return batch_loss_sum(model, collate_packed(row))
 
     enable_packed_attention(model)
     refs = [_grads(model, padded), _grads(model, packed)]
@@ -101,7 +101,7 @@ def test_keep_attention_skips_the_attention_recompute(packed):
     if packed:
         row = [Sample(ids[0, :10].tolist(), ids[0, :10].tolist()), Sample(ids[0, 10:].tolist(),
                ids[0, 10:].tolist())]  # fmt: skip
-        fn = functools.partial(packed_lm_loss_sum, model, collate_packed(row))
+        fn = functools.partial(batch_loss_sum, model, collate_packed(row))
     else:
         fn = functools.partial(lm_loss_sum, model, ids, torch.ones_like(ids), ids)
     plain = _attention_kernel_calls(model, fn)

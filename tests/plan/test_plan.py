@@ -65,9 +65,9 @@ def _real_cpu_step_peak(spec: PlanSpec) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
                  with_stack=True) as prof:  # fmt: skip
         if spec.provider.startswith("cllora"):
-            from cllora.model.attention import packed_lm_loss_sum
+            from cllora.model.loss import batch_loss_sum
 
-            loss, n = packed_lm_loss_sum(model, raw, loss=spec.loss)
+            loss, n = batch_loss_sum(model, raw, loss=spec.loss)
             (loss / n).backward()
         else:
             model(**raw).loss.backward()
