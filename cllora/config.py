@@ -112,15 +112,19 @@ class PartitionConfig:
     method: Literal["field", "iid", "dirichlet"] = "field"
     field: str = "source"
     num_clients: int = 4
-    # Dirichlet concentration of each client's mix over the token-length buckets (small = each
+    # Dirichlet concentration of each client's mix over the length buckets (small = each
     # client sees mostly one length range; large = near-IID); empty = the global mix.
     alpha_len: float | None = None
     # Dirichlet concentration of the clients' shares of the samples (small = a few clients hold
     # most samples); empty = equal shares.
     alpha_qty: float | None = None
-    # Token-length bucket edges, e.g. [128, 256, 512] -> [0,128) [128,256) [256,512) [512,inf);
-    # used by alpha_len, the per-client tables and the per-bucket evaluation. Empty = the
-    # quartiles of the sample lengths.
+    # The per-sample measure the length buckets are made of: "tokens" (the sample's measured
+    # token length) or "sentences" (the sentences of its response, the assistant turns or the
+    # text: cllora/data/sentences.py). Both kept through corruption and windows.
+    length_measure: Literal["tokens", "sentences"] = "tokens"
+    # Length bucket edges in the unit of length_measure, e.g. [128, 256, 512] ->
+    # [0,128) [128,256) [256,512) [512,inf); used by alpha_len, the per-client tables (tv_len,
+    # hist) and the per-bucket evaluation. Empty = the quartiles of the samples' measures.
     length_buckets: list[int] = dataclasses.field(default_factory=list)
     test_fraction: float = 0.1
     # The global test set. 0: the union of the clients' test sets. > 0: this fraction of all

@@ -7,6 +7,7 @@ Usage::
     result.loss, result.ppl, result.tokens
     per_sample = evaluate_samples(model, test_samples, pad_id)      # one EvalResult each
     by_bucket(test_samples, per_sample, edges=[128, 256])           # {"<128": EvalResult, ...}
+    by_bucket(test_samples, per_sample, [3, 6], "sentences")        # {"<3sent": ..., ...}
 
 Losses of several sets combine exactly through their sums: ``EvalResult.combine([...])`` gives the
 loss of the union (this is how the global test loss is formed from the clients' test sets, and how
@@ -84,15 +85,19 @@ def evaluate(
 
 
 def by_bucket(
-    samples: Sequence[Sample], results: Sequence[EvalResult], edges: Sequence[int]
+    samples: Sequence[Sample],
+    results: Sequence[EvalResult],
+    edges: Sequence[int],
+    measure: str = "tokens",
 ) -> dict[str, EvalResult]:
-    """Results combined per token-length bucket (label -> result; every bucket listed)."""
+    """Results combined per length bucket of ``measure`` (tokens or sentences; label -> result,
+    every bucket listed)."""
     from cllora.data.partition import bucket_index, bucket_labels, sample_length
 
-    labels = bucket_labels(edges)
+    labels = bucket_labels(edges, measure)
     groups: dict[str, list[EvalResult]] = {label: [] for label in labels}
     for s, r in zip(samples, results, strict=True):
-        groups[labels[bucket_index(sample_length(s), edges)]].append(r)
+        groups[labels[bucket_index(sample_length(s, measure), edges)]].append(r)
     return {label: EvalResult.combine(rs) for label, rs in groups.items()}
 
 

@@ -50,7 +50,13 @@ def test_sweep_runs_every_cell_resumes_and_reports(tmp_path, capsys):
 
     assert main(["report", str(root)]) == 0
     page = (root / "report" / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "train.lr=0.01" in page
+    assert page.count("data:image/png;base64,") == 4 and "train.lr=0.01" in page
+    assert "2 of 2 cells finished" in page and "paired effects are resolved" in page
+    effects = list(csv.DictReader((root / "report" / "effects.csv").open()))
+    glob = next(r for r in effects if r["model"] == "global" and r["scope"] == "all")
+    assert (glob["knob"], glob["value"], glob["reference"]) == ("train.lr", "0.01", "0.001")
+    assert glob["method"] == "bootstrap-samples-1seed" and int(glob["n_samples"]) == 8
+    assert float(glob["lo"]) <= float(glob["effect"]) <= float(glob["hi"])
     assert "| train.lr=0.001 |" in (root / "report" / "cells.md").read_text()
     assert (root / "report" / "knob_train_lr.png").stat().st_size > 1000
     cell_page = (root / "cells" / cells[0] / "report" / "report.html").read_text()

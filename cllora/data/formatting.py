@@ -8,6 +8,7 @@ Usage::
     # [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because."}]
     samples, stats = build_samples(records, tokenizer, max_length=256)
     samples[0].input_ids, samples[0].labels     # labels are -100 outside the assistant turns
+    samples[0].meta      # the record's other scalar fields, "where" (file:line), "sentences"
     stats   # {"records": .., "samples": .., "truncated": .., "dropped_overlong": ..,
             #  "dropped_no_target": .., "malformed_skipped": ..}
     build_samples(records, tokenizer, on_malformed="skip")   # skip records with bad fields
@@ -59,6 +60,7 @@ from typing import Any
 from tqdm import tqdm
 
 from cllora.data.readers import DataError, Malformed, RecordError, json_type, where_file
+from cllora.data.sentences import count_sentences
 
 # The label of a token that carries no loss (torch's cross_entropy ignore_index default), defined
 # here once for cllora; cllora_kernels (kernels/reference.py), which imports nothing of cllora,
@@ -96,6 +98,8 @@ class Sample:
     """One tokenized example. ``labels`` is ``input_ids`` with -100 where there is no loss.
 
     ``full_length`` is the record's whole token count when it was cut (0 when it was not).
+    ``meta``: the record's other scalar fields, ``where`` (``file:line``) and ``sentences``
+    (the sentences of the response, :func:`response_sentences`).
     """
 
     input_ids: list[int]
@@ -346,6 +350,15 @@ def _meta(record: dict, mapping: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
+def response_sentences(chat: list[dict] | str) -> int:
+    """Sentences of the response (:mod:`cllora.data.sentences`): of every assistant turn's
+    content, or of the whole text of a ``text`` record (trained on every token). Prompts never
+    count, whatever ``response_only`` says; counted on the record's text, before any cut."""
+    if isinstance(chat, str):
+        return count_sentences(chat)
+    return sum(count_sentences(m["content"]) for m in chat if m["role"] == "assistant")
+
+
 def _render(
     tokenizer: Any, chat: list[dict], where: str, response_only: bool
 ) -> tuple[str, list[tuple[int, int]]]:
@@ -371,6 +384,7 @@ def _prepare(
     shape, mapping = _resolve(record, shape, fields)
     chat = _chat(record, shape, mapping)
     meta = _meta(record, mapping)
+    meta["sentences"] = response_sentences(chat)
     if isinstance(chat, str):
         text = chat + (tokenizer.eos_token or "")
         return _Prepared(text, [(0, len(text))], meta)

@@ -2,11 +2,15 @@
 
 Usage::
 
-    from cllora.data.partition import bucket_edges, make_clients
+    from cllora.data.partition import bucket_edges, bucket_labels, make_clients, sample_length
     edges = bucket_edges([s.num_tokens for s in samples], cfg.partition.length_buckets)
     clients = make_clients(samples, cfg.partition, seed=0, edges=edges)
     for c in clients:
         print(c.name, len(c.train), len(c.test))
+    # partition.length_measure=sentences: buckets of the responses' sentence counts
+    counts = [sample_length(s, "sentences") for s in samples]   # meta["sentences"]
+    edges = bucket_edges(counts, cfg.partition.length_buckets, "sentences")
+    bucket_labels(edges, "sentences")     # ["<3sent", "3-5sent", ">=6sent"]
 
 Methods (``partition.method``):
 
@@ -16,11 +20,13 @@ Methods (``partition.method``):
 - ``iid``: samples shuffled (seeded) and dealt round-robin to ``partition.num_clients`` clients.
 - ``dirichlet``: ``num_clients`` clients with heterogeneous length and/or quantity:
 
-  * **length** (``alpha_len``): samples fall into token-length buckets (:func:`bucket_edges`).
-    Client k's bucket mix is drawn as ``pi_k ~ Dir(alpha_len * B * p)`` where ``p`` is the
-    global bucket mix and ``B`` the number of buckets, so the mean mix is the global one; a small
-    alpha gives clients that see mostly one length range, a large alpha near-IID clients.
-    Without ``alpha_len`` every client's mix is ``p``.
+  * **length** (``alpha_len``): samples fall into length buckets (:func:`bucket_edges`) of
+    their measure (``partition.length_measure``, :func:`sample_length`): their tokens, or the
+    sentences of their response. Client k's bucket mix is drawn as
+    ``pi_k ~ Dir(alpha_len * B * p)`` where ``p`` is the global bucket mix and ``B`` the number
+    of buckets, so the mean mix is the global one; a small alpha gives clients that see mostly
+    one length range, a large alpha near-IID clients. Without ``alpha_len`` every client's mix
+    is ``p``.
   * **quantity** (``alpha_qty``): client shares ``q ~ Dir(alpha_qty * 1)``; client k holds
     ``2 + floor(q_k * (N - 2K))`` samples (remainders to the largest fractions), so every client
     has at least one train and one test sample. Without ``alpha_qty`` shares are equal.
@@ -70,10 +76,17 @@ class Client:
 # ---------------------------------------------------------------- length buckets
 
 
-def bucket_edges(lengths: Sequence[int], edges: Sequence[int] = ()) -> list[int]:
+MEASURES = ("tokens", "sentences")  # partition.length_measure
+_UNITS = {"tokens": "", "sentences": "sent"}  # suffix of the bucket labels
+
+
+def bucket_edges(
+    lengths: Sequence[int], edges: Sequence[int] = (), measure: str = "tokens"
+) -> list[int]:
     """Bucket edges: ``edges`` when given (every bucket must hold a sample), else the quartiles.
 
-    Edges ``[e1, e2, ...]`` make buckets ``[0, e1) [e1, e2) ... [e_last, inf)``.
+    Edges ``[e1, e2, ...]`` make buckets ``[0, e1) [e1, e2) ... [e_last, inf)``; ``lengths``
+    and the edges are in the unit of ``measure`` (tokens or sentences).
     """
     if not lengths:
         raise DataError("no samples to bucket by length")
@@ -81,11 +94,11 @@ def bucket_edges(lengths: Sequence[int], edges: Sequence[int] = ()) -> list[int]
         counts = np.bincount(
             np.searchsorted(edges, lengths, side="right"), minlength=len(edges) + 1
         )
-        empty = [bucket_label(i, edges) for i, n in enumerate(counts) if n == 0]
+        empty = [bucket_label(i, edges, measure) for i, n in enumerate(counts) if n == 0]
         if empty:
             raise DataError(
                 f"partition.length_buckets={list(edges)}: bucket(s) {', '.join(empty)} hold no "
-                f"sample (lengths range {min(lengths)}..{max(lengths)} tokens); choose edges "
+                f"sample (lengths range {min(lengths)}..{max(lengths)} {measure}); choose edges "
                 "inside that range"
             )
         return list(edges)
@@ -93,9 +106,21 @@ def bucket_edges(lengths: Sequence[int], edges: Sequence[int] = ()) -> list[int]
     return sorted({int(q) + 1 for q in quartiles if min(lengths) < int(q) + 1 <= max(lengths)})
 
 
-def sample_length(sample: Sample) -> int:
-    """A sample's measured length in tokens (before corruption and windows), for bucketing."""
-    return int(sample.meta.get("length", sample.num_tokens))
+def sample_length(sample: Sample, measure: str = "tokens") -> int:
+    """A sample's measure for bucketing, taken before corruption and windows: its token length
+    (``meta["length"]``, else its tokens), or the sentences of its response
+    (``meta["sentences"]``, stored by :func:`~cllora.data.formatting.build_samples`; see
+    :mod:`cllora.data.sentences`)."""
+    if measure == "tokens":
+        return int(sample.meta.get("length", sample.num_tokens))
+    if measure != "sentences":
+        raise DataError(f"unknown length measure {measure!r}; allowed: {', '.join(MEASURES)}")
+    if "sentences" not in sample.meta:
+        raise DataError(
+            f"{sample.meta.get('where', '<sample>')}: no sentence count (meta['sentences']); "
+            "samples made by build_samples have one"
+        )
+    return int(sample.meta["sentences"])
 
 
 def bucket_index(length: int, edges: Sequence[int]) -> int:
@@ -103,19 +128,21 @@ def bucket_index(length: int, edges: Sequence[int]) -> int:
     return int(np.searchsorted(edges, length, side="right"))
 
 
-def bucket_label(i: int, edges: Sequence[int]) -> str:
-    """Readable bucket name: ``<128``, ``128-255``, ``>=512``."""
+def bucket_label(i: int, edges: Sequence[int], measure: str = "tokens") -> str:
+    """Readable bucket name: tokens ``<128``, ``128-255``, ``>=512``; sentences ``<3sent``,
+    ``3-5sent``, ``>=6sent``; ``all`` without edges."""
     if not edges:
         return "all"
+    unit = _UNITS[measure]
     if i == 0:
-        return f"<{edges[0]}"
+        return f"<{edges[0]}{unit}"
     if i == len(edges):
-        return f">={edges[-1]}"
-    return f"{edges[i - 1]}-{edges[i] - 1}"
+        return f">={edges[-1]}{unit}"
+    return f"{edges[i - 1]}-{edges[i] - 1}{unit}"
 
 
-def bucket_labels(edges: Sequence[int]) -> list[str]:
-    return [bucket_label(i, edges) for i in range(len(edges) + 1)]
+def bucket_labels(edges: Sequence[int], measure: str = "tokens") -> list[str]:
+    return [bucket_label(i, edges, measure) for i in range(len(edges) + 1)]
 
 
 # ---------------------------------------------------------------- partitioners
@@ -190,7 +217,7 @@ def deal_dirichlet(
     """Length- and/or quantity-skewed clients (see the module docstring)."""
     rng = np.random.default_rng(seed)
     k = cfg.num_clients
-    buckets = [bucket_index(sample_length(s), edges) for s in samples]
+    buckets = [bucket_index(sample_length(s, cfg.length_measure), edges) for s in samples]
     n_buckets = len(edges) + 1
     pools: list[list[int]] = [[] for _ in range(n_buckets)]
     for i in rng.permutation(len(samples)):

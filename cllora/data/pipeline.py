@@ -5,6 +5,7 @@ Usage::
     from cllora.data.pipeline import build_clients
     data = build_clients(cfg, tokenizer)          # reads cfg.data.path
     data.clients, data.edges, data.stats          # clients, length-bucket edges, counts
+    data.stats["length_measure"]                  # the unit of the edges: tokens or sentences
     data.global_test                              # held-out global test set ([] = the union)
     data.stats["malformed_skipped"], data.stats["malformed_examples"]   # data.on_malformed=skip
 
@@ -13,7 +14,10 @@ Order (every step seeded by ``cfg.seed``): records are read and tokenized once a
 true length of a longer record is kept too) so that partitioning sees the true lengths; malformed
 records stop the load or, with ``data.on_malformed=skip``, are skipped and counted in the stats
 (``malformed_skipped``, the first reasons in ``malformed_examples``) with one warning; the length
-buckets are fixed (:func:`cllora.data.partition.bucket_edges`); with
+buckets are fixed (:func:`cllora.data.partition.bucket_edges`), of ``partition.length_measure``:
+the token lengths, or the sentences of the responses counted when the records were formatted
+(``meta["sentences"]``; both measures stay the original sample's through corruption and
+windows); with
 ``partition.global_test_fraction`` > 0 the global test set is drawn from all samples (seeded by
 ``cfg.seed`` alone: the same samples whatever the partition, quality and window settings) and
 left out of the partition; samples are partitioned and split into
@@ -37,7 +41,7 @@ from typing import Any
 
 from cllora.config import Config
 from cllora.data.formatting import Sample, build_samples, overlong_message
-from cllora.data.partition import Client, apply_window, bucket_edges, make_clients
+from cllora.data.partition import Client, apply_window, bucket_edges, make_clients, sample_length
 from cllora.data.quality import BOILERPLATE, CorruptionContext, client_rates, corrupt
 from cllora.data.readers import DataError, Malformed, load_records
 
@@ -185,13 +189,22 @@ def _window_clients(cfg: Config, clients: list[Client]) -> dict[str, int]:
     return counts
 
 
+def _measures(samples: list[Sample], measure: str) -> list[int]:
+    """What the length buckets are cut from: the kept token counts, or the sentences of the
+    responses (``meta["sentences"]``, counted when the sample was built)."""
+    if measure == "tokens":
+        return [s.num_tokens for s in samples]
+    return [sample_length(s, measure) for s in samples]
+
+
 def build_clients(cfg: Config, tokenizer: Any) -> ClientData:
     """The clients of a run, measured, partitioned, corrupted and windowed (see module doc)."""
     samples, stats = load_samples(cfg, tokenizer)
     for s in samples:
         s.meta["length"] = s.true_length  # the measured length, kept through corruption/windows
-    edges = bucket_edges([s.num_tokens for s in samples], cfg.partition.length_buckets)
     part = cfg.partition
+    measures = _measures(samples, part.length_measure)
+    edges = bucket_edges(measures, part.length_buckets, part.length_measure)
     pool, held = hold_out_global_test(
         samples, part.global_test_fraction, cfg.seed, part.max_global_test
     )
@@ -211,6 +224,7 @@ def build_clients(cfg: Config, tokenizer: Any) -> ClientData:
             )
         stats.update(global_test=len(held), global_test_truncated=cut, global_test_dropped=dropped)
     stats["length_buckets"] = edges
+    stats["length_measure"] = part.length_measure
     log.info("data %s: %s", cfg.data.path, stats)
     for c in clients:
         log.info(

@@ -20,8 +20,12 @@ A non-finite loss is never written: a local model's raises
 :class:`~cllora.fed.guards.NonFiniteError` (its client fails the round), the global model's
 :class:`~cllora.fed.guards.NonFiniteModelError` (the run stops).
 Each record holds ``loss``, ``ppl``, ``tokens`` and ``buckets``: ``{label: {loss, tokens}}`` per
-token-length bucket with at least one target token (buckets by the measured length, see
-:func:`cllora.data.partition.sample_length`).
+length bucket with at least one target token (buckets of ``partition.length_measure``, the
+measured token length or the response's sentences, see
+:func:`cllora.data.partition.sample_length`; sentence labels read ``<3sent``), and ``loss_sums``:
+each sample's summed loss, in the order of the set in the ``test_samples`` record
+(:meth:`Evaluator.write_test_samples`, once per run; a sample's id is its ``file:line``, made
+unique within a set by ``#2``, ``#3``; ``lengths`` its measure, in the same unit).
 """
 
 from __future__ import annotations
@@ -31,13 +35,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from cllora.config import Config
-from cllora.data.formatting import Sample
-from cllora.data.partition import Client
+from cllora.data.formatting import IGNORE_INDEX, Sample
+from cllora.data.partition import Client, sample_length
 from cllora.eval import EvalResult, by_bucket, evaluate_samples
 from cllora.fed.distributed import DistContext
 from cllora.fed.guards import NonFiniteError, NonFiniteModelError, non_finite_values
 from cllora.report.metrics import MetricsLog
-from cllora.report.records import GLOBAL, OWN, GlobalEval, LocalEval
+from cllora.report.records import GLOBAL, OWN, GlobalEval, LocalEval, TestSamples
 
 
 class Evaluator:
@@ -54,6 +58,7 @@ class Evaluator:
         global_test: Sequence[Sample] = (),
     ) -> None:
         self.clients, self.edges, self.pad_id = list(clients), list(edges), pad_id
+        self.measure = cfg.partition.length_measure  # the unit of the edges
         self.cfg, self.metrics, self.ctx = cfg, metrics, ctx
         self.samples = [s for c in self.clients for s in c.test]
         self.slices: dict[str, slice] = {}
@@ -65,6 +70,12 @@ class Evaluator:
         self.held_out = bool(global_test)
         self.samples += list(global_test)
         self.global_slice = slice(start if self.held_out else 0, len(self.samples))
+
+    def write_test_samples(self) -> None:
+        """Write the ``test_samples`` record: every test set's sample ids, lengths, targets."""
+        parts = {**self.slices, GLOBAL: self.global_slice}
+        sets = {name: _test_set(self.samples[part], self.measure) for name, part in parts.items()}
+        self.metrics.write(TestSamples(sets=sets))
 
     def _local_indices(self, name: str) -> list[int] | None:
         """The samples a local model needs: all (None) when the global set is the union, else
@@ -100,11 +111,12 @@ class Evaluator:
         return out
 
     def _record(self, results: list[EvalResult], part: slice) -> dict[str, Any]:
-        buckets = by_bucket(self.samples[part], results[part], self.edges)
+        buckets = by_bucket(self.samples[part], results[part], self.edges, self.measure)
         total = EvalResult.combine(results[part])
         per_bucket = {k: {"loss": b.loss, "tokens": b.tokens} for k, b in buckets.items()}
         per_bucket = {k: v for k, v in per_bucket.items() if v["tokens"]}
-        return {**total.as_dict(), "buckets": per_bucket}
+        loss_sums = [r.loss_sum for r in results[part]]
+        return {**total.as_dict(), "buckets": per_bucket, "loss_sums": loss_sums}
 
     def global_round(self, model: Any, round_idx: int) -> dict[str, Any]:
         """Evaluate the global model; write its records; return the round's summary row."""
@@ -146,6 +158,21 @@ class Evaluator:
             LocalEval(round=round_idx, client=c.name, test=test, **rec)
             for test, rec in ((OWN, own), (GLOBAL, glob))
         ]
+
+
+def _test_set(samples: Sequence[Sample], measure: str = "tokens") -> dict[str, list]:
+    """Ids (``where``, repeats numbered), lengths (in ``measure``, the unit of the buckets) and
+    target counts of one test set."""
+    ids, seen = [], {}
+    for k, s in enumerate(samples):
+        where = str(s.meta.get("where") or f"sample{k}")
+        seen[where] = seen.get(where, 0) + 1
+        ids.append(where if seen[where] == 1 else f"{where}#{seen[where]}")
+    return {
+        "samples": ids,
+        "lengths": [sample_length(s, measure) for s in samples],
+        "tokens": [sum(t != IGNORE_INDEX for t in s.labels[1:]) for s in samples],
+    }
 
 
 def add_local_means(row: dict[str, Any], local: Sequence[LocalEval]) -> None:

@@ -103,7 +103,7 @@ def client_stats(
                 {"client": c.name, "where": s.meta.get("where", ""), "length": sample_length(s),
                  "corruption": s.meta.get("corruption", ""), "loss": loss}
             )  # fmt: skip
-    rows = client_table(data.clients, data.edges, tokenizer, quality)
+    rows = client_table(data.clients, data.edges, tokenizer, quality, cfg.partition.length_measure)
     if write:
         write_csv(run_dir / "clients.csv", rows)
         if scored:

@@ -77,7 +77,14 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 # what a run writes; start_over removes these and nothing else
-_RUN_FILES = ("metrics.jsonl", "summary.csv", "clients.csv", "samples.csv", "run.log")
+_RUN_FILES = (
+    "metrics.jsonl",
+    "summary.csv",
+    "sample_losses.csv",
+    "clients.csv",
+    "samples.csv",
+    "run.log",
+)
 _RUN_DIRS = ("checkpoint", "adapter")
 
 

@@ -54,8 +54,10 @@ from cllora.fed.rundir import attach_log_file, make_run_dir, remove_unstarted
 from cllora.fed.strategy import client_weights
 from cllora.model.attention import use_backend
 from cllora.model.lora import lora_state_dict
-from cllora.report.metrics import MetricsLog, format_table, write_summary
+from cllora.report.metrics import MetricsLog, format_table, read_metrics, write_summary
 from cllora.report.records import RoundRecord
+from cllora.report.sample_losses import FILE_NAME as SAMPLE_LOSSES
+from cllora.report.sample_losses import write_sample_losses
 
 log = logging.getLogger("cllora")
 
@@ -225,6 +227,7 @@ def _start(run: Run, ckpt: Checkpoint | None) -> int:
     """Round 0 (the initial evaluation and checkpoint), or the state of a resumed checkpoint;
     returns the first round to run."""
     if ckpt is None:
+        run.evaluator.write_test_samples()
         if run.cfg.fed.eval_initial:
             run.result.rows.append(run.evaluator.global_round(run.model, 0))
         _checkpoint(run, 0, _rng_states(run.rng, run.rng_fail))
@@ -287,6 +290,8 @@ def _finish(run: Run) -> None:
     if run.main:
         run.algorithm.export(run.model, run.global_state, run.run_dir / "adapter")
         write_summary(run.run_dir / "summary.csv", run.result.rows)
+        records = read_metrics(run.run_dir / "metrics.jsonl")
+        write_sample_losses(records, run.run_dir / SAMPLE_LOSSES)
 
 
 def _checkpoint(run: Run, r: int, rng: list) -> None:

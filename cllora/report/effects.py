@@ -37,14 +37,15 @@ the seed being the independent unit: cells with the same seed share the held-out
 part, the training randomness. The reported effect is the mean of the per-seed effects.
 
 Scopes (columns ``model``, ``scope``): ``global`` on the global test set, ``all`` samples and
-each length bucket given ``edges`` (labels ``<128``, ``128-255``, ``>=256``: the bucket of the
-reference cell's ``length``); ``local-mean`` (the mean local model): ``all`` = each local model on
-the global test set, ``own`` = each local model on its own client's test set, per client then
-averaged over the clients with a local model in both cells (equal weight per client, so the
-mean of the local models' losses, not a pooled loss); ``local:<client>``, ``own``: that client's
-local model on its own test set. Where the knob moves samples between clients (a partition
-knob), own test sets differ between the two cells, and ``own`` scopes use the samples both cells
-put in that client's test set; ``n_samples`` says how many.
+each length bucket given ``edges`` (labels ``<128``, ``128-255``, ``>=256``, or ``<3sent``, ...
+with ``measure="sentences"``: the bucket of the reference cell's ``length``); ``local-mean``
+(the mean local model): ``all`` = each local model on the global test set, ``own`` = each local
+model on its own client's test set, per client then averaged over the clients with a local model
+in both cells (equal weight per client, so the mean of the local models' losses, not a pooled
+loss); ``local:<client>``, ``own``: that client's local model on its own test set. Where the
+knob moves samples between clients (a partition knob), own test sets differ between the two
+cells, and ``own`` scopes use the samples both cells put in that client's test set;
+``n_samples`` says how many.
 
 **Interval (95%), column ``method``.**
 
@@ -95,9 +96,8 @@ import numpy as np
 from cllora.data.partition import bucket_label
 from cllora.data.readers import DataError
 from cllora.report.records import GLOBAL
+from cllora.report.sample_losses import COLUMNS, FILE_NAME
 
-FILE_NAME = "sample_losses.csv"
-COLUMNS = ("round", "model", "client", "test", "sample", "length", "tokens", "loss_sum")
 MODELS = ("global", "local")
 SEED_KEY = "seed"
 METHOD_T = "t-seeds"
@@ -432,7 +432,7 @@ def _local(view: View, own: bool, only: str | None = None) -> Parts:
     }
 
 
-def _scopes(edges: Sequence[int], clients: Iterable[str]) -> list[_Scope]:
+def _scopes(edges: Sequence[int], clients: Iterable[str], measure: str) -> list[_Scope]:
     def global_parts(view: View) -> Parts:
         group = view.get(("global", "", GLOBAL))
         return {"": group} if group else {}
@@ -440,7 +440,7 @@ def _scopes(edges: Sequence[int], clients: Iterable[str]) -> list[_Scope]:
     scopes = [_Scope("global", "all", global_parts)]
     if edges:
         scopes += [
-            _Scope("global", f"length {bucket_label(i, edges)}", global_parts, i)
+            _Scope("global", f"length {bucket_label(i, edges, measure)}", global_parts, i)
             for i in range(len(edges) + 1)
         ]
     scopes += [
@@ -549,7 +549,9 @@ def _round_of(store: _Cells, ref_dir: Path, new_dir: Path, rnd: int | None) -> i
     return max(common) if common else None
 
 
-def _rows_of(knob, value, ref, by_seed, store, edges, rnd, n_boot, rng_seed) -> list[EffectRow]:
+def _rows_of(
+    knob, value, ref, by_seed, store, edges, rnd, n_boot, rng_seed, measure
+) -> list[EffectRow]:
     views = {}  # seed -> [(ref view, new view)], at each pair's round
     rounds = set()
     for seed, dirs in by_seed.items():
@@ -560,7 +562,7 @@ def _rows_of(knob, value, ref, by_seed, store, edges, rnd, n_boot, rng_seed) -> 
                 rounds.add(r)
     clients = {c for pairs in views.values() for a, b in pairs for c in _local(a, True)}
     rows = []
-    for scope in _scopes(edges, clients):
+    for scope in _scopes(edges, clients, measure):
         seeds = []
         for pairs in views.values():
             parts = [(scope.select(a), scope.select(b)) for a, b in pairs]
@@ -586,12 +588,15 @@ def sweep_effects(
     round: int | None = None,
     n_boot: int = N_BOOT,
     rng_seed: int = 0,
+    measure: str = "tokens",
 ) -> list[EffectRow]:
     """Effects of every knob of a sweep: every grid key other than ``seed`` with two or more
     values, each value against the knob's reference (``reference[key]``, by default the first
     value in the cells' order), in every scope that has paired samples (module doc). ``cells``:
     (grid values, run directory holding ``sample_losses.csv``). ``round``: the round compared
-    (a pair that lacks it is left out), by default the last round both cells of a pair hold."""
+    (a pair that lacks it is left out), by default the last round both cells of a pair hold.
+    ``edges`` are in the unit of ``measure`` (the ``partition`` record's ``length_measure``),
+    that of the samples' ``length`` column."""
     cells = [(dict(v), Path(d)) for v, d in cells]
     knobs = _knobs(cells)
     references = _references(knobs, reference)
@@ -603,7 +608,9 @@ def sweep_effects(
             if _key(value) == _key(ref):
                 continue
             by_seed = _pairs(cells, knob, ref, value)
-            rows += _rows_of(knob, value, ref, by_seed, store, edges, round, n_boot, rng_seed)
+            rows += _rows_of(
+                knob, value, ref, by_seed, store, edges, round, n_boot, rng_seed, measure
+            )
     return rows
 
 

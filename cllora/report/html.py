@@ -34,6 +34,7 @@ import yaml
 from cllora.report.metrics import read_metrics
 from cllora.report.plots import plot_buckets, plot_knob, plot_rounds, plot_train_loss
 from cllora.report.records import GLOBAL, OWN, Kind
+from cllora.report.sample_losses import FILE_NAME as SAMPLE_LOSSES
 
 _STYLE = (
     "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
@@ -153,6 +154,59 @@ def _final(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _effects_section(root: Path, spec: dict[str, Any], finished: list[dict]) -> list[str]:
+    """The paired effects of the finished cells (``report/effects.csv``, a forest plot, a
+    table that says which are resolved); nothing when no cell has per-sample losses."""
+    from cllora.report.effects import forest_plot, row_label, sweep_effects, write_effects_csv
+
+    dirs = [(c, root / "cells" / c["name"]) for c in finished]
+    dirs = [(c, d) for c, d in dirs if (d / SAMPLE_LOSSES).is_file()]
+    if not dirs:
+        return []
+    records = read_metrics(dirs[0][1] / "metrics.jsonl")
+    part = next((r for r in records if r["kind"] == Kind.PARTITION), {})
+    edges, measure = part.get("length_buckets", ()), part.get("length_measure", "tokens")
+    rows = sweep_effects([(c["values"], d) for c, d in dirs], edges=edges, measure=measure)
+    if not rows:
+        return []
+    out = root / "report"
+    write_effects_csv(rows, out / "effects.csv")
+    resolved = sum(r.resolved for r in rows)
+    table = [
+        {
+            "comparison": row_label(r),
+            "effect (nats/token)": r.effect,
+            "95% interval": f"[{r.lo:.4f}, {r.hi:.4f}]",
+            "seeds": r.n_seeds,
+            "samples": r.n_samples,
+            "resolved": "yes" if r.resolved else "no",
+        }
+        for r in rows
+    ]
+    return [
+        "<h2>Effects</h2>",
+        f"<p>{resolved} of {len(rows)} paired effects are resolved (their 95% interval excludes "
+        "0). An effect is the loss with a knob's value minus the loss with its reference value "
+        "(the first in the grid), on the same test samples, for the same seed; negative = "
+        "better. Intervals: Student t over the seeds' paired effects "
+        "(cllora/report/effects.py); also in effects.csv.</p>",
+        _img(forest_plot(rows, out / "effects.png")),
+        _table(table),
+    ]
+
+
+def _headline(spec: dict[str, Any], n_done: int) -> str:
+    """What the sweep ran: its grid in words and how many cells finished."""
+    values: dict[str, list[str]] = {k: [] for k in spec["keys"]}
+    for c in spec["cells"]:
+        for k in values:
+            text = str(c["values"].get(k))
+            if text not in values[k]:
+                values[k].append(text)
+    grid = "; ".join(f"{html.escape(k)}: {html.escape(', '.join(vs))}" for k, vs in values.items())
+    return f"<p><b>{n_done} of {len(spec['cells'])} cells finished.</b> Grid: {grid}.</p>"
+
+
 def sweep_report(root: Path) -> Path:
     """Every finished cell's run report, then the sweep's plots and ``report/report.html``."""
     spec = yaml.safe_load((root / "sweep.yaml").read_text())
@@ -164,7 +218,7 @@ def sweep_report(root: Path) -> Path:
         if (run_dir / "summary.csv").is_file():
             run_report(run_dir)
             cells.append((c, _final(read_metrics(run_dir / "metrics.jsonl"))))
-    parts = [f"<p>{len(cells)} of {len(spec['cells'])} cells finished.</p>"]
+    parts = [_headline(spec, len(cells)), *_effects_section(root, spec, [c for c, _ in cells])]
     for knob in [k for k in spec["keys"] if k != "seed"]:
         points: dict[Any, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         buckets: dict[Any, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))

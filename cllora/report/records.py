@@ -19,7 +19,14 @@ Kinds: ``schema``; ``partition`` (one: the partition's heterogeneity summary and
 client per round it trained: every local step's loss); ``client_failed`` (a client left out of a
 round, with the error); ``global_eval`` (per round, one per client test set plus ``GLOBAL``);
 ``local_eval`` (per round per trained client: ``test="own"`` and ``test=GLOBAL``); ``round``
-(per round: clients, weights, bytes up and down, seconds, the algorithm's info).
+(per round: clients, weights, bytes up and down, seconds, the algorithm's info);
+``test_samples`` (one, before round 0: every test set's sample ids, lengths and target counts).
+
+Per-sample losses (version 2): every ``global_eval`` / ``local_eval`` record carries
+``loss_sums``, the summed loss of each sample of its test set in the order the ``test_samples``
+record lists them, so effects can be computed on identical samples
+(:mod:`cllora.report.sample_losses` turns them into ``sample_losses.csv``). Version 1 files have
+neither; readers treat missing ``loss_sums`` as "not recorded".
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GLOBAL = "__global__"
 OWN = "own"
 
@@ -44,6 +51,7 @@ class Kind(StrEnum):
     GLOBAL_EVAL = "global_eval"
     LOCAL_EVAL = "local_eval"
     ROUND = "round"
+    TEST_SAMPLES = "test_samples"
 
 
 @dataclass
@@ -100,6 +108,7 @@ class GlobalEval(Record):
     ppl: float
     tokens: int
     buckets: dict[str, dict[str, float]]
+    loss_sums: list[float] = field(default_factory=list)  # per sample of the set (test_samples)
     kind: Kind = field(init=False, default=Kind.GLOBAL_EVAL)
 
 
@@ -114,6 +123,7 @@ class LocalEval(Record):
     ppl: float
     tokens: int
     buckets: dict[str, dict[str, float]]
+    loss_sums: list[float] = field(default_factory=list)  # per sample of the set (test_samples)
     kind: Kind = field(init=False, default=Kind.LOCAL_EVAL)
 
 
@@ -129,6 +139,24 @@ class RoundRecord(Record):
     global_loss: float
     extra: dict[str, Any] = field(default_factory=dict)  # the algorithm's info, flattened in
     kind: Kind = field(init=False, default=Kind.ROUND)
+
+
+@dataclass
+class TestSet:
+    """One test set's samples: stable ids (``file:line``), lengths (the bucketing measure) and
+    target-token counts, in evaluation order."""
+
+    samples: list[str]
+    lengths: list[int]
+    tokens: list[int]
+
+
+@dataclass
+class TestSamples(Record):
+    """The samples of every test set (a client's name, or ``GLOBAL``) -> :class:`TestSet`."""
+
+    sets: dict[str, dict[str, list]]
+    kind: Kind = field(init=False, default=Kind.TEST_SAMPLES)
 
 
 @dataclass
@@ -168,6 +196,7 @@ _CLASSES: dict[str, type[Record]] = {
     Kind.GLOBAL_EVAL: GlobalEval,
     Kind.LOCAL_EVAL: LocalEval,
     Kind.ROUND: RoundRecord,
+    Kind.TEST_SAMPLES: TestSamples,
 }
 
 

@@ -4,23 +4,26 @@ Usage::
 
     from cllora.report.tables import client_table, heterogeneity_summary, write_csv
     rows = client_table(clients, edges, tokenizer, quality={"client-00": 0.08, ...})
+    rows = client_table(clients, edges, tokenizer, measure="sentences")  # sentence buckets
     write_csv(run_dir / "clients.csv", rows)
     heterogeneity_summary(rows)   # {"mean_tv_len": .., "cv_samples": .., "std_corruption": ..}
 
 Columns of a row: ``client``, ``train_samples``, ``test_samples``, ``train_tokens``,
 ``len_mean``/``len_median``/``len_p90`` (measured token length of the training samples, before
-corruption and windows), ``sentences`` (in the training responses, counted on the decoded text as
-runs ending in ``.``, ``!`` or ``?``), ``sentences_per_sample``, ``window``, ``truncated``,
-``dropped``, ``corruption_rate`` (asked), ``corrupted`` (fraction actually corrupted),
-``operators``, ``quality`` (1 / base-model ppl of the responses; empty when not scored),
-``tv_len`` (total-variation distance between the client's length-bucket histogram and the
-global one: 0 = same mix, 1 = disjoint) and ``hist`` (the client's bucket shares).
+corruption and windows), ``sentences`` (in the training responses as trained, i.e. decoded after
+corruption and windows, by :func:`cllora.data.sentences.count_sentences`),
+``sentences_per_sample``, ``window``, ``truncated``, ``dropped``, ``corruption_rate`` (asked),
+``corrupted`` (fraction actually corrupted), ``operators``, ``quality`` (1 / base-model ppl of
+the responses; empty when not scored), ``tv_len`` (total-variation distance between the client's
+length-bucket histogram and the global one: 0 = same mix, 1 = disjoint) and ``hist`` (the
+client's bucket shares). ``tv_len`` and ``hist`` use the buckets of ``measure``
+(``partition.length_measure``: token lengths, or the responses' sentence counts as measured
+before corruption and windows; labels ``<3sent``, ...); the ``len_*`` columns are always tokens.
 """
 
 from __future__ import annotations
 
 import csv
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,14 +32,7 @@ import numpy as np
 
 from cllora.data.formatting import IGNORE_INDEX
 from cllora.data.partition import Client, bucket_index, bucket_labels, sample_length
-
-_BOUNDARY = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
-
-
-def count_sentences(text: str) -> int:
-    """Sentences in ``text``: pieces with a letter or digit between sentence ends (``.``, ``!``
-    or ``?`` followed by whitespace) or blank lines; ``1.5 mg`` is one sentence."""
-    return sum(1 for piece in _BOUNDARY.split(text) if re.search(r"[A-Za-z0-9]", piece))
+from cllora.data.sentences import count_sentences  # here since the data layer needs it too
 
 
 def _histogram(lengths: Sequence[int], edges: Sequence[int]) -> np.ndarray:
@@ -49,18 +45,20 @@ def client_table(
     edges: Sequence[int],
     tokenizer: Any,
     quality: dict[str, float] | None = None,
+    measure: str = "tokens",
 ) -> list[dict[str, Any]]:
-    """One row per client (see the module docstring for the columns)."""
-    all_lengths = [sample_length(s) for c in clients for s in c.train]
-    global_hist = _histogram(all_lengths, edges)
-    labels = bucket_labels(edges)
+    """One row per client (see the module docstring for the columns); ``edges`` are in the
+    unit of ``measure`` (tokens or sentences)."""
+    all_measures = [sample_length(s, measure) for c in clients for s in c.train]
+    global_hist = _histogram(all_measures, edges)
+    labels = bucket_labels(edges, measure)
     rows = []
     for c in clients:
         lengths = [sample_length(s) for s in c.train]
         responses = [[t for t in s.labels if t != IGNORE_INDEX] for s in c.train]
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         sentences = sum(count_sentences(t) for t in texts)
-        hist = _histogram(lengths, edges)
+        hist = _histogram([sample_length(s, measure) for s in c.train], edges)
         n_bad = sum(c.corrupted.values())
         rows.append(
             {

@@ -101,6 +101,34 @@ def test_local_rounds_last_evaluates_only_the_final_local_models(tmp_path):
     assert math.isnan(float(summary[1]["local_own"])) and float(summary[2]["local_own"]) > 0
 
 
+def test_sample_losses_csv_holds_every_evaluated_sample(tmp_path):
+    from cllora.report.effects import read_sample_losses
+
+    over = tiny_run_overrides(
+        tmp_path, fed__rounds=1, partition__global_test_fraction=0.2, partition__max_global_test=5
+    )
+    run = run_experiment(load_config(None, over)).run_dir
+    table = read_sample_losses(run / "sample_losses.csv")
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(table)):
+        key = (int(table.round[i]), table.model[i], table.client[i], table.test[i])
+        groups.setdefault(key, []).append(i)
+    evals = [("global", "", r) for r in records_of(run, "global_eval")]
+    evals += [("local", r["client"], r) for r in records_of(run, "local_eval")]
+    assert len(groups) == len(evals)
+    for model, client, rec in evals:
+        test = (
+            rec["client"]
+            if model == "global"
+            else (client if rec["test"] == "own" else rec["test"])
+        )
+        rows = groups[(rec["round"], model, client, test)]
+        assert int(table.tokens[rows].sum()) == rec["tokens"]
+        assert float(table.loss_sum[rows].sum()) / rec["tokens"] == pytest.approx(rec["loss"])
+    held_out = {table.sample[i] for i in groups[(0, "global", "", "__global__")]}
+    assert len(held_out) == 5 and all(":" in sid for sid in held_out)  # file:line ids
+
+
 def test_a_client_emptied_by_its_window_stops_before_training(tmp_path, capsys):
     args = tiny_run_overrides(
         tmp_path, run_name="w", data__overlong="drop", data__client_max_length="[8]"
