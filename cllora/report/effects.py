@@ -16,12 +16,13 @@ On a sweep (every cell's run directory holds ``sample_losses.csv``)::
 
     rows = sweep_effects([(cell.values, cell_dir(cell)) for cell in sweep.cells], edges=(128, 256))
     write_effects_csv(rows, sweep.root / "effects.csv")
-    forest_plot(rows, sweep.root / "effects.png")
+    cllora.report.plots.forest_plot(rows, sweep.root / "effects.png")   # `cllora report` does both
 
-**Input.** ``sample_losses.csv`` (:func:`read_sample_losses`), one row per (round, evaluated
-model, test set, sample): ``round,model,client,test,sample,length,tokens,loss_sum``; ``model`` is
-``global`` (``client`` empty) or ``local`` (client ``client``'s local model); ``test`` a client's
-test set or ``__global__``; ``sample`` an id stable across cells; ``loss_sum`` the summed
+**Input.** ``sample_losses.csv`` (:func:`cllora.report.sample_losses.read_sample_losses`), one
+row per (round, evaluated model, test set, sample):
+``round,model,client,test,sample,length,tokens,loss_sum``; ``model`` is ``global``
+(``client`` empty) or ``local`` (client ``client``'s local model); ``test`` a client's test set
+or ``__global__``; ``sample`` an id stable across cells; ``loss_sum`` the summed
 cross-entropy over the sample's ``tokens`` target tokens. The loss of a set of samples is
 ``sum(loss_sum) / sum(tokens)`` (token-weighted).
 
@@ -94,9 +95,8 @@ from typing import Any
 import numpy as np
 
 from cllora.data.partition import bucket_label
-from cllora.data.readers import DataError
 from cllora.report.records import GLOBAL
-from cllora.report.sample_losses import COLUMNS, FILE_NAME
+from cllora.report.sample_losses import FILE_NAME, SampleLosses, read_sample_losses
 
 MODELS = ("global", "local")
 SEED_KEY = "seed"
@@ -141,120 +141,6 @@ def t975(df: int) -> float:
         + (z**3 + z) / (4 * df)
         + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
         + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
-    )
-
-
-# --- reading ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SampleLosses:
-    """The rows of one ``sample_losses.csv``, column by column (``line``: each row's line)."""
-
-    path: Path
-    round: np.ndarray  # int64
-    model: list[str]
-    client: list[str]
-    test: list[str]
-    sample: list[str]
-    length: np.ndarray  # int64
-    tokens: np.ndarray  # int64
-    loss_sum: np.ndarray  # float64
-    line: np.ndarray  # int64
-
-    def __len__(self) -> int:
-        return len(self.round)
-
-    def rounds(self) -> set[int]:
-        return {int(r) for r in np.unique(self.round)}
-
-
-def _int(text: str, column: str, where: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise DataError(f"{where}: column {column!r}: {text!r} is not an integer") from None
-
-
-def _float(text: str, column: str, where: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise DataError(f"{where}: column {column!r}: {text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise DataError(f"{where}: column {column!r}: {text!r} is not a finite number >= 0")
-    return value
-
-
-def _parse_row(fields_: list[str], where: str) -> tuple:
-    rnd, model, client, test, sample, length, tokens, loss = fields_
-    if model not in MODELS:
-        raise DataError(f"{where}: column 'model': {model!r} is neither 'global' nor 'local'")
-    if (model == "global") == bool(client):
-        need = "empty for the global model" if client else "the local model's client"
-        raise DataError(f"{where}: column 'client': {client!r}; it must be {need}")
-    if not test or not sample:
-        raise DataError(f"{where}: columns 'test' and 'sample' must not be empty")
-    n_tokens = _int(tokens, "tokens", where)
-    if n_tokens < 0:
-        raise DataError(f"{where}: column 'tokens': {tokens!r} is negative")
-    parsed = (_int(rnd, "round", where), model, client, test, sample, _int(length, "length", where))
-    return (*parsed, n_tokens, _float(loss, "loss_sum", where))
-
-
-def _read_rows(path: Path) -> tuple[list[tuple], list[int]]:
-    rows: list[tuple] = []
-    lines: list[int] = []
-    seen: dict[tuple, int] = {}
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path}:1: empty file; expected the header {','.join(COLUMNS)}")
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise DataError(
-                f"{path}:1: the header lacks {', '.join(missing)}; expected {','.join(COLUMNS)}"
-            )
-        order = [header.index(c) for c in COLUMNS]
-        for raw in reader:
-            if not raw:
-                continue
-            where = f"{path}:{reader.line_num}"
-            if len(raw) != len(header):
-                raise DataError(f"{where}: {len(raw)} fields, the header has {len(header)}")
-            row = _parse_row([raw[i] for i in order], where)
-            key = row[:5]
-            if key in seen:
-                raise DataError(
-                    f"{where}: duplicate row for round {row[0]}, model {row[1]}, client "
-                    f"{row[2]!r}, test {row[3]!r}, sample {row[4]!r} (first at line {seen[key]})"
-                )
-            seen[key] = reader.line_num
-            rows.append(row)
-            lines.append(reader.line_num)
-    return rows, lines
-
-
-def read_sample_losses(path: str | Path) -> SampleLosses:
-    """Read a ``sample_losses.csv`` (columns in any order, extra columns ignored); raise
-    :class:`~cllora.data.readers.DataError` naming ``file:line`` on a malformed line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (the run wrote no per-sample losses)")
-    rows, lines = _read_rows(path)
-    cols = list(zip(*rows, strict=True)) if rows else [()] * len(COLUMNS)
-    return SampleLosses(
-        path=path,
-        round=np.asarray(cols[0], dtype=np.int64),
-        model=list(cols[1]),
-        client=list(cols[2]),
-        test=list(cols[3]),
-        sample=list(cols[4]),
-        length=np.asarray(cols[5], dtype=np.int64),
-        tokens=np.asarray(cols[6], dtype=np.int64),
-        loss_sum=np.asarray(cols[7], dtype=np.float64),
-        line=np.asarray(lines, dtype=np.int64),
     )
 
 
@@ -656,33 +542,3 @@ def row_label(row: EffectRow) -> str:
     label = f"{knob} {_text(row.value)} vs {_text(row.reference)} — "
     label += scope_words(row.model, row.scope)
     return label + (" (1 seed)" if row.method == METHOD_BOOTSTRAP else "")
-
-
-def forest_plot(rows: Sequence[EffectRow], path: str | Path, title: str = "") -> Path:
-    """A forest plot: one line per row, top to bottom in order, the effect as a dot and its 95%
-    interval as a bar, a vertical line at 0; resolved rows coloured (green: lower loss, red:
-    higher), the others grey and hollow. Returns the path (a PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    n = max(1, len(rows))
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.3 * n))
-    for y, row in enumerate(rows):
-        colour = ("tab:green" if row.effect < 0 else "tab:red") if row.resolved else "0.55"
-        ax.plot([row.lo, row.hi], [y, y], "-", color=colour, lw=2.2 if row.resolved else 1.2)
-        face = colour if row.resolved else "white"
-        ax.plot(row.effect, y, "o", color=colour, markerfacecolor=face, ms=6, zorder=3)
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(range(len(rows)), [row_label(r) for r in rows], fontsize=8)
-    ax.set_ylim(n - 0.5, -0.5)
-    ax.set_xlabel("loss difference (nats per token), negative = better")
-    ax.grid(axis="x", alpha=0.3)
-    default = "paired effects, 95% intervals (filled: excludes 0; (1 seed): sample noise only)"
-    ax.set_title(title or default, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from cllora.report.metrics import read_metrics
-from cllora.report.plots import plot_buckets, plot_knob, plot_rounds, plot_train_loss
+from cllora.report.plots import forest_plot, plot_buckets, plot_knob, plot_rounds, plot_train_loss
 from cllora.report.records import GLOBAL, OWN, Kind
 from cllora.report.sample_losses import FILE_NAME as SAMPLE_LOSSES
 
@@ -157,7 +157,7 @@ def _final(records: list[dict[str, Any]]) -> dict[str, Any]:
 def _effects_section(root: Path, spec: dict[str, Any], finished: list[dict]) -> list[str]:
     """The paired effects of the finished cells (``report/effects.csv``, a forest plot, a
     table that says which are resolved); nothing when no cell has per-sample losses."""
-    from cllora.report.effects import forest_plot, row_label, sweep_effects, write_effects_csv
+    from cllora.report.effects import row_label, sweep_effects, write_effects_csv
 
     dirs = [(c, root / "cells" / c["name"]) for c in finished]
     dirs = [(c, d) for c, d in dirs if (d / SAMPLE_LOSSES).is_file()]

@@ -152,3 +152,30 @@ def plot_knob(
     ax.set(title=f"final loss vs {knob} (mean +- std over seeds)", xlabel=knob, ylabel="test loss")
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def forest_plot(rows: Sequence[Any], path: str | Path, title: str = "") -> Path:
+    """A forest plot: one line per row, top to bottom in order, the effect as a dot and its 95%
+    interval as a bar, a vertical line at 0; resolved rows coloured (green: lower loss, red:
+    higher), the others grey and hollow. Returns the path (a PNG)."""
+    from cllora.report.effects import row_label
+
+    path = Path(path)
+    n = max(1, len(rows))
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.3 * n))
+    for y, row in enumerate(rows):
+        colour = ("tab:green" if row.effect < 0 else "tab:red") if row.resolved else "0.55"
+        ax.plot([row.lo, row.hi], [y, y], "-", color=colour, lw=2.2 if row.resolved else 1.2)
+        face = colour if row.resolved else "white"
+        ax.plot(row.effect, y, "o", color=colour, markerfacecolor=face, ms=6, zorder=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(rows)), [row_label(r) for r in rows], fontsize=8)
+    ax.set_ylim(n - 0.5, -0.5)
+    ax.set_xlabel("loss difference (nats per token), negative = better")
+    ax.grid(axis="x", alpha=0.3)
+    default = "paired effects, 95% intervals (filled: excludes 0; (1 seed): sample noise only)"
+    ax.set_title(title or default, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

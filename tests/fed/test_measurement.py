@@ -102,7 +102,7 @@ def test_local_rounds_last_evaluates_only_the_final_local_models(tmp_path):
 
 
 def test_sample_losses_csv_holds_every_evaluated_sample(tmp_path):
-    from cllora.report.effects import read_sample_losses
+    from cllora.report.sample_losses import read_sample_losses
 
     over = tiny_run_overrides(
         tmp_path, fed__rounds=1, partition__global_test_fraction=0.2, partition__max_global_test=5

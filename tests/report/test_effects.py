@@ -15,19 +15,18 @@ import pytest
 import cllora.report.effects as effects_module
 from cllora.data.readers import DataError
 from cllora.report.effects import (
-    COLUMNS,
     EFFECT_COLUMNS,
     METHOD_BOOTSTRAP,
     METHOD_T,
     Paired,
-    forest_plot,
     paired_effect,
-    read_sample_losses,
     row_label,
     sweep_effects,
     t975,
     write_effects_csv,
 )
+from cllora.report.plots import forest_plot
+from cllora.report.sample_losses import COLUMNS, read_sample_losses
 
 ALPHA = "partition.alpha_len"
 
