@@ -139,7 +139,7 @@ def test_response_only_mask_qa(smol_tokenizer):
 
 def test_meta_keeps_scalar_fields(smol_tokenizer):
     sample = tokenize_record({**QA, "tags": ["x"], "_where": "f:1"}, smol_tokenizer)
-    assert sample.meta == {"id": 7, "where": "f:1"}
+    assert sample.meta == {"id": 7, "where": "f:1", "sentences": 1}
 
 
 def test_alpaca_with_and_without_input(smol_tokenizer):
