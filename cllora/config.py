@@ -165,6 +165,10 @@ class EvalConfig:
     # local models, which is what a comparison of algorithms reads, at a fraction of the cost).
     local: bool = True
     local_rounds: Literal["every", "last"] = "every"
+    # Local models on the held-out global test set: its first N samples (0 = all of it). The
+    # same N samples for every local model and every cell of a seed (the held-out draw is
+    # seeded), so they compare; needs partition.global_test_fraction > 0.
+    local_global_samples: int = 0
 
 
 @dataclass
@@ -266,6 +270,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "partition.max_train_per_client": (lambda v: v >= 0, "an integer >= 0 (0 = no cap)"),
     "partition.max_test_per_client": (lambda v: v >= 0, "an integer >= 0 (0 = no cap)"),
     "partition.max_global_test": (lambda v: v >= 0, "an integer >= 0 (0 = no cap)"),
+    "eval.local_global_samples": (lambda v: v >= 0, "an integer >= 0 (0 = all)"),
     "train.local_steps": (lambda v: v >= 1, "an integer >= 1"),
     "train.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "train.lr": (lambda v: v > 0, "a number > 0"),
@@ -451,6 +456,11 @@ def _check_measurement(cfg: Config) -> None:
     if p.method != "dirichlet" and (p.alpha_len is not None or p.alpha_qty is not None):
         raise ConfigError(
             f"partition.alpha_len / alpha_qty need partition.method=dirichlet (got {p.method!r})"
+        )
+    if cfg.eval.local_global_samples and not p.global_test_fraction:
+        raise ConfigError(
+            "eval.local_global_samples needs a held-out global test set: set "
+            "partition.global_test_fraction > 0 (or eval.local_global_samples=0)"
         )
     bad = [op for op in q.operators if op not in OPERATORS]
     if bad or not q.operators:

@@ -15,7 +15,9 @@ sweep cells are compared on the same samples). Every sample is evaluated once pe
 global model's results
 are split by owner (``global_eval``, one record per client plus ``client="__global__"``); a local
 model (the client's adapter after local training, before aggregation) gets two ``local_eval``
-records, ``test="own"`` (its own test set, a slice of the same pass) and ``test="__global__"``.
+records, ``test="own"`` (its own test set, a slice of the same pass) and ``test="__global__"``
+(with ``eval.local_global_samples`` = N > 0: the first N samples of the held-out set only; their
+``loss_sums`` then cover those N, a prefix of the set in ``test_samples``).
 A non-finite loss is never written: a local model's raises
 :class:`~cllora.fed.guards.NonFiniteError` (its client fails the round), the global model's
 :class:`~cllora.fed.guards.NonFiniteModelError` (the run stops).
@@ -70,6 +72,10 @@ class Evaluator:
         self.held_out = bool(global_test)
         self.samples += list(global_test)
         self.global_slice = slice(start if self.held_out else 0, len(self.samples))
+        # what local models read of the held-out set: its first eval.local_global_samples
+        n_local = cfg.eval.local_global_samples if self.held_out else 0
+        stop = min(start + n_local, len(self.samples)) if n_local else len(self.samples)
+        self.local_global_slice = slice(self.global_slice.start, stop)
 
     def write_test_samples(self) -> None:
         """Write the ``test_samples`` record: every test set's sample ids, lengths, targets."""
@@ -83,7 +89,7 @@ class Evaluator:
         if not self.held_out:
             return None
         n = len(self.samples)
-        return [*range(n)[self.slices[name]], *range(n)[self.global_slice]]
+        return [*range(n)[self.slices[name]], *range(n)[self.local_global_slice]]
 
     def _pass(
         self, model: Any, desc: str, shard: bool = False, only: list[int] | None = None
@@ -147,7 +153,7 @@ class Evaluator:
         c = self.clients[client_idx]
         results = self._pass(model, f"eval local {c.name}", only=self._local_indices(c.name))
         own = self._record(results, self.slices[c.name])
-        glob = self._record(results, self.global_slice)
+        glob = self._record(results, self.local_global_slice)
         bad = non_finite_values({OWN: own["loss"], GLOBAL: glob["loss"]})
         if bad:
             raise NonFiniteError(

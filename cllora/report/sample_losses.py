@@ -54,8 +54,12 @@ def sample_loss_rows(records: Iterable[dict[str, Any]]) -> Iterator[tuple]:
         part, sums = sets[test], rec.get("loss_sums")
         if not sums:  # not recorded
             continue
+        n = len(sums)  # a local model on the first eval.local_global_samples of the set
+        if n > len(part["samples"]):
+            raise ValueError(f"round {rec['round']}: {n} loss_sums for the {test} test set of "
+                             f"{len(part['samples'])} samples")  # fmt: skip
         for sid, length, tokens, loss_sum in zip(
-            part["samples"], part["lengths"], part["tokens"], sums, strict=True
+            part["samples"][:n], part["lengths"][:n], part["tokens"][:n], sums, strict=True
         ):
             yield (rec["round"], model, client, test, sid, length, tokens, loss_sum)
 

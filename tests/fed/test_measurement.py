@@ -105,7 +105,11 @@ def test_sample_losses_csv_holds_every_evaluated_sample(tmp_path):
     from cllora.report.sample_losses import read_sample_losses
 
     over = tiny_run_overrides(
-        tmp_path, fed__rounds=1, partition__global_test_fraction=0.2, partition__max_global_test=5
+        tmp_path,
+        fed__rounds=1,
+        partition__global_test_fraction=0.2,
+        partition__max_global_test=5,
+        eval__local_global_samples=3,
     )
     run = run_experiment(load_config(None, over)).run_dir
     table = read_sample_losses(run / "sample_losses.csv")
@@ -125,8 +129,15 @@ def test_sample_losses_csv_holds_every_evaluated_sample(tmp_path):
         rows = groups[(rec["round"], model, client, test)]
         assert int(table.tokens[rows].sum()) == rec["tokens"]
         assert float(table.loss_sum[rows].sum()) / rec["tokens"] == pytest.approx(rec["loss"])
-    held_out = {table.sample[i] for i in groups[(0, "global", "", "__global__")]}
+    held_out = [table.sample[i] for i in groups[(0, "global", "", "__global__")]]
     assert len(held_out) == 5 and all(":" in sid for sid in held_out)  # file:line ids
+    local = [k for k in groups if k[1] == "local" and k[3] == "__global__"]
+    assert local and all([table.sample[i] for i in groups[k]] == held_out[:3] for k in local)
+
+
+def test_local_global_samples_needs_a_held_out_set(tmp_path, capsys):
+    assert main(["run", *tiny_run_overrides(tmp_path, eval__local_global_samples=2)]) == 2
+    assert "needs a held-out global test set" in capsys.readouterr().err
 
 
 def test_a_client_emptied_by_its_window_stops_before_training(tmp_path, capsys):
