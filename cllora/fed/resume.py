@@ -81,6 +81,7 @@ _RUN_FILES = (
     "metrics.jsonl",
     "summary.csv",
     "sample_losses.csv",
+    "timing.json",
     "clients.csv",
     "samples.csv",
     "run.log",

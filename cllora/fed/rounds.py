@@ -79,17 +79,19 @@ def _train_one(run: Run, r: int, t: Trainee, down: Downlink, fail: bool) -> Trai
     cfg, out = run.cfg, TraineeOutcome(t)
     rule = run.algorithm.local_rule(t.index, down)
     try:
-        u = client_update(
-            run.model, down.adapter, t.train, cfg.train, run.pad_id,
-            seed=client_seed(cfg.seed, r, max(t.index, 0)),
-            prox_mu=rule.prox_mu, freeze_a=rule.freeze_a, freeze_b=rule.freeze_b,
-            step_correction=rule.step_correction, steps=t.steps,
-            fail_after=t.steps // 2 if fail else None,
-            desc=f"round {r} {t.name}", progress=cfg.progress,
-        )  # fmt: skip
+        with run.timer.phase("train"):
+            u = client_update(
+                run.model, down.adapter, t.train, cfg.train, run.pad_id,
+                seed=client_seed(cfg.seed, r, max(t.index, 0)),
+                prox_mu=rule.prox_mu, freeze_a=rule.freeze_a, freeze_b=rule.freeze_b,
+                step_correction=rule.step_correction, steps=t.steps,
+                fail_after=t.steps // 2 if fail else None,
+                desc=f"round {r} {t.name}", progress=cfg.progress,
+            )  # fmt: skip
         local = []
         if _evaluates_local(cfg, r) and t.index >= 0:  # the model holds the local adapter
-            local = run.evaluator.local(run.model, t.index, r)  # non-finite: fails the client
+            with run.timer.phase("local_eval"):  # non-finite: fails the client
+                local = run.evaluator.local(run.model, t.index, r)
         out.uplink = run.algorithm.uplink(t.index, down, u.state)
     except Exception as err:  # one client's failure must not stop the round
         log.warning("round %d: client %s failed: %s: %s", r, t.name, type(err).__name__, err)

@@ -27,6 +27,7 @@ Everything a round needs is one :class:`Run` (no long argument lists, no side ch
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -52,6 +53,7 @@ from cllora.fed.resume import has_checkpoint, open_resume, start_over
 from cllora.fed.rounds import train_round
 from cllora.fed.rundir import attach_log_file, make_run_dir, remove_unstarted
 from cllora.fed.strategy import client_weights
+from cllora.fed.timing import PhaseTimer
 from cllora.model.attention import use_backend
 from cllora.model.lora import lora_state_dict
 from cllora.report.metrics import MetricsLog, format_table, read_metrics, write_summary
@@ -96,6 +98,7 @@ class Run:
     rng: random.Random  # client sampling
     rng_fail: random.Random  # simulated client failures
     result: RunResult
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
 
     @property
     def main(self) -> bool:
@@ -202,7 +205,9 @@ def _setup(
     ctx: DistContext | None,
 ) -> Run:  # fmt: skip
     """Load the model and clients, measure them, build the algorithm and the evaluator."""
-    model, tokenizer, data = prepare_run(cfg)
+    timer = PhaseTimer()
+    with timer.phase("load"):
+        model, tokenizer, data = prepare_run(cfg)
     fingerprint = {
         "files": file_digests(cfg.data.path, cfg.data.format),
         "samples": sample_digests(data.clients, data.global_test),
@@ -211,7 +216,8 @@ def _setup(
         _check_same_data(run_dir, ckpt, fingerprint)
     result = RunResult(run_dir=run_dir, global_state=lora_state_dict(model), config=cfg)
     # before a resumed adapter is loaded: the quality score is the base model's
-    stats = client_stats(model, tokenizer, data, cfg, metrics, run_dir, write=ckpt is None)
+    with timer.phase("client_stats"):
+        stats = client_stats(model, tokenizer, data, cfg, metrics, run_dir, write=ckpt is None)
     evaluator = Evaluator(
         data.clients, data.edges, tokenizer.pad_token_id, cfg, metrics, ctx, data.global_test
     )
@@ -219,7 +225,7 @@ def _setup(
         cfg=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, data=data,
         algorithm=make_algorithm(cfg), evaluator=evaluator, metrics=metrics, stats=stats,
         fingerprint=fingerprint, ctx=ctx, rng=random.Random(cfg.seed),
-        rng_fail=random.Random(cfg.seed + 7919), result=result,
+        rng_fail=random.Random(cfg.seed + 7919), result=result, timer=timer,
     )  # fmt: skip
 
 
@@ -229,7 +235,8 @@ def _start(run: Run, ckpt: Checkpoint | None) -> int:
     if ckpt is None:
         run.evaluator.write_test_samples()
         if run.cfg.fed.eval_initial:
-            run.result.rows.append(run.evaluator.global_round(run.model, 0))
+            with run.timer.phase("global_eval"):
+                run.result.rows.append(run.evaluator.global_round(run.model, 0))
         _checkpoint(run, 0, _rng_states(run.rng, run.rng_fail))
         return 1
     device = next(iter(run.global_state.values())).device
@@ -256,10 +263,12 @@ def run_round(run: Run, r: int) -> dict[str, Any]:
             f"adapter of round {r - 1} is in {run.run_dir / 'checkpoint'}"
         )
     weights = _weights(run, [out.trainees[k].name for k in sorted(out.uplinks)])
-    agg = run.algorithm.aggregate(run.global_state, out.results(weights))
-    _check_global(run, r, agg.state)
-    run.algorithm.apply_global(run.model, agg.state)
-    row = run.evaluator.global_round(run.model, r)  # a non-finite loss stops the run here
+    with run.timer.phase("aggregate"):
+        agg = run.algorithm.aggregate(run.global_state, out.results(weights))
+        _check_global(run, r, agg.state)
+        run.algorithm.apply_global(run.model, agg.state)
+    with run.timer.phase("global_eval"):
+        row = run.evaluator.global_round(run.model, r)  # a non-finite loss stops the run here
     run.result.global_state = agg.state
     add_local_means(row, out.local)
     run.result.rows.append(row)
@@ -292,6 +301,8 @@ def _finish(run: Run) -> None:
         write_summary(run.run_dir / "summary.csv", run.result.rows)
         records = read_metrics(run.run_dir / "metrics.jsonl")
         write_sample_losses(records, run.run_dir / SAMPLE_LOSSES)
+        timing = json.dumps(run.timer.as_dict(), indent=1) + "\n"
+        (run.run_dir / "timing.json").write_text(timing, encoding="utf-8")
 
 
 def _checkpoint(run: Run, r: int, rng: list) -> None:
@@ -299,8 +310,9 @@ def _checkpoint(run: Run, r: int, rng: list) -> None:
     if not run.main:
         return
     extra = {"rng": rng, "config": config_to_dict(run.cfg), "data": run.fingerprint}
-    save_checkpoint(run.run_dir / "checkpoint", r, run.global_state,
-                    run.algorithm.state_dict(), run.result.rows, extra=extra)  # fmt: skip
+    with run.timer.phase("checkpoint"):
+        save_checkpoint(run.run_dir / "checkpoint", r, run.global_state,
+                        run.algorithm.state_dict(), run.result.rows, extra=extra)  # fmt: skip
 
 
 def _check_same_data(run_dir: Path, ckpt: Checkpoint, fingerprint: dict) -> None:

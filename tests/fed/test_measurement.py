@@ -4,6 +4,7 @@ corruption, local and global evaluation by length bucket, and its bookkeeping.""
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -96,6 +97,12 @@ def test_local_rounds_last_evaluates_only_the_final_local_models(tmp_path):
     cfg = load_config(None, tiny_run_overrides(tmp_path, fed__rounds=2, eval__local_rounds="last"))
     run = run_experiment(cfg).run_dir
     assert {r["round"] for r in records_of(run, "local_eval")} == {2}
+    timing = json.loads((run / "timing.json").read_text())
+    phases = ("load", "client_stats", "global_eval", "train", "local_eval", "aggregate")
+    assert all(timing[p] > 0 for p in phases) and timing["other"] >= 0
+    assert sum(timing[p] for p in (*phases, "checkpoint", "other")) == pytest.approx(
+        timing["total"], abs=0.01
+    )
     assert {r["round"] for r in records_of(run, "client_train")} == {1, 2}
     summary = list(csv.DictReader((run / "summary.csv").open()))
     assert math.isnan(float(summary[1]["local_own"])) and float(summary[2]["local_own"]) > 0
