@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from cllora.config import ConfigError, load_config
+from cllora.fed.algorithms.base import b_part
 from cllora.fed.checkpoint import load_checkpoint
 from cllora.fed.server import TooFewClientsError, run_experiment
 from cllora.fed.strategy import STRATEGIES
+from cllora.model.lora import state_nbytes
 from tests.conftest import tiny_run_overrides
 
 
@@ -40,6 +42,10 @@ def test_every_strategy_runs_from_the_config(tmp_path, strategy):
         )
         for k in a_keys:
             torch.testing.assert_close(ckpt.global_state[k], first.global_state[k])
+        b_bytes = state_nbytes(b_part(result.global_state))  # only B travels, both ways
+        assert b_bytes < state_nbytes(result.global_state)
+        for r in rounds:
+            assert r["bytes_up"] == r["bytes_down"] == len(r["clients"]) * b_bytes
 
 
 def test_fedprox_with_mu_zero_equals_fedavg(tmp_path):

@@ -39,10 +39,21 @@ from typing import Any, ClassVar
 import torch
 
 from cllora.config import Config, ConfigError
+from cllora.fed.lora_algebra import A_SUFFIX, B_SUFFIX
 from cllora.fed.strategy import AggregateResult, StrategyOptions, aggregate, to_client_rank
 from cllora.model.lora import set_lora_state, state_nbytes
 
 State = dict[str, torch.Tensor]
+
+
+def a_part(state: State) -> State:
+    """The A tensors (``*.lora_A``) of an adapter."""
+    return {k: t for k, t in state.items() if k.endswith(A_SUFFIX)}
+
+
+def b_part(state: State) -> State:
+    """The B tensors (``*.lora_B``) of an adapter."""
+    return {k: t for k, t in state.items() if k.endswith(B_SUFFIX)}
 
 
 @dataclass

@@ -35,21 +35,13 @@ from cllora.fed.algorithms.base import (
     Downlink,
     State,
     Uplink,
+    a_part,
+    b_part,
     require_one_rank,
 )
-from cllora.fed.lora_algebra import A_SUFFIX, B_SUFFIX
+from cllora.fed.lora_algebra import B_SUFFIX
 from cllora.fed.strategy import AggregateResult, fedavg
 from cllora.model.lora import state_nbytes
-
-
-def a_part(state: State) -> State:
-    """The A tensors (``*.lora_A``) of an adapter."""
-    return {k: t for k, t in state.items() if k.endswith(A_SUFFIX)}
-
-
-def b_part(state: State) -> State:
-    """The B tensors (``*.lora_B``) of an adapter."""
-    return {k: t for k, t in state.items() if k.endswith(B_SUFFIX)}
 
 
 @dataclass

@@ -2,12 +2,40 @@
 and averaged, ``B = sum_k w_k (s_k / s) B_k`` — exact, since every client shares A.
 
 Usage: ``cllora run fed.strategy=frozen_a``. Needs one rank for every client.
+
+Bytes: only B travels, both ways. A is the shared initialisation every client builds from the
+run's seed (FFA-LoRA's premise), so the downlink counts B alone and the uplink holds B alone;
+the server puts its own (unchanged) A back before aggregating.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from cllora.config import Config, ConfigError
-from cllora.fed.algorithms.base import Algorithm, Downlink, LocalRule
+from cllora.fed.algorithms.base import (
+    Algorithm,
+    ClientResult,
+    Downlink,
+    LocalRule,
+    State,
+    Uplink,
+    a_part,
+    b_part,
+)
+from cllora.fed.strategy import AggregateResult
+from cllora.model.lora import state_nbytes
+
+
+@dataclass
+class SharedInitDownlink(Downlink):
+    """The global adapter, of which only B is counted: A is the client's own seeded init."""
+
+    def nbytes(self) -> int:
+        if not self.counted:
+            return 0
+        extra = sum(state_nbytes(s) for s in self.extra.values())
+        return state_nbytes(b_part(self.adapter)) + extra
 
 
 class FrozenA(Algorithm):
@@ -23,3 +51,17 @@ class FrozenA(Algorithm):
 
     def local_rule(self, index: int, down: Downlink) -> LocalRule:
         return LocalRule(freeze_a=True)
+
+    def downlink(self, index: int, global_state: State) -> Downlink:
+        return SharedInitDownlink(global_state)
+
+    def uplink(self, index: int, down: Downlink, trained: State) -> Uplink:
+        return Uplink(b_part(trained))
+
+    def aggregate(self, global_state: State, results: list[ClientResult]) -> AggregateResult:
+        shared_a = a_part(global_state)
+        full = [
+            ClientResult(r.index, Uplink({**shared_a, **r.uplink.adapter}), r.weight)
+            for r in results
+        ]
+        return self._aggregate_as(self.name, global_state, full)

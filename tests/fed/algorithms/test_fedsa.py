@@ -13,8 +13,8 @@ import torch
 
 from cllora.config import ConfigError, load_config
 from cllora.fed.algorithms import make_algorithm
-from cllora.fed.algorithms.base import ClientResult
-from cllora.fed.algorithms.fedsa import a_part, b_part, fedsa_aggregate
+from cllora.fed.algorithms.base import ClientResult, a_part, b_part
+from cllora.fed.algorithms.fedsa import fedsa_aggregate
 from cllora.fed.checkpoint import load_checkpoint
 from cllora.fed.runner import run_experiment
 from cllora.fed.strategy import fedavg
