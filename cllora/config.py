@@ -169,6 +169,13 @@ class EvalConfig:
     # same N samples for every local model and every cell of a seed (the held-out draw is
     # seeded), so they compare; needs partition.global_test_fraction > 0.
     local_global_samples: int = 0
+    # Greedy answers of the global model to the first N samples of the global test set, scored
+    # against the reference (ROUGE-L, token F1; cllora/generation.py) at round 0 (with
+    # fed.eval_initial) and at the last round; 0 = off. The same N samples in every cell of a
+    # seed when the global test set is held out (partition.global_test_fraction > 0).
+    generate_samples: int = 0
+    # At most this many new tokens per answer (greedy decoding stops earlier at end-of-sequence).
+    max_new_tokens: int = 64
 
 
 @dataclass
@@ -271,6 +278,8 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "partition.max_test_per_client": (lambda v: v >= 0, "an integer >= 0 (0 = no cap)"),
     "partition.max_global_test": (lambda v: v >= 0, "an integer >= 0 (0 = no cap)"),
     "eval.local_global_samples": (lambda v: v >= 0, "an integer >= 0 (0 = all)"),
+    "eval.generate_samples": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "eval.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "train.local_steps": (lambda v: v >= 1, "an integer >= 1"),
     "train.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "train.lr": (lambda v: v > 0, "a number > 0"),

@@ -7,6 +7,7 @@ Usage::
     row = ev.global_round(model, round_idx)        # writes `global_eval` records; a summary row
     records = ev.local(model, client_idx, round_idx)   # `local_eval` records, for the caller
     add_local_means(row, records)                  # the round's mean local losses, into the row
+    ev.generation(model, tokenizer, round_idx)     # a `generation` record (eval.generate_samples)
 
 The **global test set** is the union of the clients' test sets (each clean and cut to the common
 window ``data.max_length``), or, with ``partition.global_test_fraction`` > 0, the samples held out
@@ -28,11 +29,17 @@ measured token length or the response's sentences, see
 each sample's summed loss, in the order of the set in the ``test_samples`` record
 (:meth:`Evaluator.write_test_samples`, once per run; a sample's id is its ``file:line``, made
 unique within a set by ``#2``, ``#3``; ``lengths`` its measure, in the same unit).
+
+**Generation** (``eval.generate_samples`` = N > 0; :meth:`Evaluator.generation`, called by the
+runner at round 0 and at the last round): the global model's greedy answers to the first N
+samples of the global test set, in the order above, scored against their references
+(ROUGE-L and token F1, :mod:`cllora.generation`) into one ``generation`` record.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,8 +49,9 @@ from cllora.data.partition import Client, sample_length
 from cllora.eval import EvalResult, by_bucket, evaluate_samples
 from cllora.fed.distributed import DistContext
 from cllora.fed.guards import NonFiniteError, NonFiniteModelError, non_finite_values
+from cllora.generation import Answer, generate_answers, reference_text, score_answers
 from cllora.report.metrics import MetricsLog
-from cllora.report.records import GLOBAL, OWN, GlobalEval, LocalEval, TestSamples
+from cllora.report.records import GLOBAL, OWN, Generation, GlobalEval, LocalEval, TestSamples
 
 
 class Evaluator:
@@ -164,6 +172,49 @@ class Evaluator:
             LocalEval(round=round_idx, client=c.name, test=test, **rec)
             for test, rec in ((OWN, own), (GLOBAL, glob))
         ]
+
+    def generation(self, model: Any, tokenizer: Any, round_idx: int) -> Generation | None:
+        """The global model's greedy answers to the first ``eval.generate_samples`` samples of
+        the global test set, scored against their references (:mod:`cllora.generation`): the
+        ``generation`` record, written and returned (None when off). Under torchrun every rank
+        answers every world-th sample (the same model on every rank) and the answers are
+        gathered, so the ranks stay in step."""
+        n, max_new = self.cfg.eval.generate_samples, self.cfg.eval.max_new_tokens
+        samples = self.samples[self.global_slice][:n]
+        if not samples:
+            return None
+        start = time.perf_counter()
+        answers = self._answers(model, tokenizer, samples, f"generate round {round_idx}")
+        references = [reference_text(tokenizer, s) for s in samples]
+        scores = score_answers([a.text for a in answers], references)
+        rouge, f1 = [sc.rouge_l for sc in scores], [sc.f1 for sc in scores]
+        record = Generation(
+            round=round_idx, model="global", test=GLOBAL,
+            samples=_test_set(self.samples[self.global_slice])["samples"][: len(samples)],
+            rouge_l=rouge, f1=f1, rouge_l_mean=sum(rouge) / len(rouge),
+            f1_mean=sum(f1) / len(f1), max_new_tokens=max_new,
+            new_tokens=[a.new_tokens for a in answers], answers=[a.text for a in answers],
+            references=references, seconds=round(time.perf_counter() - start, 3),
+        )  # fmt: skip
+        self.metrics.write(record)
+        return record
+
+    def _answers(
+        self, model: Any, tokenizer: Any, samples: list[Sample], desc: str
+    ) -> list[Answer]:
+        """Every sample's answer; under torchrun each rank answers every world-th sample."""
+        cfg = self.cfg
+        args = (cfg.eval.max_new_tokens, cfg.train.eval_batch_size, desc, cfg.progress)
+        if self.ctx is None:
+            return generate_answers(model, tokenizer, samples, *args)
+        rank, world = self.ctx.rank, self.ctx.world
+        mine = generate_answers(model, tokenizer, samples[rank::world], *args)
+        parts = self.ctx.all_gather_json([[a.text, a.new_tokens] for a in mine])
+        out: list[Answer] = [Answer("", 0)] * len(samples)
+        for k, part in enumerate(parts):
+            for j, (text, new_tokens) in enumerate(part):
+                out[k + j * world] = Answer(text, new_tokens)
+        return out
 
 
 def _test_set(samples: Sequence[Sample], measure: str = "tokens") -> dict[str, list]:

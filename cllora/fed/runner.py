@@ -237,6 +237,7 @@ def _start(run: Run, ckpt: Checkpoint | None) -> int:
         if run.cfg.fed.eval_initial:
             with run.timer.phase("global_eval"):
                 run.result.rows.append(run.evaluator.global_round(run.model, 0))
+            _generate(run, 0)
         _checkpoint(run, 0, _rng_states(run.rng, run.rng_fail))
         return 1
     device = next(iter(run.global_state.values())).device
@@ -280,9 +281,18 @@ def run_round(run: Run, r: int) -> dict[str, Any]:
             extra=json_safe(agg.info),
         )
     )  # fmt: skip
+    if r == run.cfg.fed.rounds:  # after the round record: its seconds leave generation out
+        _generate(run, r)
     _checkpoint(run, r, _rng_states(run.rng, run.rng_fail))
     log.info("round %d: global loss %.4f (ppl %.2f)", r, row["global_loss"], row["global_ppl"])
     return row
+
+
+def _generate(run: Run, r: int) -> None:
+    """The global model's scored greedy answers (``eval.generate_samples``; none when 0)."""
+    if run.cfg.eval.generate_samples:
+        with run.timer.phase("generation"):
+            run.evaluator.generation(run.model, run.tokenizer, r)
 
 
 def _weights(run: Run, names: list[str]) -> list[float]:

@@ -48,6 +48,14 @@ knob moves samples between clients (a partition knob), own test sets differ betw
 cells, and ``own`` scopes use the samples both cells put in that client's test set;
 ``n_samples`` says how many.
 
+Generation scopes (cells run with ``eval.generate_samples`` > 0; their ``metrics.jsonl`` holds
+``generation`` records, :mod:`cllora.report.records`): ``model=global``, ``scope=rouge-l`` and
+``scope=token-f1``, the global model's per-sample ROUGE-L F-measure / token F1 of its greedy
+answers, at the last round both cells generated (or ``round=``), paired by sample id as above.
+Each sample weighs the same (a ``Paired`` with the score as ``loss`` and 1 as ``tokens``), so the
+effect is the new cell's mean score minus the reference's: a score in [0, 1], **higher =
+better** (:func:`higher_is_better`; the labels say so), unlike the loss scopes.
+
 **Interval (95%), column ``method``.**
 
 - ``t-seeds`` (2 or more seeds): a Student t interval over the per-seed effects,
@@ -95,7 +103,8 @@ from typing import Any
 import numpy as np
 
 from cllora.data.partition import bucket_label
-from cllora.report.records import GLOBAL
+from cllora.report.metrics import read_metrics
+from cllora.report.records import GLOBAL, Kind, of_kind
 from cllora.report.sample_losses import FILE_NAME, SampleLosses, read_sample_losses
 
 MODELS = ("global", "local")
@@ -103,6 +112,9 @@ SEED_KEY = "seed"
 METHOD_T = "t-seeds"
 METHOD_BOOTSTRAP = "bootstrap-samples-1seed"
 N_BOOT = 2000
+# Generation scopes (higher = better) -> the per-sample field of the ``generation`` records.
+GENERATION_SCOPES = {"rouge-l": "rouge_l", "token-f1": "f1"}
+_SCORE_NAMES = {"rouge-l": "ROUGE-L", "token-f1": "token F1"}
 EFFECT_COLUMNS = (
     "knob",
     "value",
@@ -266,7 +278,7 @@ class EffectRow:
     value: Any
     reference: Any
     model: str  # global | local-mean | local:<client>
-    scope: str  # all | length <label> | own
+    scope: str  # all | length <label> | own | rouge-l | token-f1 (scores: higher = better)
     round: int | str  # the round compared ("3,4" where pairs ended at different rounds)
     effect: float
     lo: float
@@ -382,6 +394,7 @@ class _Cells:
     def __init__(self) -> None:
         self._losses: dict[Path, SampleLosses] = {}
         self._views: dict[tuple[Path, int], View] = {}
+        self._scores: dict[Path, dict[int, dict[str, Parts]]] = {}
 
     def losses(self, run_dir: Path) -> SampleLosses:
         if run_dir not in self._losses:
@@ -392,6 +405,28 @@ class _Cells:
         if (run_dir, rnd) not in self._views:
             self._views[(run_dir, rnd)] = _view(self.losses(run_dir), rnd)
         return self._views[(run_dir, rnd)]
+
+    def scores(self, run_dir: Path) -> dict[int, dict[str, Parts]]:
+        """Round -> generation scope -> the global model's part ``""`` -> sample id ->
+        (score, 1, 0), from the cell's ``generation`` records (none: no ``metrics.jsonl``)."""
+        if run_dir not in self._scores:
+            self._scores[run_dir] = _generation_scores(Path(run_dir) / "metrics.jsonl")
+        return self._scores[run_dir]
+
+
+def _generation_scores(path: Path) -> dict[int, dict[str, Parts]]:
+    if not path.is_file():
+        return {}
+    out: dict[int, dict[str, Parts]] = {}
+    for rec in of_kind(read_metrics(path), Kind.GENERATION):
+        if rec.get("model") != "global":
+            continue
+        out[int(rec["round"])] = {
+            scope: {"": {s: (float(v), 1, 0) for s, v in zip(rec["samples"], rec[name],
+                                                             strict=True)}}
+            for scope, name in GENERATION_SCOPES.items()
+        }  # fmt: skip
+    return out
 
 
 def _knobs(cells: Sequence[tuple[dict[str, Any], Path]]) -> dict[str, list[Any]]:
@@ -429,10 +464,19 @@ def _pairs(cells, knob: str, ref: Any, value: Any) -> dict[str, list[tuple[Path,
 
 
 def _round_of(store: _Cells, ref_dir: Path, new_dir: Path, rnd: int | None) -> int | None:
-    common = store.losses(ref_dir).rounds() & store.losses(new_dir).rounds()
+    return _pick_round(store.losses(ref_dir).rounds() & store.losses(new_dir).rounds(), rnd)
+
+
+def _pick_round(common: set[int], rnd: int | None) -> int | None:
+    """``rnd`` when both cells hold it, by default the last round both hold; else None."""
     if rnd is not None:
         return rnd if rnd in common else None
     return max(common) if common else None
+
+
+def _used(rounds: set[int]) -> int | str:
+    """The ``round`` column: the round compared, ``"3,4"`` where pairs ended apart."""
+    return min(rounds) if len(rounds) == 1 else ",".join(map(str, sorted(rounds)))
 
 
 def _rows_of(
@@ -458,8 +502,33 @@ def _rows_of(
         if not seeds:
             continue
         e = paired_effect(seeds, n_boot=n_boot, rng_seed=rng_seed)
-        used: int | str = min(rounds) if len(rounds) == 1 else ",".join(map(str, sorted(rounds)))
-        rows.append(EffectRow(knob, value, ref, scope.model, scope.scope, used, *_fields(e)))
+        rows.append(EffectRow(knob, value, ref, scope.model, scope.scope, _used(rounds),
+                              *_fields(e)))  # fmt: skip
+    return rows
+
+
+def _generation_rows(knob, value, ref, by_seed, store, rnd, n_boot, rng_seed) -> list[EffectRow]:
+    """The rows of the generation scopes (module doc), where both cells of a pair generated."""
+    views: dict[str, list[tuple[dict, dict]]] = {}  # seed -> [(ref scores, new scores)]
+    rounds = set()
+    for seed, dirs in by_seed.items():
+        for ref_dir, new_dir in dirs:
+            a, b = store.scores(ref_dir), store.scores(new_dir)
+            r = _pick_round(a.keys() & b.keys(), rnd)
+            if r is not None:
+                views.setdefault(seed, []).append((a[r], b[r]))
+                rounds.add(r)
+    rows = []
+    for scope in GENERATION_SCOPES:
+        seeds = []
+        for pairs in views.values():
+            parts = [(a[scope], b[scope]) for a, b in pairs]
+            paired = _seed_paired([(a, b, _aligned(a, b, (), None)) for a, b in parts])
+            if paired is not None:
+                seeds.append(paired)
+        if seeds:
+            e = paired_effect(seeds, n_boot=n_boot, rng_seed=rng_seed)
+            rows.append(EffectRow(knob, value, ref, "global", scope, _used(rounds), *_fields(e)))
     return rows
 
 
@@ -497,6 +566,7 @@ def sweep_effects(
             rows += _rows_of(
                 knob, value, ref, by_seed, store, edges, round, n_boot, rng_seed, measure
             )
+            rows += _generation_rows(knob, value, ref, by_seed, store, round, n_boot, rng_seed)
     return rows
 
 
@@ -524,9 +594,18 @@ def write_effects_csv(rows: Sequence[EffectRow], path: str | Path) -> Path:
     return path
 
 
+def higher_is_better(row: EffectRow) -> bool:
+    """Whether a positive effect is an improvement: the generation scores' rows (the loss rows:
+    negative = better)."""
+    return row.scope in GENERATION_SCOPES
+
+
 def scope_words(model: str, scope: str) -> str:
-    """``global model, all samples``, ``mean local model, own test sets``, ..."""
+    """``global model, all samples``, ``mean local model, own test sets``, ``global model,
+    ROUGE-L of greedy answers (higher = better)``, ..."""
     if model == "global":
+        if scope in GENERATION_SCOPES:
+            return f"global model, {_SCORE_NAMES[scope]} of greedy answers (higher = better)"
         if scope == "all":
             return "global model, all samples"
         return f"global model, samples of {scope}"

@@ -175,7 +175,7 @@ def _effects_section(root: Path, spec: dict[str, Any], finished: list[dict]) -> 
     table = [
         {
             "comparison": row_label(r),
-            "effect (nats/token)": r.effect,
+            "effect": r.effect,
             "95% interval": f"[{r.lo:.4f}, {r.hi:.4f}]",
             "seeds": r.n_seeds,
             "samples": r.n_samples,
@@ -187,9 +187,11 @@ def _effects_section(root: Path, spec: dict[str, Any], finished: list[dict]) -> 
         "<h2>Effects</h2>",
         f"<p>{resolved} of {len(rows)} paired effects are resolved (their 95% interval excludes "
         "0). An effect is the loss with a knob's value minus the loss with its reference value "
-        "(the first in the grid), on the same test samples, for the same seed; negative = "
-        "better. Intervals: Student t over the seeds' paired effects "
-        "(cllora/report/effects.py); also in effects.csv.</p>",
+        "(the first in the grid), on the same test samples, for the same seed, in nats per "
+        "token; negative = better. Rows marked (higher = better) are generation scores "
+        "(ROUGE-L, token F1 in [0, 1]): the score difference, positive = better. Intervals: "
+        "Student t over the seeds' paired effects (cllora/report/effects.py); also in "
+        "effects.csv.</p>",
         _img(forest_plot(rows, out / "effects.png")),
         _table(table),
     ]

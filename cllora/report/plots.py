@@ -156,22 +156,27 @@ def plot_knob(
 
 def forest_plot(rows: Sequence[Any], path: str | Path, title: str = "") -> Path:
     """A forest plot: one line per row, top to bottom in order, the effect as a dot and its 95%
-    interval as a bar, a vertical line at 0; resolved rows coloured (green: lower loss, red:
-    higher), the others grey and hollow. Returns the path (a PNG)."""
-    from cllora.report.effects import row_label
+    interval as a bar, a vertical line at 0; resolved rows coloured (green: better, i.e. lower
+    loss or, on rows labelled "higher = better", a higher score; red: worse), the others grey and
+    hollow. Returns the path (a PNG)."""
+    from cllora.report.effects import higher_is_better, row_label
 
     path = Path(path)
     n = max(1, len(rows))
     fig, ax = plt.subplots(figsize=(10, 1.2 + 0.3 * n))
     for y, row in enumerate(rows):
-        colour = ("tab:green" if row.effect < 0 else "tab:red") if row.resolved else "0.55"
+        better = row.effect > 0 if higher_is_better(row) else row.effect < 0
+        colour = ("tab:green" if better else "tab:red") if row.resolved else "0.55"
         ax.plot([row.lo, row.hi], [y, y], "-", color=colour, lw=2.2 if row.resolved else 1.2)
         face = colour if row.resolved else "white"
         ax.plot(row.effect, y, "o", color=colour, markerfacecolor=face, ms=6, zorder=3)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(rows)), [row_label(r) for r in rows], fontsize=8)
     ax.set_ylim(n - 0.5, -0.5)
-    ax.set_xlabel("loss difference (nats per token), negative = better")
+    xlabel = "loss difference (nats per token), negative = better"
+    if any(higher_is_better(r) for r in rows):
+        xlabel += "; rows marked (higher = better): score difference"
+    ax.set_xlabel(xlabel)
     ax.grid(axis="x", alpha=0.3)
     default = "paired effects, 95% intervals (filled: excludes 0; (1 seed): sample noise only)"
     ax.set_title(title or default, fontsize=9)

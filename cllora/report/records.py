@@ -20,7 +20,11 @@ client per round it trained: every local step's loss); ``client_failed`` (a clie
 round, with the error); ``global_eval`` (per round, one per client test set plus ``GLOBAL``);
 ``local_eval`` (per round per trained client: ``test="own"`` and ``test=GLOBAL``); ``round``
 (per round: clients, weights, bytes up and down, seconds, the algorithm's info);
-``test_samples`` (one, before round 0: every test set's sample ids, lengths and target counts).
+``test_samples`` (one, before round 0: every test set's sample ids, lengths and target counts);
+``generation`` (with ``eval.generate_samples`` = N > 0, at round 0 and at the last round: the
+global model's greedy answers to the first N samples of the ``GLOBAL`` set, their ids, per-sample
+``rouge_l`` and ``f1`` in [0, 1], higher = better, and their means; the answers and references
+as text, for inspection; :mod:`cllora.generation`). Readers that predate a kind ignore it.
 
 Per-sample losses (version 2): every ``global_eval`` / ``local_eval`` record carries
 ``loss_sums``, the summed loss of each sample of its test set in the order the ``test_samples``
@@ -52,6 +56,7 @@ class Kind(StrEnum):
     LOCAL_EVAL = "local_eval"
     ROUND = "round"
     TEST_SAMPLES = "test_samples"
+    GENERATION = "generation"
 
 
 @dataclass
@@ -160,6 +165,27 @@ class TestSamples(Record):
 
 
 @dataclass
+class Generation(Record):
+    """Greedy answers of ``model`` (``"global"``) to the first samples of test set ``test``
+    (``GLOBAL``), in its ``test_samples`` order, scored against their references."""
+
+    round: int
+    model: str
+    test: str
+    samples: list[str]  # the sample ids, a prefix of the set's ids in ``test_samples``
+    rouge_l: list[float]  # ROUGE-L F-measure per sample
+    f1: list[float]  # SQuAD token F1 per sample
+    rouge_l_mean: float
+    f1_mean: float
+    max_new_tokens: int
+    new_tokens: list[int]  # tokens generated per sample (end-of-sequence left out)
+    answers: list[str]
+    references: list[str]
+    seconds: float
+    kind: Kind = field(init=False, default=Kind.GENERATION)
+
+
+@dataclass
 class FreeRecord(Record):
     """A record whose fields are open (``partition``, ``client_stats``: measured tables)."""
 
@@ -197,6 +223,7 @@ _CLASSES: dict[str, type[Record]] = {
     Kind.LOCAL_EVAL: LocalEval,
     Kind.ROUND: RoundRecord,
     Kind.TEST_SAMPLES: TestSamples,
+    Kind.GENERATION: Generation,
 }
 
 
