@@ -120,11 +120,10 @@ def _configs(args: argparse.Namespace) -> list:
 
 def _cpu_buffer_policy(args: argparse.Namespace) -> None:
     """Page-aligned big CPU buffers (:func:`cllora.model.cpu_memory.align_large_buffers`) for
-    runs that checkpoint or release memory: glibc's heap then fragments far less (a checkpointed
-    4096-token step of SmolLM2-135M: 4.55 -> 2.5 GiB peak RSS at 0.95x the speed). Not for the
-    others: there it saved nothing and cost 3-10% of the speed (2 cores, 2048-4096 tokens, no
-    checkpointing; benchmarks/results/e2e-cpu.md). torch reads the setting once, so this runs
-    before torch is imported; bench/profile decide it per cell."""
+    runs that checkpoint or release memory: glibc's heap then fragments far less and the peak RSS
+    drops. Not for the others: there it saves nothing and costs speed (benchmarks/results/
+    e2e-cpu.md, "Page-aligned CPU buffers against heap fragmentation"). torch reads the setting
+    once, so this runs before torch is imported; bench/profile decide it per cell."""
     try:
         configs = _configs(args)
     except Exception:  # the real load below reports a bad config, with its exit status

@@ -39,8 +39,8 @@ class ModelConfig:
     # ...; cllora/model/presets.py), a local Hugging Face model directory, or a hub id already in
     # the local HF cache.
     name: str = "smollm2-135m"
-    # "auto": bf16 on CUDA, fp32 on CPU. Measured on the 2-core AVX2 CPU (no native bf16):
-    # a LoRA training step of SmolLM2-135M at 256 tokens takes 1.7 s in fp32 and 46 s in bf16.
+    # "auto": bf16 on CUDA, fp32 on CPU (a CPU without native bf16 runs bf16 steps far slower:
+    # benchmarks/results/e2e-cpu.md).
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     # "auto": the first CUDA device when there is one, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -57,11 +57,10 @@ class ModelConfig:
     # Quantize the 4-bit blocks' absmax statistics too (saves ~0.4 bits per weight).
     double_quant: bool = True
     # Fused kernels (cllora/model/kernels.py): "auto" = RMSNorm and SwiGLU swapped for
-    # Llama/Qwen2/Mistral models: Triton on CUDA (measured faster there), on CPU the memory-lean
-    # autograd Functions of cllora_kernels.lean (same speed, -0.5 GiB peak RSS at 2048 tokens on
-    # SmolLM2-135M: benchmarks/results/e2e-cpu.md); true = those plus the fused LoRA linear
-    # (measured slower than the unfused path on an H200 so far: kernels/README.md), also on CPU
-    # (reference path); false = none.
+    # Llama/Qwen2/Mistral models: Triton on CUDA, on CPU the memory-lean autograd Functions of
+    # cllora_kernels.lean (fewer kept buffers); true = those plus the fused LoRA linear (not in
+    # auto: slower than the unfused path so far), also on CPU (reference path); false = none.
+    # Measurements: kernels/README.md (GPU), benchmarks/results/e2e-cpu.md (CPU).
     kernels: Literal["auto"] | bool = "auto"
 
 
@@ -207,8 +206,8 @@ class TrainConfig:
     loss_chunk: int = 0
     # CPU (glibc) only: hand every freed buffer of 128 KiB or more back to the OS at once
     # (cllora/model/cpu_memory.py), so the peak RSS follows the live activations instead of
-    # glibc's fragmented heap: the longest contexts on a RAM budget, for ~30-60% more time per
-    # step (page faults). Measured in benchmarks/results/e2e-cpu.md.
+    # glibc's fragmented heap: the longest contexts on a RAM budget, for more time per step
+    # (page faults; benchmarks/results/e2e-cpu.md, provider cllora-lowmem).
     release_memory: bool = False
     # torch CPU threads (0 = leave torch's default).
     threads: int = 0

@@ -17,8 +17,8 @@ token, and the score is one of free continuation.
 
 **Generation**: greedy (``do_sample=False``), at most ``max_new_tokens`` new tokens, stopping at
 the tokenizer's and the model's end-of-sequence tokens; prompts of similar length are batched
-with left padding (``batch_size``; measured faster on CPU than one at a time). The model is left
-in eval mode, as :func:`cllora.eval.evaluate_samples` leaves it.
+with left padding (``batch_size``; why batched: docs/ARCHITECTURE.md, "Generation"). The model
+is left in eval mode, as :func:`cllora.eval.evaluate_samples` leaves it.
 
 **Scores** (:func:`score_answers`), from torchmetrics: ``rouge_l`` is the ROUGE-L F-measure
 (``torchmetrics.functional.text.rouge_score``, longest common subsequence of lower-cased

@@ -36,10 +36,10 @@ spreads ``mean_rate`` evenly (without alpha, every client has ``mean_rate``).
 The quality score (:func:`cllora.eval.quality_score`, an evaluation, hence not in this torch-free
 layer) needs no labels: the base model's mean next-token loss on a sample's response
 (per sample), and per client ``1 / ppl`` over its scored samples (higher = cleaner, more
-natural text). The same score weights clients under ``fed.weighting=quality``. Measured with
-SmolLM2-135M (tests/data/test_quality.py): shuffled and replaced answers score far lower, but a
-repeated boilerplate sentence scores *higher* (repetition is easy to predict): perplexity does not
-see duplication.
+natural text). The same score weights clients under ``fed.weighting=quality``. Perplexity does
+not see duplication: a repeated sentence is easy to predict, so boilerplate can raise the score
+(what was measured: docs/measurement.md, "Heterogeneous clients"; tests/data/test_quality.py
+checks it).
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def varlen_attention(
 
         params = _varlen_params()
         # torch >= 2.12: causal = window (-1, 0), GQA built in; torch 2.9-2.11: is_causal, and
-        # the K/V heads repeated for GQA (measured on torch 2.11 + an H200: no enable_gqa there)
+        # the K/V heads repeated for GQA (no enable_gqa there: benchmarks/results/e2e-gpu.md)
         causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
         if q.shape[1] != k.shape[1]:
             if "enable_gqa" in params:

@@ -12,12 +12,15 @@ Usage::
 Why: torch's CPU tensors come from ``malloc``. glibc serves big blocks with ``mmap`` only until
 the first such block is freed; then its *dynamic* threshold climbs (up to 32 MiB) and later
 blocks of activation size come from the heap, where a freed block stays resident until
-everything above it is freed too. A training step allocates and frees tens of GB of
-(tokens x hidden) buffers in changing orders, so the heap fragments: measured on SmolLM2-135M,
-2048 tokens, checkpointing, 2 cores: peak RSS 3.0 GiB where the heap's live bytes never pass
-~0.35 GiB (mallinfo2), the heap itself 2.07 GiB of which 1.85 GiB free.
+everything above it is freed too. A training step allocates and frees many (tokens x hidden)
+buffers in changing orders, so the heap fragments: with checkpointing the peak RSS is set by
+the heap's free space, not by the live bytes. The measurements (peak RSS, heap and live bytes
+from ``mallinfo2``, one glibc setting at a time, speed) are in ``benchmarks/results/
+e2e-cpu.md``, "Page-aligned CPU buffers against heap fragmentation" and, for
+``release_freed_memory``, the ``cllora-lowmem`` rows of "After the LoRA, lean-kernel and
+allocator work".
 
-Two remedies, found by measuring that step:
+Two remedies:
 
 - :func:`align_large_buffers` (``cllora run`` applies it to checkpointed runs): torch asks
   glibc for 64-byte alignment, which ``posix_memalign`` gets by carving a few dozen bytes off the
@@ -26,20 +29,19 @@ Two remedies, found by measuring that step:
   activations can no longer merge into a block big enough for the next one: the heap grows.
   With ``THP_MEM_ALLOC_ENABLE=1`` torch page-aligns blocks of 2 MiB and more (and advises the
   kernel to back them with transparent huge pages); the slivers become kilobytes, too big for
-  those caches, and merge back. Same step: heap 2.07 -> 1.0 GiB, peak RSS 3.0 -> 1.9 GiB; at
-  4096 tokens 4.55 -> 2.44 GiB at 0.95-0.98x the tokens/s. The same result with transparent
-  huge pages switched off for the process (``prctl``), so it is the alignment, not the huge
-  pages. Without checkpointing it saved nothing (the live activations dominate) and cost 3-10%
-  of the speed (with or without huge pages), so runs that do not checkpoint are left alone.
-  (Turning the tcache and fast bins off outright, ``GLIBC_TUNABLES=glibc.malloc.tcache_count=0:
-  glibc.malloc.mxfast=0``, gave 1.6 GiB; glibc reads that only at process start, so it is left
-  to the user.) torch reads the variable once, at its first CPU allocation: it must be in the
-  environment before ``import torch``. :func:`buffers_page_aligned` tells whether it took.
+  those caches, and merge back. It is the alignment, not the huge pages: the same holds with
+  transparent huge pages switched off for the process (``prctl``). Without checkpointing it
+  saves nothing (the live activations dominate) and costs some speed, so runs that do not
+  checkpoint are left alone. (Turning the tcache and fast bins off outright,
+  ``GLIBC_TUNABLES=glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0``, also helps; glibc reads
+  that only at process start, so it is left to the user.) torch reads the variable once, at its
+  first CPU allocation: it must be in the environment before ``import torch``.
+  :func:`buffers_page_aligned` tells whether it took.
 - :func:`release_freed_memory` (opt-in, ``train.release_memory``) fixes the mmap threshold at
   128 KiB (``mallopt(M_MMAP_THRESHOLD)``, which also turns the dynamic adjustment off) and trims
   the heap top at the same size, so every large buffer is its own mapping, returned by ``free``.
-  The price is a page fault per touched page of every new buffer: the same step took 30-60%
-  longer. For the longest contexts under a RAM budget.
+  The price is a page fault per touched page of every new buffer: slower steps. For the longest
+  contexts under a RAM budget.
 
 Off glibc (macOS, musl) both do nothing and return False. A user who preloads jemalloc or
 tcmalloc has chosen their allocator: glibc's ``mallopt`` then still answers but governs nothing.
@@ -98,7 +100,7 @@ def align_large_buffers(environ: MutableMapping[str, str] | None = None) -> bool
 
 def wants_aligned_buffers(cfg: Config) -> bool:
     """The runs that get page-aligned buffers: those that checkpoint or release memory (where
-    it halves the peak RSS; elsewhere it saved nothing and cost speed: the module docstring)."""
+    it lowers the peak RSS; elsewhere it saves nothing and costs speed: the module docstring)."""
     return bool(cfg.train.checkpointing or cfg.train.release_memory)
 
 

@@ -33,9 +33,9 @@ from cllora.data.formatting import IGNORE_INDEX
 
 # target-logit elements (64 MB in fp32) above which `auto` stops forming all logits at once; on
 # CPU also the size of one chunk of the fused path. Chunks of that size, not the kernels'
-# default (logits about as big as the hidden states: 16-32 rows here), because on a CPU every
-# chunk re-reads the whole (V x H) head: measured on 2 cores, SmolLM2-135M's head, 4096 tokens,
-# forward + backward: 16-32-row chunks 1.5-2.2x slower than plain, 256-row chunks 0.85x of it.
+# default (logits about as big as the hidden states), because on a CPU every chunk re-reads the
+# whole (V x H) head: small chunks are slower than plain cross-entropy, chunks of this size are
+# not (benchmarks/results/e2e-cpu.md, "After the LoRA, lean-kernel and allocator work").
 CHUNKED_LOGITS = 16 * 2**20
 EVAL_CHUNK = 2048  # target rows whose logits exist at once in row_loss_sums
 

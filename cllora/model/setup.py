@@ -133,9 +133,8 @@ def build_model(cfg: Config, global_rank: int | None = None) -> tuple[Any, Any, 
                         kernels, getattr(model.config, "model_type", "?"))  # fmt: skip
         # auto: RMSNorm and SwiGLU only (Triton on CUDA, cllora_kernels.lean's autograd
         # Functions on CPU: fewer kept and transient buffers). The fused LoRA linear is correct
-        # but slower than cuBLAS / bitsandbytes plus two thin matmuls (H200, Llama-3.1-8B
-        # shapes, 4096 tokens, bf16: dense 7.3 ms vs 2.4 ms forward+backward, NF4 265 ms vs
-        # 3.4 ms; kernels/README.md), so it is used only when asked for (model.kernels=true).
+        # but so far slower than cuBLAS / bitsandbytes plus two thin matmuls (kernels/README.md,
+        # "On a GPU"), so it is used only when asked for (model.kernels=true).
         swapped = enable_kernels(model, lora=kernels is True)
         engine["kernels"] = {k: len(v) for k, v in swapped.items() if v}
     log.info("engine: %s", engine)

@@ -64,27 +64,15 @@ better** (:func:`higher_is_better`; the labels say so), unlike the loss scopes.
   noise), so its spread across seeds measures all of it at once, and per-seed effects are means
   over many samples, close to normal, where the t interval is exact. A two-stage bootstrap
   (seeds, then samples within seed) estimates the same spread from 2-5 resampled seeds, which
-  understates it, and under-covers. Simulated studies (2000 per setting, 50 samples per seed;
-  sample difficulty shared by the paired cells, training noise per cell, per-sample noise and
-  effect spread), coverage of the true effect / a zero effect resolved, at 2 and 4 seeds:
-
-  ==================================  =================  =================
-  setting                             t-seeds            two-stage boot.
-  ==================================  =================  =================
-  sample noise dominates, 2 seeds     95.0% / 5.2%       87.6% / 11.8%
-  sample noise dominates, 4 seeds     96.3% / 4.5%       94.4% / 5.9%
-  training noise dominates, 2 seeds   94.4% / 5.3%       60.9% / 38.0%
-  training noise dominates, 4 seeds   96.0% / 4.5%       82.0% / 16.9%
-  ==================================  =================  =================
-
-  The price of honesty: with 2 seeds ``t = 12.71``, so intervals are wide; 3 seeds (4.30)
-  are worth much more than 2.
+  understates it, and under-covers, the more so the fewer the seeds and the larger the training
+  noise. Both methods' coverage on simulated studies: docs/measurement.md, "How the intervals
+  are calibrated". The price of honesty: with 2 seeds ``t = 12.71``, so intervals are wide;
+  3 seeds (4.30) are worth much more than 2.
 - ``bootstrap-samples-1seed`` (one seed): a paired percentile bootstrap over the samples
   (``n_boot`` resamples of the sample ids, drawn once for every part so that parts on the same
   samples stay matched, from ``numpy.random.default_rng(rng_seed)``: deterministic). It measures
-  sample noise only: with no training noise it covered 92.9% of 1000 simulated studies, with
-  training noise (sd 0.03 nats per cell) 79.3%. Read it as "this test set resolves the
-  difference", not as "the knob has an effect".
+  sample noise only, so it under-covers when training noise is present (same section). Read it
+  as "this test set resolves the difference", not as "the knob has an effect".
 
 ``resolved``: the interval excludes 0.
 """
