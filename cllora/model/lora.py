@@ -12,7 +12,8 @@ Maths: ``y = x W^T + (alpha / r) * dropout(x) A^T B^T`` with ``A`` (r, in) initi
 Kaiming-uniform and ``B`` (out, r) zero, so at init the LoRA model computes exactly the base model.
 The base ``W`` stays frozen; ``A`` and ``B`` are fp32 parameters whatever the base dtype.
 
-How the forward runs (decided 2026-11-26, measured in ``benchmarks/results/e2e-cpu.md``):
+How the forward runs (the measurements behind it: ``benchmarks/results/e2e-cpu.md``, "After the
+LoRA, lean-kernel and allocator work"; ``benchmarks/results/plan-h200.md`` for the 4-bit path):
 
 - **The LoRA products run in the activation dtype**: ``A`` and ``B`` (r x in, out x r: small) are
   cast to ``x.dtype``, never the (tokens x in) input to fp32. The matmuls accumulate in fp32
@@ -26,8 +27,18 @@ How the forward runs (decided 2026-11-26, measured in ``benchmarks/results/e2e-c
   the plain expression allocates and sweeps four (tokens x out) tensors per module in the forward
   (base, B product, the scaled copy, the sum) and three more in the backward; this keeps one and
   one. It saves ``x`` and the (tokens x r) ``x A^T`` only, as autograd would.
-- **Any other base** (bitsandbytes 4-bit, a subclass) runs ``base(x)`` under autograd and adds
-  the LoRA term with one out-of-place ``addmm`` (no separate scale and add passes).
+- **A 4-bit base** (:class:`cllora.model.quant.FrozenLinear4bit`, same conditions, the layer's
+  compute dtype equal to x's) goes through :class:`QuantLoRAFunction`, the same scheme on
+  bitsandbytes' public API: ``y = gemm_4bit(x) + b`` (``bnb.matmul_4bit``, grad disabled) then
+  one ``addmm_``; the backward ``dx = dy dequant(W)`` (as bitsandbytes' ``MatMul4Bit`` computes
+  it) then ``dx += s (dy B) A`` in place, where autograd on ``base(x) + update`` summed the two
+  (tokens x in) input gradients out of place (an extra read of two and write of one per module).
+  It saves ``x`` and ``x A^T`` as autograd would; the packed weight stays on ``ctx`` as
+  ``MatMul4Bit`` keeps it (a frozen parameter: no saved-tensor hook sees it).
+- **Anything else** (LoRA dropout in training, autocast, a base of another type or dtype) runs
+  ``base(x)`` under autograd and adds the LoRA term with one out-of-place ``addmm`` (no separate
+  scale and add passes): :func:`add_lora`. Dropout needs ``dropout(x)`` (or its mask) kept beside
+  ``x`` for the backward, which the two Functions do not keep.
 
 Adapter state dicts (what moves between clients and the server) hold only ``<module>.lora_A``
 and ``<module>.lora_B`` tensors; :mod:`cllora.model.adapter` converts them to and from the PEFT
@@ -38,6 +49,7 @@ of names where any name matches no linear module is refused (:func:`find_targets
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -90,13 +102,22 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One of three paths (module docstring): :class:`DenseLoRAFunction` for an
+        ``nn.Linear`` base, :class:`QuantLoRAFunction` for a ``FrozenLinear4bit`` base, plain
+        autograd (:func:`add_lora`) with LoRA dropout in training, under autocast (the
+        products' dtypes are then autocast's business) or for any other base or dtype."""
         base, dropping = self.base, self.training and isinstance(self.dropout, nn.Dropout)
-        plain = type(base) is nn.Linear and base.weight.dtype == x.dtype
-        # under autocast the products' dtypes are autocast's business: plain autograd then
-        if plain and not dropping and not torch.is_autocast_enabled(x.device.type):
+        fused = not dropping and not torch.is_autocast_enabled(x.device.type)
+        if fused and type(base) is nn.Linear and base.weight.dtype == x.dtype:
             return dense_lora_linear(
                 x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling
             )
+        if fused and _is_frozen_4bit(base):
+            state = base.quant_state_for(x)  # sets compute_dtype on the first call, if unset
+            if base.compute_dtype == x.dtype:
+                return quant_lora_linear(
+                    x, base.weight, state, base.bias, self.lora_A, self.lora_B, self.scaling
+                )
         return add_lora(base(x), self.dropout(x), self.lora_A, self.lora_B, self.scaling)
 
     def extra_repr(self) -> str:
@@ -153,6 +174,89 @@ def dense_lora_linear(
     """``x W^T + b + scaling (x A^T) B^T`` for x (..., K) through :class:`DenseLoRAFunction`."""
     lead = x.shape[:-1]
     y = DenseLoRAFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling)
+    return y.view(*lead, y.shape[-1])
+
+
+def _is_frozen_4bit(base: nn.Module) -> bool:
+    """Whether ``base`` is exactly a :class:`cllora.model.quant.FrozenLinear4bit` (a subclass
+    may compute otherwise). Looked up in ``sys.modules``: ``quant`` imports this module, and no
+    such layer exists before ``quant`` is imported."""
+    quant = sys.modules.get("cllora.model.quant")
+    return quant is not None and type(base) is quant.FrozenLinear4bit
+
+
+class QuantLoRAFunction(torch.autograd.Function):
+    """``x W_d^T + b + s (x A^T) B^T`` for a frozen 4-bit ``W`` (``W_d = dequant(W)``, never
+    materialised in the forward), with one output buffer forward and one input-gradient buffer
+    backward, on bitsandbytes' public API.
+
+    Inputs: x (M, K) in the layer's compute dtype, the packed weight and its ``QuantState``
+    (shape (N, K)), b (N,) in any float dtype (cast to x's for the product), A (r, K) and
+    B (N, r) in any float dtype (cast to x's for the products; their gradients come back in
+    their own dtype). With ``g = dL/dy`` (M, N) and ``g_xa = s g B`` (M, r):
+
+    - forward: ``y = gemm_4bit(x, W) + b`` (``bnb.matmul_4bit``), then ``y += s (x A^T) B^T``
+      in place (one ``addmm_``); saved: ``x``, ``x A^T`` (M, r) and the small casts of A, B;
+    - backward: ``dL/dx = g W_d + g_xa A`` (``W_d`` from ``dequantize_4bit``, as ``MatMul4Bit``'s
+      backward; the LoRA term added in place), ``dL/dA = g_xa^T x``, ``dL/dB = s g^T (x A^T)``,
+      ``dL/db = sum_rows g``; the packed weight gets no gradient (bitsandbytes has none).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, quant_state, bias, lora_A, lora_B, scaling: float):
+        import bitsandbytes as bnb
+
+        a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        xa = x @ a.t()  # (M, r)
+        bias_x = None if bias is None else bias.to(x.dtype)
+        y = bnb.matmul_4bit(x, weight, quant_state, bias=bias_x)  # (M, N); grad is off here
+        y.addmm_(xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(x, xa, a, b)
+        ctx.weight, ctx.state = weight, quant_state  # frozen, as MatMul4Bit keeps them
+        ctx.scaling = scaling
+        ctx.dtypes = (lora_A.dtype, lora_B.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from bitsandbytes.functional import dequantize_4bit
+
+        x, xa, a, b = ctx.saved_tensors
+        need_x, _, _, need_bias, need_la, need_lb = ctx.needs_input_grad[:6]
+        s = ctx.scaling
+        g = grad_y.contiguous()
+        grad_x = grad_bias = grad_a = grad_b = None
+        g_xa = (g @ b).mul_(s) if need_x or need_la else None  # (M, r): dL/d(x A^T)
+        if need_x:
+            w = dequantize_4bit(ctx.weight.view(-1, 1), ctx.state).to(g.dtype)  # (N, K)
+            grad_x = g @ w  # (M, K)
+            del w
+            grad_x.addmm_(g_xa, a)
+        if need_bias:
+            grad_bias = g.sum(0).to(ctx.dtypes[2])
+        if need_la:
+            grad_a = (g_xa.t() @ x).to(ctx.dtypes[0])  # (r, K)
+        if need_lb:
+            grad_b = (g.t() @ xa).mul_(s).to(ctx.dtypes[1])  # (N, r)
+        return grad_x, None, None, grad_bias, grad_a, grad_b, None
+
+
+def quant_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state: object,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """``x dequant(W)^T + b + scaling (x A^T) B^T`` for x (..., K) through
+    :class:`QuantLoRAFunction` (``weight`` a packed 4-bit weight, ``quant_state`` its
+    bitsandbytes ``QuantState``)."""
+    lead = x.shape[:-1]
+    y = QuantLoRAFunction.apply(
+        x.reshape(-1, x.shape[-1]), weight, quant_state, bias, lora_A, lora_B, scaling
+    )
     return y.view(*lead, y.shape[-1])
 
 

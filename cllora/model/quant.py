@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import bitsandbytes as bnb
 import torch
-from bitsandbytes.functional import dequantize_4bit
+from bitsandbytes.functional import QuantState, dequantize_4bit
 from torch import nn
 
 from cllora.model.lora import LoRALinear
@@ -39,12 +39,19 @@ QUANT_TYPES = ("nf4", "fp4")
 class FrozenLinear4bit(bnb.nn.Linear4bit):
     """A frozen 4-bit linear layer: ``y = x dequant(W)^T + b`` in ``compute_dtype``."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quant_state_for(self, x: torch.Tensor) -> QuantState:
+        """The weight's quantization state for a call on ``x``: sets ``compute_dtype`` to x's
+        dtype on the first call if unset, refuses bitsandbytes' CPU inference layout. Also
+        called by :class:`~cllora.model.lora.LoRALinear`, whose 4-bit path runs the product."""
         state = self.weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
             raise RuntimeError("4-bit weight is in bitsandbytes' CPU inference layout")
         if self.compute_dtype is None:
             self.compute_dtype = x.dtype
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.quant_state_for(x)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         out = bnb.matmul_4bit(x.to(self.compute_dtype), self.weight, bias=bias, quant_state=state)
         return out.to(x.dtype)
