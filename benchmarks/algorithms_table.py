@@ -68,6 +68,8 @@ def traffic(cell_dir: Path) -> dict[str, float]:
 
 def interval(diffs: list[float]) -> tuple[float, float, float]:
     """Mean and 95% Student t interval of per-seed paired differences."""
+    if not diffs or any(math.isnan(d) for d in diffs):
+        return math.nan, math.nan, math.nan
     m = statistics.fmean(diffs)
     if len(diffs) < 2:
         return m, math.nan, math.nan
