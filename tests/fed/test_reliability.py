@@ -207,10 +207,17 @@ def test_a_failed_start_leaves_nothing_that_blocks_a_retry(tmp_path, capsys):
     assert (tmp_path / "retry" / "summary.csv").is_file()
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C as in a terminal, even when the test runs in a background job
+    (whose shell ignores SIGINT, an ignore the child would inherit and Python would keep)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "cllora", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)  # fmt: skip
 
 
 def _wait_for(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
