@@ -164,6 +164,9 @@ class EvalConfig:
     # local models, which is what a comparison of algorithms reads, at a fraction of the cost).
     local: bool = True
     local_rounds: Literal["every", "last"] = "every"
+    # The global model: every round, or only at round 0 (fed.eval_initial) and the last round
+    # ("last": the rounds between get no global_eval records and NaN in summary.csv).
+    global_rounds: Literal["every", "last"] = "every"
     # Local models on the held-out global test set: its first N samples (0 = all of it). The
     # same N samples for every local model and every cell of a seed (the held-out draw is
     # seeded), so they compare; needs partition.global_test_fraction > 0.
@@ -175,6 +178,10 @@ class EvalConfig:
     generate_samples: int = 0
     # At most this many new tokens per answer (greedy decoding stops earlier at end-of-sequence).
     max_new_tokens: int = 64
+    # Directory of the initial model's per-sample losses shared by runs (cllora/eval_cache.py):
+    # the quality score and the round-0 evaluation read samples evaluated before by the same
+    # model. None: off for `cllora run`, <sweep>/base_cache for a sweep's cells; "" = off.
+    base_cache: str | None = None
 
 
 @dataclass

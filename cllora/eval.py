@@ -17,7 +17,7 @@ a length bucket's loss is formed from its samples).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,9 +102,14 @@ def by_bucket(
 
 
 def quality_score(
-    model: PreTrainedModel, samples: Sequence[Sample], pad_id: int, batch_size: int = 8
+    model: PreTrainedModel,
+    samples: Sequence[Sample],
+    pad_id: int,
+    batch_size: int = 8,
+    evaluate: Callable[..., list[EvalResult]] | None = None,
 ) -> tuple[list[float], float]:
     """Per-sample base-model loss on the response, and the client score ``1 / ppl`` (label-free;
-    see :mod:`cllora.data.quality`)."""
-    results = evaluate_samples(model, samples, pad_id, batch_size)
+    see :mod:`cllora.data.quality`). ``evaluate``: another :func:`evaluate_samples` (a
+    :class:`cllora.eval_cache.LossCache`'s)."""
+    results = (evaluate or evaluate_samples)(model, samples, pad_id, batch_size)
     return [r.loss for r in results], 1.0 / EvalResult.combine(results).ppl

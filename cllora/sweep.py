@@ -63,6 +63,11 @@ per (cell, round, evaluated model, test set, length bucket): columns ``cell``, t
 ``round``, ``model`` (``global`` or ``local``), ``client`` (the local model's owner), ``test`` (a
 client's test set or ``__global__``), ``bucket`` (``all`` or a length bucket), ``loss``,
 ``tokens``.
+
+**Shared round 0.** Every cell starts from the same initial model, so each cell's
+``eval.base_cache`` is ``<sweep>/base_cache`` unless the file sets it (``""`` = off): the
+quality scores and round-0 evaluations of samples an earlier cell already evaluated are read
+from there (:mod:`cllora.eval_cache`; keyed by the exact weights and tokens).
 """
 
 from __future__ import annotations
@@ -324,6 +329,8 @@ def _make_cell(base: dict, root: Path, raw: dict[str, Any]) -> Cell:
         name = cell_name(values)
         updates = {**_nest(raw), "out_dir": cells_dir, "run_name": name}
         cfg = config_from_dict(_deep_update(base, updates))
+        if cfg.eval.base_cache is None:  # the cells share their initial model's losses
+            cfg.eval.base_cache = str(root / "base_cache")
     except ConfigError as err:
         raise ConfigError(f"sweep cell {label}: {err}") from None
     return Cell(name, values, cfg, raw)

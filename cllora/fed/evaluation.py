@@ -38,6 +38,7 @@ samples of the global test set, in the order above, scored against their referen
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -47,11 +48,14 @@ from cllora.config import Config
 from cllora.data.formatting import IGNORE_INDEX, Sample
 from cllora.data.partition import Client, sample_length
 from cllora.eval import EvalResult, by_bucket, evaluate_samples
+from cllora.eval_cache import LossCache
 from cllora.fed.distributed import DistContext
 from cllora.fed.guards import NonFiniteError, NonFiniteModelError, non_finite_values
 from cllora.generation import Answer, generate_answers, reference_text, score_answers
 from cllora.report.metrics import MetricsLog
 from cllora.report.records import GLOBAL, OWN, Generation, GlobalEval, LocalEval, TestSamples
+
+log = logging.getLogger("cllora")
 
 
 class Evaluator:
@@ -66,8 +70,10 @@ class Evaluator:
         metrics: MetricsLog,
         ctx: DistContext | None = None,
         global_test: Sequence[Sample] = (),
+        cache: LossCache | None = None,
     ) -> None:
         self.clients, self.edges, self.pad_id = list(clients), list(edges), pad_id
+        self.cache = cache  # the initial model's losses shared by runs (round 0 only)
         self.measure = cfg.partition.length_measure  # the unit of the edges
         self.cfg, self.metrics, self.ctx = cfg, metrics, ctx
         self.samples = [s for c in self.clients for s in c.test]
@@ -134,7 +140,9 @@ class Evaluator:
 
     def global_round(self, model: Any, round_idx: int) -> dict[str, Any]:
         """Evaluate the global model; write its records; return the round's summary row."""
-        results = self._pass(model, f"eval round {round_idx}", shard=True)
+        results = self._initial(model) if round_idx == 0 else None
+        if results is None:
+            results = self._pass(model, f"eval round {round_idx}", shard=True)
         records = {name: self._record(results, part) for name, part in self.slices.items()}
         records[GLOBAL] = self._record(results, self.global_slice)
         bad = non_finite_values({k: v["loss"] for k, v in records.items() if v["tokens"]})
@@ -153,6 +161,26 @@ class Evaluator:
         row.update({f"loss[{c.name}]": records[c.name]["loss"] for c in self.clients})
         row.update(local_own=math.nan, local_global=math.nan)
         return row
+
+    def skipped_row(self, round_idx: int) -> dict[str, Any]:
+        """The summary row of a round whose global model is not evaluated
+        (``eval.global_rounds=last``): NaN losses."""
+        row: dict[str, Any] = {"round": round_idx, "global_loss": math.nan, "global_ppl": math.nan}
+        row.update({f"loss[{c.name}]": math.nan for c in self.clients})
+        row.update(local_own=math.nan, local_global=math.nan)
+        return row
+
+    def _initial(self, model: Any) -> list[EvalResult] | None:
+        """The initial model's results through the loss cache (None: no cache, or torchrun,
+        whose ranks share the pass instead)."""
+        if self.cache is None or (self.ctx is not None and self.ctx.world > 1):
+            return None
+        bs, progress = self.cfg.train.eval_batch_size, self.cfg.progress
+        out = self.cache.evaluate_samples(model, self.samples, self.pad_id, bs, "eval round 0",
+                                          progress)  # fmt: skip
+        log.info("round 0: %d of %d test losses from the loss cache %s", self.cache.hits,
+                 len(self.samples), self.cache.root)  # fmt: skip
+        return out
 
     def local(self, model: Any, client_idx: int, round_idx: int) -> list[LocalEval]:
         """Evaluate client ``client_idx``'s local model (now in ``model``): its two records

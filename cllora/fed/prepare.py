@@ -22,6 +22,7 @@ from cllora.config import Config, ConfigError
 from cllora.data.partition import Client, sample_length
 from cllora.data.pipeline import ClientData, build_clients, check_model_window
 from cllora.eval import quality_score
+from cllora.eval_cache import LossCache
 from cllora.fed.algorithms import algorithm_class
 from cllora.model.setup import build_model, check_engine
 from cllora.report.metrics import MetricsLog
@@ -83,6 +84,7 @@ def client_stats(
     metrics: MetricsLog,
     run_dir: Path,
     write: bool = True,
+    cache: LossCache | None = None,
 ) -> dict[str, dict[str, float]]:
     """Measure every client, write ``clients.csv`` / ``samples.csv`` and ``client_stats`` records.
 
@@ -91,13 +93,15 @@ def client_stats(
     ``quality.score_samples`` training responses) needs no labels; it also weights clients under
     ``fed.weighting=quality``. Returns per client: samples, tokens and (when scored) quality.
     ``write=False`` (a resumed run, whose files and records exist) only returns them.
+    ``cache``: the quality score's losses through it (the base model's, shared by runs).
     """
     pad_id, n = tokenizer.pad_token_id, cfg.quality.score_samples
     quality, scored = {}, []
     for c in data.clients if n else []:
         losses, quality[c.name] = quality_score(
-            model, c.train[:n], pad_id, cfg.train.eval_batch_size
-        )
+            model, c.train[:n], pad_id, cfg.train.eval_batch_size,
+            cache.evaluate_samples if cache is not None else None,
+        )  # fmt: skip
         for s, loss in zip(c.train[:n], losses, strict=True):
             scored.append(
                 {"client": c.name, "where": s.meta.get("where", ""), "length": sample_length(s),

@@ -32,7 +32,8 @@ from cllora.config import Config, ConfigError, config_from_dict, config_to_dict,
 from cllora.data.fingerprint import data_changes, file_digests
 from cllora.fed.checkpoint import Checkpoint, CheckpointError, load_checkpoint, round_dirs
 
-_IGNORED = {"progress", "out_dir", "run_name"}
+# where a run reads and writes, not what it computes (eval.base_cache: cllora/eval_cache.py)
+_IGNORED = {"progress", "out_dir", "run_name", "eval.base_cache"}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -46,7 +47,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(a: Config, b: Config) -> list[str]:
-    """Dotted keys whose values differ (ignoring progress, out_dir, run_name)."""
+    """Dotted keys whose values differ (ignoring progress, out_dir, run_name, eval.base_cache)."""
     fa, fb = _flatten(config_to_dict(a)), _flatten(config_to_dict(b))
     return sorted(k for k in fa if k not in _IGNORED and fa[k] != fb.get(k))
 

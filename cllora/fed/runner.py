@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from cllora.config import Config, ConfigError, config_to_dict, save_config
 from cllora.data.fingerprint import data_changes, file_digests, sample_digests
 from cllora.data.pipeline import ClientData
+from cllora.eval_cache import LossCache
 from cllora.fed.algorithms import make_algorithm
 from cllora.fed.algorithms.base import Algorithm
 from cllora.fed.checkpoint import Checkpoint, save_checkpoint
@@ -216,11 +217,15 @@ def _setup(
         _check_same_data(run_dir, ckpt, fingerprint)
     result = RunResult(run_dir=run_dir, global_state=lora_state_dict(model), config=cfg)
     # before a resumed adapter is loaded: the quality score is the base model's
+    cache = LossCache(cfg.eval.base_cache) if cfg.eval.base_cache else None
     with timer.phase("client_stats"):
-        stats = client_stats(model, tokenizer, data, cfg, metrics, run_dir, write=ckpt is None)
+        stats = client_stats(
+            model, tokenizer, data, cfg, metrics, run_dir, write=ckpt is None, cache=cache
+        )
     evaluator = Evaluator(
-        data.clients, data.edges, tokenizer.pad_token_id, cfg, metrics, ctx, data.global_test
-    )
+        data.clients, data.edges, tokenizer.pad_token_id, cfg, metrics, ctx, data.global_test,
+        cache,
+    )  # fmt: skip
     return Run(
         cfg=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, data=data,
         algorithm=make_algorithm(cfg), evaluator=evaluator, metrics=metrics, stats=stats,
@@ -268,8 +273,11 @@ def run_round(run: Run, r: int) -> dict[str, Any]:
         agg = run.algorithm.aggregate(run.global_state, out.results(weights))
         _check_global(run, r, agg.state)
         run.algorithm.apply_global(run.model, agg.state)
-    with run.timer.phase("global_eval"):
-        row = run.evaluator.global_round(run.model, r)  # a non-finite loss stops the run here
+    if r == run.cfg.fed.rounds or run.cfg.eval.global_rounds == "every":
+        with run.timer.phase("global_eval"):
+            row = run.evaluator.global_round(run.model, r)  # a non-finite loss stops the run
+    else:
+        row = run.evaluator.skipped_row(r)
     run.result.global_state = agg.state
     add_local_means(row, out.local)
     run.result.rows.append(row)
@@ -284,7 +292,8 @@ def run_round(run: Run, r: int) -> dict[str, Any]:
     if r == run.cfg.fed.rounds:  # after the round record: its seconds leave generation out
         _generate(run, r)
     _checkpoint(run, r, _rng_states(run.rng, run.rng_fail))
-    log.info("round %d: global loss %.4f (ppl %.2f)", r, row["global_loss"], row["global_ppl"])
+    if not math.isnan(row["global_loss"]):
+        log.info("round %d: global loss %.4f (ppl %.2f)", r, row["global_loss"], row["global_ppl"])
     return row
 
 

@@ -216,3 +216,17 @@ def test_the_held_out_set_is_what_global_and_local_models_are_scored_on(tmp_path
     for r in records_of(run, "local_eval"):
         ref = glob[r["client"] if r["test"] == "own" else "__global__"]
         assert r["tokens"] == ref["tokens"]
+
+
+def test_global_rounds_last_evaluates_the_global_model_at_round_0_and_the_end_only(tmp_path):
+    cfg = load_config(
+        None, tiny_run_overrides(tmp_path, run_name="g", fed__rounds=3, eval__global_rounds="last")
+    )
+    result = run_experiment(cfg)
+    evals = records_of(result.run_dir, "global_eval")
+    assert sorted({r["round"] for r in evals}) == [0, 3]
+    assert sorted({r["round"] for r in records_of(result.run_dir, "local_eval")}) == [1, 2, 3]
+    rows = list(csv.DictReader((result.run_dir / "summary.csv").open()))
+    assert [r["global_loss"] == "nan" for r in rows] == [False, True, True, False]
+    assert all(r["local_own"] != "nan" for r in rows[1:])  # the local models still are
+    assert math.isfinite(result.final_global_loss)
