@@ -48,3 +48,26 @@ def test_results_table_leaves_out_columns_that_are_nan_everywhere():
     ]
     header = format_table(rows).splitlines()[0].split()
     assert header == ["round", "global_loss", "local_global"]
+
+
+def test_round_and_step_axes_tick_only_whole_numbers():
+    import matplotlib.pyplot as plt
+
+    from cllora.report.plots import _integer_x
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2], [2.5, 2.4, 2.3])
+    _integer_x(ax)
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if 0 <= t <= 2]
+    plt.close(fig)
+    assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_column_names_read_as_words():
+    from cllora.report.html import words
+
+    assert words("global_change") == "change since round 0"
+    assert words("loss[client-03]") == "global model, test of client-03"
+    assert words("global[<128]") == "global model, <128"
+    assert words("some_new_field") == "some new field"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import yaml
@@ -60,7 +61,13 @@ def test_sweep_runs_every_cell_resumes_and_reports(tmp_path, capsys):
     assert "| train.lr=0.001 |" in (root / "report" / "cells.md").read_text()
     assert (root / "report" / "knob_train_lr.png").stat().st_size > 1000
     cell_page = (root / "cells" / cells[0] / "report" / "report.html").read_text()
-    assert cell_page.count("data:image/png;base64,") == 3 and "tv_len" in cell_page
+    assert cell_page.count("data:image/png;base64,") == 3
+    assert "<b>Ran:</b> tiny-llama with LoRA r=4, 2 clients (iid partition)" in cell_page
+    assert "<b>Result:</b> The global model's test loss went from" in cell_page
+    assert "length skew (TV distance)" in cell_page and ">tv_len<" not in cell_page
+    widest = max(row.count("<th>") for row in re.findall(r"<tr>(.*?)</tr>", cell_page))
+    assert widest <= 10  # wide tables are turned: a client per column, a field per row
+    assert "change since round 0" in page and ">global_change<" not in page
     for png in ("rounds.png", "train_loss.png", "buckets.png"):
         assert (root / "cells" / cells[0] / "report" / png).stat().st_size > 1000
 

@@ -37,10 +37,50 @@ from cllora.report.records import GLOBAL, OWN, Kind
 from cllora.report.sample_losses import FILE_NAME as SAMPLE_LOSSES
 
 _STYLE = (
-    "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
-    "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;"
-    "text-align:right}th{background:#eee}img{max-width:100%}"
+    "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em;line-height:1.4}"
+    "table{border-collapse:collapse;font-size:12px;display:block;max-width:100%;overflow-x:auto}"
+    "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+    "th{background:#eee;white-space:normal;vertical-align:bottom}"
+    "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+    ".lead{font-size:15px;background:#f6f6f0;border-left:4px solid #999;padding:.5em 1em}"
 )
+
+# Column names in words (tables of the reports; the CSV files keep their names).
+WORDS = {
+    "client": "client", "round": "round", "cell": "cell",
+    "global": "global model, global test", "global_loss": "global model, global test",
+    "global_ppl": "global model perplexity", "global_round0": "same, round 0",
+    "global_change": "change since round 0", "global_on_own": "global model, clients' tests",
+    "local_own": "local models, own tests", "local_global": "local models, global test",
+    "mean_tv_len": "length skew (mean TV distance)", "cv_samples": "size spread (CV)",
+    "mean_corrupted": "mean corrupted share", "std_corrupted": "spread of corrupted share",
+    "train_samples": "training samples", "test_samples": "test samples",
+    "train_tokens": "training tokens", "len_mean": "mean length (tokens)",
+    "len_median": "median length", "len_p90": "90th percentile length",
+    "sentences": "sentences", "sentences_per_sample": "sentences per sample",
+    "window": "context window (tokens)", "truncated": "cut to the window",
+    "dropped": "dropped (too long)", "corruption_rate": "corruption rate (set)",
+    "corrupted": "corrupted share", "operators": "corruption operators",
+    "quality": "quality score (1/ppl)", "tv_len": "length skew (TV distance)",
+    "hist": "length histogram", "records": "records read", "samples": "samples",
+    "dropped_overlong": "dropped (too long)", "dropped_no_target": "dropped (no target)",
+    "malformed_skipped": "malformed, skipped", "malformed_examples": "malformed examples",
+    "test_truncated": "test samples cut", "test_dropped": "test samples dropped",
+    "global_test": "held-out test samples", "global_test_truncated": "held-out samples cut",
+    "global_test_dropped": "held-out samples dropped", "length_buckets": "length bucket edges",
+    "length_measure": "length measured in",
+}  # fmt: skip
+
+
+def words(name: str) -> str:
+    """A column name in words: ``WORDS``, ``loss[c]`` = the global model on client c's test,
+    ``global[b]`` = on length bucket b; other names with spaces for underscores."""
+    if name in WORDS:
+        return WORDS[name]
+    for prefix, text in (("loss[", "global model, test of "), ("global[", "global model, ")):
+        if name.startswith(prefix) and name.endswith("]"):
+            return text + name[len(prefix) : -1]
+    return name.replace("_", " ")
 
 
 def _img(path: Path) -> str:
@@ -60,11 +100,21 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
+def _table(rows: list[dict[str, Any]], key: str | None = None) -> str:
+    """An HTML table with its column names in words. ``key``: a wide table (more columns than
+    rows and over 8 of them) is turned so that each row of ``rows`` is a column headed by its
+    ``key`` value and each field a row, which keeps it inside the page."""
     if not rows:
         return "<p>(none)</p>"
     cols = list(rows[0])
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    if key is not None and len(cols) > max(8, len(rows) + 1):
+        name = lambda v: f"{words(key)} {v}" if isinstance(v, int | float) else str(v)  # noqa: E731
+        rows = [{"": Raw(html.escape(words(c))), **{name(r[key]): r.get(c, "") for r in rows}}
+                for c in cols if c != key]  # fmt: skip
+        cols = list(rows[0])
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    else:
+        head = "".join(f"<th>{html.escape(words(c))}</th>" for c in cols)
     body = "".join(
         "<tr>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows
     )
@@ -110,17 +160,51 @@ def run_report(run_dir: Path) -> Path:
         plot_buckets(records, out / "buckets.png"),
     ]
     part = next((r for r in records if r["kind"] == Kind.PARTITION), {})
+    data = [{"field": k, "value": v} for k, v in part.items() if k != "kind"]
     parts = [
+        _run_headline(run_dir, records),
         "<h2>Loss vs round</h2>", _img(pngs[0]), _img(pngs[1]),
-        "<h2>By token-length bucket</h2>", _img(pngs[2]),
-        "<h2>Clients</h2>", _table(_read_csv(run_dir / "clients.csv")),
-        "<h2>Heterogeneity</h2>", _table([{k: v for k, v in part.items() if k != "kind"}]),
+        "<h2>By length bucket</h2>", _img(pngs[2]),
+        "<h2>Clients</h2>", _table(_read_csv(run_dir / "clients.csv"), key="client"),
+        "<h2>Data and heterogeneity</h2>",
+        _table([{"field": Raw(html.escape(words(d["field"]))), "value": d["value"]} for d in data]),
         "<h2>Rounds (global model; mean local models)</h2>",
-        _table(_read_csv(run_dir / "summary.csv")),
+        _table(_read_csv(run_dir / "summary.csv"), key="round"),
     ]  # fmt: skip
     path = out / "report.html"
     path.write_text(_page(f"cllora run {run_dir.name}", parts), encoding="utf-8")
     return path
+
+
+def _run_headline(run_dir: Path, records: list[dict[str, Any]]) -> str:
+    """What was run and what came out, in two sentences, above everything else."""
+    cfg: dict[str, Any] = {}
+    with contextlib.suppress(OSError, yaml.YAMLError):
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    get = lambda section, key, default="?": (cfg.get(section) or {}).get(key, default)  # noqa: E731
+    clients = sorted({r["client"] for r in records if r["kind"] == Kind.GLOBAL_EVAL} - {GLOBAL})
+    ran = (
+        f"{html.escape(str(get('model', 'name')))} with LoRA r={get('lora', 'r')}, "
+        f"{len(clients)} clients ({html.escape(str(get('partition', 'method')))} partition), "
+        f"{get('fed', 'rounds')} rounds of {html.escape(str(get('fed', 'strategy')))}, "
+        f"{get('train', 'local_steps')} local steps of batch {get('train', 'batch_size')}, "
+        f"{get('data', 'max_length')}-token windows, seed {cfg.get('seed', '?')}."
+    )
+    glob = [r for r in records if r["kind"] == Kind.GLOBAL_EVAL and r["client"] == GLOBAL]
+    if not glob:
+        return f"<p class='lead'>Ran: {ran} No evaluation is recorded yet.</p>"
+    f = _final(records)
+    came = (
+        f"The global model's test loss went from {f['global_round0']:.4f} at round "
+        f"{glob[0]['round']} to {f['global']:.4f} at round {f['round']} "
+        f"({f['global_change']:+.4f} nats per token)"
+    )
+    if not math.isnan(f["local_own"]):
+        came += (
+            f"; the last local models scored {f['local_own']:.4f} on their own test sets and "
+            f"{f['local_global']:.4f} on the global one"
+        )
+    return f"<p class='lead'><b>Ran:</b> {ran}<br><b>Result:</b> {came}.</p>"
 
 
 def _final(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -197,6 +281,11 @@ def _effects_section(root: Path, spec: dict[str, Any], finished: list[dict]) -> 
     ]
 
 
+def _short(values: dict[str, Any]) -> str:
+    """A cell's grid values, each key by its last part: ``alpha_len=0.1, seed=0``."""
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items())
+
+
 def _headline(spec: dict[str, Any], n_done: int) -> str:
     """What the sweep ran: its grid in words and how many cells finished."""
     values: dict[str, list[str]] = {k: [] for k in spec["keys"]}
@@ -206,7 +295,8 @@ def _headline(spec: dict[str, Any], n_done: int) -> str:
             if text not in values[k]:
                 values[k].append(text)
     grid = "; ".join(f"{html.escape(k)}: {html.escape(', '.join(vs))}" for k, vs in values.items())
-    return f"<p><b>{n_done} of {len(spec['cells'])} cells finished.</b> Grid: {grid}.</p>"
+    done = f"{n_done} of {len(spec['cells'])} cells finished."
+    return f"<p class='lead'><b>{done}</b> Grid: {grid}.</p>"
 
 
 def sweep_report(root: Path) -> Path:
@@ -241,9 +331,11 @@ def sweep_report(root: Path) -> Path:
                   _img(plot_knob(points, knob, out / f"knob_{safe}.png", log_x)),
                   _img(plot_knob(change, knob, out / f"change_{safe}.png", log_x)),
                   _img(plot_knob(buckets, knob, out / f"buckets_{safe}.png", log_x))]  # fmt: skip
-    rows = [{"cell": Raw(f"<a href='../cells/{c['name']}/report/report.html'>{c['name']}</a>"),
-             **{k: v for k, v in f.items() if k != "buckets"}} for c, f in cells]  # fmt: skip
-    parts += ["<h2>Cells (final round)</h2>", _table(rows)]
+    rows = [{"cell": Raw(f"<a href='../cells/{c['name']}/report/report.html'>"
+                         f"{html.escape(_short(c['values']))}</a>"),
+             **{k: v for k, v in f.items() if k not in ("buckets", "round")}}
+            for c, f in cells]  # fmt: skip
+    parts += ["<h2>Cells (final round; loss in nats per token)</h2>", _table(rows)]
     plain = []
     for c, f in cells:
         per_bucket = {f"global[{b}]": v for b, v in f["buckets"].items()}

@@ -21,8 +21,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from cllora.report.records import GLOBAL, OWN, Kind
+
+
+def _integer_x(*axes: Any) -> None:
+    """Rounds and steps are whole numbers: ticks only there."""
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -52,7 +59,7 @@ def plot_rounds(records: Sequence[dict[str, Any]], path: Path) -> Path:
             label=name,
             alpha=1 if bold else 0.7,
         )
-    ax1.set(title="global model", xlabel="round", ylabel="test loss")
+    ax1.set(title="global model", xlabel="round", ylabel="test loss (nats per token)")
     ax1.legend(fontsize=7)
     own: dict[str, list] = defaultdict(list)
     on_global: dict[int, list] = defaultdict(list)
@@ -75,6 +82,7 @@ def plot_rounds(records: Sequence[dict[str, Any]], path: Path) -> Path:
         ax2.plot(x, y, "k-o", lw=2.5, label="global model")
     ax2.set(title="local models (before aggregation)", xlabel="round")
     ax2.legend(fontsize=7)
+    _integer_x(ax1, ax2)
     return _save(fig, path)
 
 
@@ -89,6 +97,7 @@ def plot_train_loss(records: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.plot(range(1, len(losses) + 1), losses, lw=1, label=name)
     ax.set(title="train loss per local step", xlabel="local step (all rounds)", ylabel="loss")
     ax.legend(fontsize=7)
+    _integer_x(ax)
     return _save(fig, path)
 
 
@@ -126,8 +135,8 @@ def plot_buckets(records: Sequence[dict[str, Any]], path: Path) -> Path:
         lo, hi = min(heights), max(heights)
         ax.set_ylim(lo - 0.1 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
     ax.set(
-        title="global test loss by token-length bucket",
-        xlabel="measured length (tokens)",
+        title="global test loss by length bucket",
+        xlabel=f"measured length ({'sentences' if 'sent' in ''.join(labels) else 'tokens'})",
         ylabel="loss",
     )
     ax.legend(fontsize=7)
