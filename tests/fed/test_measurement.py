@@ -103,6 +103,10 @@ def test_local_rounds_last_evaluates_only_the_final_local_models(tmp_path):
     assert sum(timing[p] for p in (*phases, "checkpoint", "other")) == pytest.approx(
         timing["total"], abs=0.01
     )
+    cpu = timing["cpu"]  # CPU seconds of the same phases: training does work, it is counted
+    assert cpu["train"] > 0 and sum(cpu[p] for p in (*phases, "checkpoint", "other")) == (
+        pytest.approx(cpu["total"], abs=0.01)
+    )
     assert {r["round"] for r in records_of(run, "client_train")} == {1, 2}
     summary = list(csv.DictReader((run / "summary.csv").open()))
     assert math.isnan(float(summary[1]["local_own"])) and float(summary[2]["local_own"]) > 0
