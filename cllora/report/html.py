@@ -327,10 +327,15 @@ def sweep_report(root: Path) -> Path:
         xs = [x for x in points if isinstance(x, int | float)]
         log_x = len(xs) == len(points) and min(xs) > 0 and max(xs) / min(xs) >= 20
         safe = knob.replace(".", "_")
-        parts += [f"<h2>{html.escape(knob)}</h2>",
+        parts += [f"<h2>Levels by {html.escape(knob)}</h2>",
+                  "<p>Absolute losses per value, mean and spread over the seeds: the spread "
+                  "between seeds is often larger than an effect, which is why the Effects compare "
+                  "cells of the same seed on the same samples.</p>",
                   _img(plot_knob(points, knob, out / f"knob_{safe}.png", log_x)),
-                  _img(plot_knob(change, knob, out / f"change_{safe}.png", log_x)),
-                  _img(plot_knob(buckets, knob, out / f"buckets_{safe}.png", log_x))]  # fmt: skip
+                  _img(plot_knob(change, knob, out / f"change_{safe}.png", log_x,
+                                 "change since round 0", "final - round 0 (nats per token)")),
+                  _img(plot_knob(buckets, knob, out / f"buckets_{safe}.png", log_x,
+                                 "final loss by length bucket"))]  # fmt: skip
     rows = [{"cell": Raw(f"<a href='../cells/{c['name']}/report/report.html'>"
                          f"{html.escape(_short(c['values']))}</a>"),
              **{k: v for k, v in f.items() if k not in ("buckets", "round")}}

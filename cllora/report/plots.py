@@ -71,7 +71,7 @@ def plot_rounds(records: Sequence[dict[str, Any]], path: Path) -> Path:
                 on_global[r["round"]].append(r["loss"])
     for name, pts in sorted(own.items()):
         x, y = zip(*pts, strict=True)
-        ax2.plot(x, y, "--", lw=1, label=f"{name} (own test)")
+        ax2.plot(x, y, "--o", lw=1, ms=4, label=f"{name} (own test)")  # a marker: one round
     if on_global:
         xs = sorted(on_global)
         ax2.plot(
@@ -144,21 +144,32 @@ def plot_buckets(records: Sequence[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_knob(
-    points: dict[Any, dict[str, list[float]]], knob: str, path: Path, log_x: bool = False
+    points: dict[Any, dict[str, list[float]]],
+    knob: str,
+    path: Path,
+    log_x: bool = False,
+    what: str = "final loss",
+    ylabel: str = "test loss (nats per token)",
 ) -> Path:
-    """Final metrics vs one knob: ``points[value][series]`` = values over seeds; mean +- std."""
+    """Final metrics vs one knob: ``points[value][series]`` = values over seeds; mean +- std.
+    Ticks sit at the knob's values (numbers), or the values are categories (anything else)."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    xs = sorted(points)
+    keys = list(points)
+    numeric = all(isinstance(x, int | float) for x in keys)
+    xs = sorted(keys) if numeric else keys
     names = sorted({s for v in points.values() for s in v})
     for name in names:
         vals = [points[x].get(name, []) for x in xs]
         mean = [np.mean(v) if v else np.nan for v in vals]
         std = [np.std(v) if v else np.nan for v in vals]
         n = max(len(v) for v in vals)
-        ax.errorbar(xs, mean, yerr=std, marker="o", capsize=4, label=f"{name} (n={n})")
+        at = xs if numeric else list(range(len(xs)))
+        ax.errorbar(at, mean, yerr=std, marker="o", capsize=4, label=f"{name} (n={n})")
     if log_x:
         ax.set_xscale("log")
-    ax.set(title=f"final loss vs {knob} (mean +- std over seeds)", xlabel=knob, ylabel="test loss")
+    ax.set_xticks(xs if numeric else range(len(xs)), [str(x) for x in xs])
+    ax.minorticks_off()
+    ax.set(title=f"{what} vs {knob}\n(mean +- std over seeds)", xlabel=knob, ylabel=ylabel)
     ax.legend(fontsize=7)
     return _save(fig, path)
 
