@@ -58,6 +58,9 @@ def test_sweep_runs_every_cell_resumes_and_reports(tmp_path, capsys):
     assert (glob["knob"], glob["value"], glob["reference"]) == ("train.lr", "0.01", "0.001")
     assert glob["method"] == "bootstrap-samples-1seed" and int(glob["n_samples"]) == 8
     assert float(glob["lo"]) <= float(glob["effect"]) <= float(glob["hi"])
+    effects_md = (root / "report" / "effects.md").read_text()
+    assert effects_md.startswith("| comparison | effect | 95% interval |")
+    assert len(effects_md.splitlines()) == len(effects) + 2
     assert "| train.lr=0.001 |" in (root / "report" / "cells.md").read_text()
     assert (root / "report" / "knob_train_lr.png").stat().st_size > 1000
     cell_page = (root / "cells" / cells[0] / "report" / "report.html").read_text()

@@ -8,13 +8,16 @@ Usage::
     from cllora.report.html import make_report
     make_report(Path("runs/length"))   # returns the path of report.html
 
-A **run** report shows the global and local models' loss vs round, the train loss per local step,
-the loss by token-length bucket and the per-client table (``clients.csv``). A **sweep** report
-(a directory holding ``sweep.yaml``) shows, for each grid key other than ``seed``, the final
-global loss and the final mean local loss vs the key's value with the spread over the other
-cells (seeds), the global model's change from round 0 (comparable when the test sets differ
-between cells), the final global loss by length bucket vs the key, a table of every cell with its
-heterogeneity summary, and links to the cells' own reports. Images are embedded (base64), so
+A **run** report opens with what was run and what came out (the global model's loss at round 0
+and at the end, the last local models'), then the global and local models' loss vs round, the
+train loss per local step, the loss by length bucket, the per-client table (``clients.csv``, a
+client per column) and the data's counts. A **sweep** report (a directory holding
+``sweep.yaml``) opens with the cells finished and the grid, then the paired **effects** of each
+grid key other than ``seed`` (a sentence, a forest plot, a table; ``report/effects.csv`` and
+``report/effects.md``), then per key the levels (final global and mean local losses, the change
+from round 0, the final loss by length bucket, mean +- std over the seeds) and a table of every
+cell (``report/cells.md``) with links to the cells' own reports. Column names are in words
+(:data:`WORDS`; the CSV files keep theirs). Images are embedded (base64), so
 ``report.html`` can be mailed on its own.
 """
 
@@ -239,8 +242,9 @@ def _final(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _effects_section(root: Path, spec: dict[str, Any], finished: list[dict]) -> list[str]:
-    """The paired effects of the finished cells (``report/effects.csv``, a forest plot, a
-    table that says which are resolved); nothing when no cell has per-sample losses."""
+    """The paired effects of the finished cells (``report/effects.csv`` and ``effects.md``, a
+    forest plot, a table that says which are resolved); nothing when no cell has per-sample
+    losses."""
     from cllora.report.effects import row_label, sweep_effects, write_effects_csv
 
     dirs = [(c, root / "cells" / c["name"]) for c in finished]
@@ -267,6 +271,7 @@ def _effects_section(root: Path, spec: dict[str, Any], finished: list[dict]) -> 
         }
         for r in rows
     ]
+    (out / "effects.md").write_text(markdown_table(table), encoding="utf-8")  # for docs
     return [
         "<h2>Effects</h2>",
         f"<p>{resolved} of {len(rows)} paired effects are resolved (their 95% interval excludes "
