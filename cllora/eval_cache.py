@@ -9,19 +9,22 @@ Usage::
     results = cache.evaluate_samples(model, samples, pad_id, batch_size=8)   # like eval's
     cache.hits, cache.misses                                                 # of the last call
 
+    cache.generate_answers(model, tokenizer, samples, max_new_tokens=64)     # greedy answers
+
 ``cllora sweep`` gives every cell ``eval.base_cache = <sweep>/base_cache`` (unless the file sets
 it; ``""`` switches it off), and a run uses it for the evaluations of its initial model: the
-quality score of each client and the round-0 evaluation of the global model. Nothing else: a
-model that has trained is never looked up.
+quality score of each client, the round-0 evaluation of the global model and its round-0 greedy
+answers (``eval.generate_samples``). Nothing else: a model that has trained is never looked up.
 
 **What a hit means.** A file is keyed by the model's fingerprint and the sample's: the model's is
 a SHA-256 over every parameter and buffer (name, dtype, shape, bytes), the class of every module
 (so kernel swaps and the attention implementation count), the model config and the torch
 version; the sample's is a SHA-256 of its input ids and labels. Equal keys mean the same
-arithmetic on the same tokens; the loss may still differ from a fresh evaluation in its last
-bits, because a batch's padding and order change the float reductions (the same holds between
-any two runs whose test sets differ). A cached value therefore makes cells of a seed agree
-exactly at round 0 on the samples they share.
+arithmetic on the same tokens (an answer's key adds the tokenizer and ``max_new_tokens``); the
+loss may still differ from a fresh evaluation in its last bits, because a batch's padding and
+order change the float reductions (the same holds between any two runs whose test sets
+differ), and a greedy answer may then differ where two tokens tie. A cached value therefore
+makes cells of a seed agree exactly at round 0 on the samples they share.
 
 **Damage.** Each file repeats its keys and the sample's target count; a file that cannot be
 read, or whose keys or count do not match, is reported (one warning) and evaluated again, and
@@ -40,11 +43,13 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from cllora.data.formatting import IGNORE_INDEX, Sample
 from cllora.eval import EvalResult, evaluate_samples
+from cllora.generation import Answer, generate_answers
 
 log = logging.getLogger("cllora")
 
@@ -86,30 +91,37 @@ class LossCache:
         self.root = Path(root)
         self.hits = self.misses = 0
 
-    def _path(self, model_key: str, sample_key: str) -> Path:
-        return self.root / model_key[:32] / f"{sample_key[:32]}.json"
+    def _path(self, model_key: str, sample_key: str, prefix: str = "") -> Path:
+        return self.root / model_key[:32] / f"{prefix}{sample_key[:32]}.json"
 
-    def _read(self, path: Path, model_key: str, sample_key: str, targets: int) -> EvalResult | None:
+    def _load(self, path: Path, expect: dict[str, Any]) -> dict[str, Any] | None:
+        """The record at ``path`` if it holds ``expect``'s values (None when absent; damaged or
+        another's: a warning, and None)."""
         if not path.exists():
             return None
         try:
             rec = json.loads(path.read_text())
-            ok = (rec["model"], rec["sample"], rec["tokens"]) == (model_key, sample_key, targets)
-            value = EvalResult(float(rec["loss_sum"]), int(rec["tokens"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            ok = isinstance(rec, dict) and all(rec.get(k) == v for k, v in expect.items())
+        except (OSError, ValueError):
             ok = False
         if not ok:
             log.warning("loss cache: %s is damaged or not this sample's; evaluating again", path)
             return None
-        return value
+        return rec
 
-    def _write(self, path: Path, model_key: str, sample_key: str, result: EvalResult) -> None:
+    def _store(self, path: Path, rec: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        rec = {"model": model_key, "sample": sample_key, "tokens": result.tokens,
-               "loss_sum": result.loss_sum}  # fmt: skip
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(rec))
         tmp.replace(path)
+
+    def _read(self, path: Path, model_key: str, sample_key: str, targets: int) -> EvalResult | None:
+        rec = self._load(path, {"model": model_key, "sample": sample_key, "tokens": targets})
+        try:
+            return None if rec is None else EvalResult(float(rec["loss_sum"]), targets)
+        except (KeyError, TypeError, ValueError):
+            log.warning("loss cache: %s is damaged or not this sample's; evaluating again", path)
+            return None
 
     def evaluate_samples(
         self,
@@ -134,6 +146,41 @@ class LossCache:
         for i, result in zip(todo, fresh, strict=True):
             out[i] = result
             if math.isfinite(result.loss_sum):  # a non-finite loss is the caller's error
-                self._write(self._path(model_key, keys[i]), model_key, keys[i], result)
+                rec = {"model": model_key, "sample": keys[i], "tokens": result.tokens,
+                       "loss_sum": result.loss_sum}  # fmt: skip
+                self._store(self._path(model_key, keys[i]), rec)
         self.hits, self.misses = len(samples) - len(todo), len(todo)
         return [r for r in out if r is not None]
+
+    def generate_answers(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        samples: Sequence[Sample],
+        max_new_tokens: int = 64,
+        batch_size: int = 8,
+        desc: str | None = None,
+        progress: bool = False,
+    ) -> list[Answer]:
+        """:func:`cllora.generation.generate_answers` of this model, reading the answers it
+        already gave to these prompts (same tokenizer, same ``max_new_tokens``) from the cache."""
+        model_key = model_fingerprint(model)
+        setting = f"{getattr(tokenizer, 'name_or_path', '')} {len(tokenizer)} {max_new_tokens}"
+        keys = [sample_fingerprint(s) for s in samples]
+        paths = [self._path(model_key, k, f"answer-{max_new_tokens}-") for k in keys]
+        out: list[Answer | None] = []
+        for path, key in zip(paths, keys, strict=True):
+            rec = self._load(path, {"model": model_key, "sample": key, "setting": setting})
+            ok = rec is not None and isinstance(rec.get("text"), str)
+            out.append(Answer(rec["text"], int(rec["new_tokens"])) if ok else None)
+        todo = [i for i, a in enumerate(out) if a is None]
+        picked = [samples[i] for i in todo]
+        fresh = generate_answers(model, tokenizer, picked, max_new_tokens, batch_size, desc,
+                                 progress)  # fmt: skip
+        for i, answer in zip(todo, fresh, strict=True):
+            out[i] = answer
+            rec = {"model": model_key, "sample": keys[i], "setting": setting,
+                   "text": answer.text, "new_tokens": answer.new_tokens}  # fmt: skip
+            self._store(paths[i], rec)
+        self.hits, self.misses = len(samples) - len(todo), len(todo)
+        return [a for a in out if a is not None]

@@ -73,7 +73,7 @@ class Evaluator:
         cache: LossCache | None = None,
     ) -> None:
         self.clients, self.edges, self.pad_id = list(clients), list(edges), pad_id
-        self.cache = cache  # the initial model's losses shared by runs (round 0 only)
+        self.cache = cache  # the initial model's losses and answers shared by runs (round 0)
         self.measure = cfg.partition.length_measure  # the unit of the edges
         self.cfg, self.metrics, self.ctx = cfg, metrics, ctx
         self.samples = [s for c in self.clients for s in c.test]
@@ -212,7 +212,7 @@ class Evaluator:
         if not samples:
             return None
         start = time.perf_counter()
-        answers = self._answers(model, tokenizer, samples, f"generate round {round_idx}")
+        answers = self._answers(model, tokenizer, samples, round_idx)
         references = [reference_text(tokenizer, s) for s in samples]
         scores = score_answers([a.text for a in answers], references)
         rouge, f1 = [sc.rouge_l for sc in scores], [sc.f1 for sc in scores]
@@ -228,11 +228,14 @@ class Evaluator:
         return record
 
     def _answers(
-        self, model: Any, tokenizer: Any, samples: list[Sample], desc: str
+        self, model: Any, tokenizer: Any, samples: list[Sample], round_idx: int
     ) -> list[Answer]:
-        """Every sample's answer; under torchrun each rank answers every world-th sample."""
-        cfg = self.cfg
+        """Every sample's answer (round 0's through the cache, in a single process); under
+        torchrun each rank answers every world-th sample."""
+        cfg, desc = self.cfg, f"generate round {round_idx}"
         args = (cfg.eval.max_new_tokens, cfg.train.eval_batch_size, desc, cfg.progress)
+        if self.cache is not None and round_idx == 0 and (self.ctx is None or self.ctx.world == 1):
+            return self.cache.generate_answers(model, tokenizer, samples, *args)
         if self.ctx is None:
             return generate_answers(model, tokenizer, samples, *args)
         rank, world = self.ctx.rank, self.ctx.world

@@ -158,3 +158,30 @@ def test_generation_config_is_validated(override, allowed):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")) as err:
         load_config(None, [override])
     assert allowed in str(err.value)
+
+
+def test_round_0_answers_come_from_the_loss_cache_in_a_second_run(tmp_path, caplog):
+    """Two runs of one seed that differ in training only, sharing eval.base_cache: the second
+    reads its round-0 answers (and losses) from the cache, with the first run's very texts."""
+    import logging
+
+    def run(name: str, lr: float):
+        overrides = tiny_run_overrides(
+            tmp_path, run_name=name, train__local_steps=1, train__lr=lr, fed__rounds=1,
+            partition__method="iid", partition__num_clients=2,
+            partition__max_train_per_client=4, partition__max_test_per_client=2,
+            eval__local="false", quality__score_samples=0, eval__generate_samples=2,
+            eval__max_new_tokens=4, eval__base_cache=str(tmp_path / "cache"),
+        )  # fmt: skip
+        return run_experiment(load_config(None, overrides)).run_dir
+
+    first = records_of(run("a", 5e-3), "generation")
+    answers = list((tmp_path / "cache").rglob("answer-4-*.json"))
+    assert len(answers) == 2
+    rec = json.loads(answers[0].read_text())
+    answers[0].write_text(json.dumps({**rec, "text": rec["text"] + " (planted)"}))
+    with caplog.at_level(logging.INFO, logger="cllora"):
+        second = records_of(run("b", 1e-2), "generation")
+    assert any(a.endswith(" (planted)") for a in second[0]["answers"])  # read, not generated
+    assert [a.removesuffix(" (planted)") for a in second[0]["answers"]] == first[0]["answers"]
+    assert "round 0: 4 of 4 test losses from the loss cache" in caplog.text
