@@ -71,3 +71,8 @@ def test_column_names_read_as_words():
     assert words("loss[client-03]") == "global model, test of client-03"
     assert words("global[<128]") == "global model, <128"
     assert words("some_new_field") == "some new field"
+
+
+def test_markdown_tables_keep_text_as_it_is():
+    text = markdown_table([{"comparison": "length <128 | a", "effect": 0.0123456}])
+    assert "| length <128 \\| a | 0.01235 |" in text

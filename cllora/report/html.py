@@ -130,8 +130,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         return ""
     cols = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(_md(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _md(v: Any) -> str:
+    """A Markdown table cell: numbers as in HTML, text as it is (only ``|`` escaped)."""
+    if isinstance(v, float):
+        return _fmt(v)
+    return str(v).replace("|", "\\|")
 
 
 def _page(title: str, parts: list[str]) -> str:

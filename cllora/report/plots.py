@@ -183,7 +183,7 @@ def forest_plot(rows: Sequence[Any], path: str | Path, title: str = "") -> Path:
 
     path = Path(path)
     n = max(1, len(rows))
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.3 * n))
+    fig, ax = plt.subplots(figsize=(10, 1.5 + 0.3 * n))
     for y, row in enumerate(rows):
         better = row.effect > 0 if higher_is_better(row) else row.effect < 0
         colour = ("tab:green" if better else "tab:red") if row.resolved else "0.55"
@@ -198,7 +198,8 @@ def forest_plot(rows: Sequence[Any], path: str | Path, title: str = "") -> Path:
         xlabel += "; rows marked (higher = better): score difference"
     ax.set_xlabel(xlabel)
     ax.grid(axis="x", alpha=0.3)
-    default = "paired effects, 95% intervals (filled: excludes 0; (1 seed): sample noise only)"
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=7))  # labels that do not run into each other
+    default = "paired effects, 95% intervals\n(filled: excludes 0; (1 seed): sample noise only)"
     ax.set_title(title or default, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
