@@ -11,6 +11,7 @@ Usage::
     cllora bench --contexts 512,1024,2048        # training-step speed and memory per context
     cllora profile --contexts 512,1024,2048      # where the step's time goes, traces, cost model
     cllora plan --providers cllora-4bit --contexts 4096,32768 --gpu h100   # GPU cost, on the CPU
+    cllora flower simulate examples/demo.yaml --nodes 4   # on Flower (extra: cllora[flower])
     python -m cllora run ...                     # same thing
 
 Arguments after the optional config file are ``key=value`` overrides (see README's config
@@ -88,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     for name, what in tools:
         tool = sub.add_parser(name, help=what, add_help=False)
         tool.add_argument("args", nargs="*", help="options of the benchmark")
+    flower = sub.add_parser(
+        "flower", help="simulate on Flower, or prepare a Flower deployment", add_help=False
+    )
+    flower.add_argument("args", nargs="*", help="simulate | app | certs | keys, and options")
     return p
 
 
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cllora`` console script."""
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command not in ("bench", "profile", "plan"):
+    if unknown and args.command not in ("bench", "profile", "plan", "flower"):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     debug = getattr(args, "debug", False)
     logging.basicConfig(
@@ -233,6 +238,11 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
         from cllora.plan.cli import main as plan_main
 
         return plan_main(list(argv if argv is not None else sys.argv[1:])[1:])
+    if args.command == "flower":
+        from cllora.flower.cli import main as flower_main
+
+        rest = list(argv if argv is not None else sys.argv[1:])
+        return flower_main([a for a in rest[rest.index("flower") + 1 :] if a != "--debug"])
     if args.command == "report":
         from cllora.report.html import make_report
 

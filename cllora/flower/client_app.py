@@ -1,0 +1,80 @@
+"""The Flower ClientApp: one client of a cllora run, on the SuperNode that holds its data.
+
+Usage (what ``flwr run`` and the simulation load; see :mod:`cllora.flower.server_app`)::
+
+    from cllora.flower.client_app import app        # flwr.clientapp.ClientApp
+
+It answers three message types, each carrying the run's resolved cllora config (YAML) in its
+``ConfigRecord`` (the node builds its client from it once, :func:`cllora.flower.node.node_for`):
+
+- ``query``: the client's name, sizes, quality score, ``clients.csv`` row and test sample ids;
+- ``train``: the downlink in, local training (and local evaluation), the uplink and the client's
+  records out (:mod:`cllora.flower.messages`);
+- ``evaluate``: the global adapter in, its ``global_eval`` record on the client's test set out.
+
+With differential privacy the server sends ``train.dp`` messages, which run Flower's
+``fixedclipping_mod`` around the same training: it clips each uplink's update (uplink minus
+downlink, L2 over all tensors) to the ``clipping_norm`` the server sends, after cllora's training
+and before anything leaves the node.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+
+from cllora.flower.messages import (
+    config_content,
+    config_of,
+    from_arrays,
+    read_downlink,
+    uplink_content,
+)
+from cllora.flower.node import Node, node_for
+
+CONFIG_KEY = "cllora-config"  # the run's resolved config, as YAML, in every message
+
+
+def _node(msg: Message, context: Context) -> tuple[Node, dict[str, Any]]:
+    conf = config_of(msg.content)
+    return node_for(str(conf[CONFIG_KEY]), dict(context.node_config)), conf
+
+
+def _query(msg: Message, context: Context) -> Message:
+    node, _ = _node(msg, context)
+    return Message(config_content({"info": json.dumps(node.query())}), reply_to=msg)
+
+
+def _train(msg: Message, context: Context) -> Message:
+    node, _ = _node(msg, context)
+    down, conf = read_downlink(msg.content)
+    out = node.train(down, conf)
+    reply = {"position": int(conf["position"])}
+    return Message(uplink_content(out.uplink, out.records, reply), reply_to=msg)
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
+    node, conf = _node(msg, context)
+    state = from_arrays(msg.content.array_records["adapter"])
+    record = node.evaluate(state, int(conf["round"]))
+    return Message(config_content({"record": json.dumps(record)}), reply_to=msg)
+
+
+DP_ACTION = "dp"  # message type "train.dp": training with Flower's fixed clipping mod
+
+
+def make_client_app() -> ClientApp:
+    """A ClientApp answering cllora's messages (see the module doc)."""
+    client = ClientApp()
+    client.query()(_query)
+    client.evaluate()(_evaluate)
+    client.train()(_train)
+    client.train(DP_ACTION, mods=[fixedclipping_mod])(_train)
+    return client
+
+
+app = make_client_app()

@@ -1,0 +1,181 @@
+"""cllora's Flower pieces without a federation: the real ClientApp called in-process with real
+Flower Messages (Flower's fixedclipping_mod included), the records, the refusals, the app
+directory (validated by Flower), certificates and keys."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.differential_privacy import compute_stdv
+from flwr.supercore.task_identity import TaskIdentity
+
+from cllora.cli import main as cli_main
+from cllora.config import ConfigError, config_to_dict, load_config
+from cllora.fed.algorithms.base import Downlink, Uplink
+from cllora.flower import server as fserver
+from cllora.flower.client_app import CONFIG_KEY, app
+from cllora.flower.messages import (
+    downlink_content,
+    read_downlink,
+    read_uplink,
+    uplink_content,
+)
+from cllora.flower.node import node_for
+from cllora.flower.server import FlowerSettings, check_flower_config, combine_evals
+from cllora.model.lora import lora_state_dict
+from cllora.report.records import ClientFailed, GlobalEval
+from tests.conftest import tiny_run_overrides
+
+
+@pytest.fixture
+def task_identity():
+    """What a ClientApp process has set before it makes Messages (restored after)."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _norm(a: dict, b: dict) -> float:
+    return float(torch.sqrt(sum(((a[k] - b[k]).double() ** 2).sum() for k in b)))
+
+
+def test_client_app_trains_and_flowers_mod_clips_the_update(tmp_path, task_identity):
+    cfg = load_config(None, tiny_run_overrides(
+        tmp_path, partition__method="iid", partition__num_clients=2, train__threads=1))  # fmt: skip
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    node = node_for(text, {"partition-id": 1})
+    start = dict(reversed(lora_state_dict(node.model).items()))  # any order (a checkpoint's)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(),
+                  run_config={})  # fmt: skip
+    norms = {}
+    for kind, extra in (("train", {}), ("train.dp", {"clipping_norm": 1e-3})):
+        conf = {CONFIG_KEY: text, "round": 1, "index": 1, "steps": 3, "fail": False,
+                "position": 0, **extra}  # fmt: skip
+        msg = Message(downlink_content(Downlink(start), conf), dst_node_id=1, message_type=kind)
+        reply = app(msg, ctx)
+        assert not reply.has_error(), reply.error
+        up, records, _ = read_uplink(reply.content)
+        assert [r.kind for r in records] == ["client_train", "local_eval", "local_eval"]
+        assert records[0].client == "client-01" and len(records[0].losses) == 3
+        norms[kind] = _norm(up.adapter, start)
+    assert norms["train"] > 1e-2  # three AdamW steps at lr 5e-3 move far more than 1e-3
+    assert norms["train.dp"] == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_messages_round_trip_keep_tensors_and_records():
+    state = {"m.lora_A": torch.randn(2, 5), "m.lora_B": torch.randn(5, 2, dtype=torch.bfloat16)}
+    down = Downlink(state, extra={"c": {"m.lora_A": torch.ones(2, 5)}})
+    back, conf = read_downlink(downlink_content(down, {"round": 3, "x": "y"}))
+    assert conf == {"round": 3, "x": "y"}
+    assert torch.equal(back.adapter["m.lora_A"], state["m.lora_A"])
+    assert torch.equal(back.adapter["m.lora_B"], state["m.lora_B"].float())  # bf16 -> fp32
+    assert torch.equal(back.extra["c"]["m.lora_A"], torch.ones(2, 5))
+    failed = [ClientFailed(round=1, client="a", error="boom")]
+    up, records, _ = read_uplink(uplink_content(None, failed, {"position": 0}))
+    assert up is None and records == failed
+    up, _, _ = read_uplink(uplink_content(Uplink(state), [], {}))
+    assert set(up.adapter) == set(state)
+
+
+def _eval(client: str, sums: list[float], tokens: int, buckets: dict) -> GlobalEval:
+    loss = sum(sums) / tokens
+    return GlobalEval(round=2, client=client, loss=loss, ppl=math.exp(loss), tokens=tokens,
+                      buckets=buckets, loss_sums=sums)  # fmt: skip
+
+
+def test_combine_evals_is_the_union_of_the_test_sets():
+    a = _eval("a", [2.0, 4.0], 3, {"<8": {"loss": 2.0, "tokens": 3}})
+    b = _eval("b", [6.0], 1, {"<8": {"loss": 4.0, "tokens": 1}, "8+": {"loss": 1.0, "tokens": 2}})
+    whole = combine_evals([a, b], 2)
+    assert (whole.client, whole.round, whole.tokens) == ("__global__", 2, 4)
+    assert whole.loss == pytest.approx(12.0 / 4) and whole.ppl == pytest.approx(math.exp(3.0))
+    assert whole.loss_sums == [2.0, 4.0, 6.0]
+    assert whole.buckets["<8"] == pytest.approx({"loss": (6.0 + 4.0) / 4, "tokens": 4})
+    assert whole.buckets["8+"] == {"loss": 1.0, "tokens": 2}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "settings", "says"),
+    [
+        (["fed.strategy=scaffold"], {}, "keeps per-client state"),
+        (["fed.strategy=fedsa"], {}, "keeps per-client state"),
+        (["partition.global_test_fraction=0.2"], {}, "global_test_fraction=0"),
+        (["eval.generate_samples=2"], {}, "generate_samples=0"),
+        (["fed.weighting=uniform", "fed.strategy=fedadam"], {"dp_clipping_norm": 1.0},
+         "uniform mean"),
+        ([], {"dp_clipping_norm": 1.0}, "fed.weighting=uniform"),
+        ([], {"dp_noise_multiplier": 1.0}, "needs dp-clipping-norm"),
+    ],
+)  # fmt: skip
+def test_refusals_name_the_fix(overrides, settings, says):
+    with pytest.raises(ConfigError, match=says):
+        check_flower_config(load_config(None, overrides), FlowerSettings(**settings))
+
+
+def test_cli_refuses_in_one_line(tmp_path, capsys):
+    code = cli_main(["flower", "simulate", "fed.strategy=scaffold", f"out_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "fed.strategy=scaffold" in err[0], err
+
+
+def test_cli_without_flower_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setattr("cllora.flower._found", lambda module: module != "flwr")
+    assert cli_main(["flower", "app", "somewhere"]) == 2
+    assert 'pip install -e ".[flower]"' in capsys.readouterr().err
+
+
+def test_noise_is_flowers_central_dp_and_recorded(tmp_path):
+    cfg = load_config(None, ["fed.weighting=uniform", "seed=5"])
+    run = type("Run", (), {})()
+    run.cfg, run.settings = cfg, FlowerSettings(dp_clipping_norm=0.5, dp_noise_multiplier=2.0)
+    state = {"w": torch.zeros(200, 300)}
+    info = fserver._add_noise(run, 3, state, n=4)
+    std = compute_stdv(2.0, 0.5, 4)
+    assert info == {"dp_clipping_norm": 0.5, "dp_noise_multiplier": 2.0, "dp_noise_std": std}
+    assert float(state["w"].std()) == pytest.approx(std, rel=0.02)
+    again = {"w": torch.zeros(200, 300)}
+    fserver._add_noise(run, 3, again, n=4)  # the same round of the same run: the same noise
+    assert torch.equal(again["w"], state["w"])
+
+
+def test_app_directory_is_a_valid_flower_app(tmp_path):
+    import tomli
+    from flwr.common.config import validate_config
+
+    from cllora.flower.app_dir import write_app
+
+    assert cli_main(["flower", "app", str(tmp_path / "app"), "fed.rounds=4", "--nodes", "3"]) == 0
+    config = tomli.loads((tmp_path / "app" / "pyproject.toml").read_text())
+    ok, errors, _ = validate_config(config, check_module=True)
+    assert ok, errors
+    run_config = config["tool"]["flwr"]["app"]["config"]
+    assert run_config["overrides"] == "fed.rounds=4" and run_config["nodes"] == 3
+    write_app(tmp_path / "quoted", overrides='run_name="a b"')
+    assert tomli.loads((tmp_path / "quoted" / "pyproject.toml").read_text())
+
+
+def test_certificates_verify_and_node_keys_load(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    assert cli_main(["flower", "certs", str(tmp_path), "--host", "127.0.0.1",
+                     "--host", "link.example.org"]) == 0  # fmt: skip
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "link.example.org" in names.get_values_for_type(x509.DNSName)
+    assert cli_main(["flower", "keys", str(tmp_path / "keys"), "site-a"]) == 0
+    key = load_ssh_private_key((tmp_path / "keys" / "site-a").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    assert Path(tmp_path / "keys" / "site-a.pub").read_text().startswith("ecdsa-sha2-nistp384")

@@ -1,0 +1,78 @@
+"""Flower's simulation engine against ``cllora run``: same config and seed, same metrics.
+
+Tolerance: every number of every record (losses, per-sample loss sums, weights, bytes) within
+1e-5 relative (the only admitted difference is the order of float sums when the nodes' test
+losses are combined); the record kinds, their order and every other field exactly equal."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("flwr")
+pytest.importorskip("ray")
+
+from cllora.config import load_config
+from cllora.fed.runner import run_experiment
+from cllora.flower.simulation import simulate
+from tests.conftest import tiny_run_overrides
+
+REL = 1e-5  # the stated tolerance (docs/flower.md)
+
+
+def _records(run_dir) -> list[dict]:
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        record.pop("seconds", None)  # wall-clock times differ
+        out.append(record)
+    return out
+
+
+def _close(a, b, where: str) -> None:
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and not isinstance(b, str):
+        assert math.isclose(a, b, rel_tol=REL, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b)), (
+            where,
+            a,
+            b,
+        )
+    else:
+        assert a == b, (where, a, b)
+
+
+def test_simulation_matches_cllora_run(tmp_path):
+    overrides = tiny_run_overrides(
+        tmp_path, partition__method="iid", partition__num_clients=2, train__threads=1,
+        fed__weighting="tokens",
+    )  # fmt: skip
+    ref = run_experiment(load_config(None, [*overrides, "run_name=ref"]))
+    sim = simulate(load_config(None, [*overrides, "run_name=sim"]))
+    a, b = _records(ref.run_dir), _records(sim.run_dir)
+    assert [r["kind"] for r in a] == [r["kind"] for r in b]
+    for k, (x, y) in enumerate(zip(a, b, strict=True)):
+        _close(x, y, f"record {k} ({x['kind']})")
+    assert (sim.run_dir / "summary.csv").read_text().splitlines()[0] == (
+        (ref.run_dir / "summary.csv").read_text().splitlines()[0]
+    )
+    _close(ref.rows, sim.rows, "rows")
+    for name in ("clients.csv", "sample_losses.csv"):
+        assert (sim.run_dir / name).is_file(), name
+    weights = "adapter/adapter_model.safetensors"
+    mine, theirs = load_file(sim.run_dir / weights), load_file(ref.run_dir / weights)
+    assert set(mine) == set(theirs)
+    for k, t in mine.items():
+        torch.testing.assert_close(t, theirs[k], rtol=REL, atol=1e-7)
+    rounds = [r for r in b if r["kind"] == "round"]
+    assert [r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rounds] == [True, True]
