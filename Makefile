@@ -3,6 +3,9 @@
 #   make test   installs what is missing, then runs the whole test suite and the lint
 PYTHON ?= python3
 STAMP := build/setup.stamp
+# pytest-xdist workers: CI has 2 cores and most tests use one; a test file stays on one worker
+# (its module fixtures are built once). PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup demo test lint format clean
 
@@ -18,7 +21,7 @@ demo: setup
 test: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(PYTHON) -m ruff check .

@@ -17,6 +17,7 @@ a killed conversion never leaves a half-written cache. The package is installed 
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -72,8 +73,23 @@ def embedded_tokenizer_dir() -> Path:
 def embedded_model_dir() -> Path:
     """Directory of the converted safetensors model; converts on first use."""
     target = embedded_cache_dir()
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+    if _converted(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One process converts; others (pytest workers, torchrun ranks) wait for it, then read.
+    with open(target.parent / f".{EMBEDDED_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _converted(target):
+            _convert(target)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "model.safetensors").is_file() and (target / "config.json").is_file()
+
+
+def _convert(target: Path) -> None:
+    """Convert the GGUF into a safetensors directory at ``target`` (written aside, renamed)."""
     gguf = embedded_gguf_path()
     print(
         f"cllora: converting the embedded {EMBEDDED_NAME} from {gguf.name} (once) ...", flush=True
@@ -88,7 +104,6 @@ def embedded_model_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = EMBEDDED_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}-", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -99,4 +114,3 @@ def embedded_model_dir() -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
