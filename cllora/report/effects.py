@@ -72,7 +72,10 @@ better** (:func:`higher_is_better`; the labels say so), unlike the loss scopes.
   (``n_boot`` resamples of the sample ids, drawn once for every part so that parts on the same
   samples stay matched, from ``numpy.random.default_rng(rng_seed)``: deterministic). It measures
   sample noise only, so it under-covers when training noise is present (same section). Read it
-  as "this test set resolves the difference", not as "the knob has an effect".
+  as "this test set resolves the difference", not as "the knob has an effect". Below
+  ``MIN_BOOTSTRAP_SAMPLES`` paired samples (a client's own test set of 3) the interval is
+  reported but never called resolved: a percentile bootstrap over 3 samples has 10 distinct
+  resamples and covers far below 95%.
 
 ``resolved``: the interval excludes 0.
 """
@@ -99,6 +102,7 @@ MODELS = ("global", "local")
 SEED_KEY = "seed"
 METHOD_T = "t-seeds"
 METHOD_BOOTSTRAP = "bootstrap-samples-1seed"
+MIN_BOOTSTRAP_SAMPLES = 10  # fewer paired samples: a 1-seed interval is never "resolved"
 N_BOOT = 2000
 # Generation scopes (higher = better) -> the per-sample field of the ``generation`` records.
 GENERATION_SCOPES = {"rouge-l": "rouge_l", "token-f1": "f1"}
@@ -247,7 +251,10 @@ def paired_effect(seeds: Sequence[Paired], n_boot: int = N_BOOT, rng_seed: int =
         boot = _bootstrap(kept[0][0], n_boot, np.random.default_rng(rng_seed))
         lo, hi = (float(x) for x in np.nanquantile(boot, [0.025, 0.975]))
         method = METHOD_BOOTSTRAP
-    return Effect(mean, lo, hi, len(kept), n_samples, method, bool(lo > 0 or hi < 0))
+    resolved = bool(lo > 0 or hi < 0)
+    if method == METHOD_BOOTSTRAP and n_samples < MIN_BOOTSTRAP_SAMPLES:
+        resolved = False  # too few samples for a percentile bootstrap to mean anything
+    return Effect(mean, lo, hi, len(kept), n_samples, method, resolved)
 
 
 # --- a sweep ----------------------------------------------------------------------------------

@@ -335,3 +335,17 @@ def test_module_docstring_example_runs():
     e = namespace["e"]
     assert (e.n_seeds, e.n_samples, e.method) == (2, 5, METHOD_T)
     assert e.effect == pytest.approx(-0.184, abs=1e-3)
+
+
+def test_a_one_seed_interval_on_a_handful_of_samples_is_never_resolved():
+    from cllora.report.effects import MIN_BOOTSTRAP_SAMPLES, Paired, paired_effect
+
+    def effect(n: int):
+        rng = np.random.default_rng(1)
+        ref = rng.uniform(2.0, 3.0, n) * 10
+        return paired_effect([Paired.of(ref, np.full(n, 10), ref - 3.0 + rng.normal(0, 0.1, n),
+                                        np.full(n, 10))])  # fmt: skip
+
+    few, many = effect(3), effect(MIN_BOOTSTRAP_SAMPLES)
+    assert few.hi < 0 and not few.resolved  # the interval excludes 0, but 3 samples say nothing
+    assert many.hi < 0 and many.resolved
