@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -30,6 +30,15 @@ class RunStopped(RuntimeError):
 
 class TooFewClientsError(RunStopped):
     """Fewer clients than fed.min_clients finished a round; the last checkpoint is kept."""
+
+    @classmethod
+    def of(cls, r: int, finished: int, trainees: int, min_clients: int, run_dir: Path) -> Self:
+        """The error of round ``r`` (in-process and Flower runs say the same)."""
+        return cls(
+            f"round {r}: only {finished} of {trainees} clients finished local training, fewer "
+            f"than fed.min_clients={min_clients}; the global adapter of round {r - 1} is in "
+            f"{run_dir / 'checkpoint'}"
+        )
 
 
 class NonFiniteModelError(RunStopped):

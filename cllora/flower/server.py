@@ -361,10 +361,8 @@ def flower_round(run: FlowerRun, r: int) -> dict[str, Any]:
     out = train_on_nodes(run, r, chosen)
     if len(out.uplinks) < run.cfg.fed.min_clients:
         _checkpoint(run, r - 1, rng_before)
-        raise TooFewClientsError(
-            f"round {r}: only {len(out.uplinks)} of {len(out.trainees)} clients finished local "
-            f"training, fewer than fed.min_clients={run.cfg.fed.min_clients}; the global "
-            f"adapter of round {r - 1} is in {run.run_dir / 'checkpoint'}"
+        raise TooFewClientsError.of(
+            r, len(out.uplinks), len(out.trainees), run.cfg.fed.min_clients, run.run_dir
         )
     names = [out.trainees[k].name for k in sorted(out.uplinks)]
     weights = _weights(run, names)
