@@ -64,6 +64,14 @@ per (cell, round, evaluated model, test set, length bucket): columns ``cell``, t
 client's test set or ``__global__``), ``bucket`` (``all`` or a length bucket), ``loss``,
 ``tokens``.
 
+**Several processes, one sweep.** The same ``cllora sweep`` command may run in several shells at
+once (a core, a GPU or a machine on a shared disk each): a process claims a cell by an exclusive
+``flock`` on ``<sweep>/.claims/<name>`` for as long as it runs the cell, and passes over a cell
+another live process holds (the lock dies with its process, so a killed one's cell is redone by
+whoever comes next). An unfinished cell directory is only removed by the process that holds its
+claim. Each process rewrites ``results.csv`` (atomically) from every cell finished so far; the
+last to finish writes the whole sweep.
+
 **Shared round 0.** Every cell starts from the same initial model, so each cell's
 ``eval.base_cache`` is ``<sweep>/base_cache`` unless the file sets it (``""`` = off): the
 quality scores and round-0 evaluations of samples an earlier cell already evaluated are read
@@ -72,15 +80,19 @@ from there (:mod:`cllora.eval_cache`; keyed by the exact weights and tokens).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import difflib
+import fcntl
 import hashlib
 import itertools
 import json
 import logging
+import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
@@ -101,6 +113,7 @@ from cllora.report.records import OWN, Kind
 
 log = logging.getLogger("cllora")
 CELL_FILE = "cell.json"
+CLAIMS = ".claims"  # <sweep>/.claims/<cell name>: flock'd by the process running that cell
 RESULT_COLUMNS = ("cell", "round", "model", "client", "test", "bucket", "loss", "tokens")
 SET_BY_SWEEP = ("out_dir", "run_name")
 MAX_NAME = 200
@@ -535,35 +548,76 @@ def check_cells(sweep: Sweep) -> None:
             raise type(err)(f"sweep cell {cell.name}: {err}") from None
 
 
-def run_sweep(sweep: Sweep, check: bool = True) -> Path:
-    """Run every unfinished cell in order; rewrite ``results.csv`` after each; return it."""
-    from cllora.fed.server import run_experiment
+@contextlib.contextmanager
+def claim(sweep: Sweep, cell: Cell) -> Iterator[bool]:
+    """Hold the cell's claim (``<sweep>/.claims/<name>``, an exclusive ``flock``) for the block;
+    yields False, holding nothing, when another process holds it."""
+    path = sweep.root / CLAIMS / cell.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
-    check_cell_dirs(sweep)  # before anything is written: a foreign directory stops the sweep
-    sweep.root.mkdir(parents=True, exist_ok=True)
-    (sweep.root / "sweep.yaml").write_text(
+
+def _write_spec(sweep: Sweep) -> None:
+    path = sweep.root / "sweep.yaml"
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several processes may write it at once
+    tmp.write_text(
         yaml.safe_dump({"name": sweep.name, "keys": sweep.keys,
                         "cells": [{"name": c.name, "values": c.values} for c in sweep.cells]},
                        sort_keys=False)
     )  # fmt: skip
+    tmp.replace(path)
+
+
+def run_sweep(sweep: Sweep, check: bool = True) -> Path:
+    """Run every unfinished cell no other process holds, in order; rewrite ``results.csv``
+    after each; return it."""
+    check_cell_dirs(sweep)  # before anything is written: a foreign directory stops the sweep
+    sweep.root.mkdir(parents=True, exist_ok=True)
+    _write_spec(sweep)
     if check:
         check_cells(sweep)
+    elsewhere = []
     for i, cell in enumerate(sweep.cells, 1):
-        state = cell_state(cell)
-        if state == "done":
-            log.info(
-                "sweep %s: cell %d/%d %s done, skipped", sweep.name, i, len(sweep.cells), cell.name
-            )
-            continue
-        if state == "unfinished":
-            _remove_unfinished(sweep, cell)  # start it again
-        log.info("sweep %s: cell %d/%d %s", sweep.name, i, len(sweep.cells), cell.name)
-        run_experiment(cell.cfg)
-        if not (cell_dir(cell) / "summary.csv").is_file():
-            raise RuntimeError(f"sweep cell {cell.name}: the run ended without summary.csv")
-        write_record(cell)
-        write_results(sweep)
+        where = f"sweep {sweep.name}: cell {i}/{len(sweep.cells)} {cell.name}"
+        with claim(sweep, cell) as mine:
+            if not mine:
+                log.info("%s is being run by another process, passed over", where)
+                elsewhere.append(cell.name)
+                continue
+            _run_cell(sweep, cell, where)
+    if elsewhere:
+        log.info(
+            "sweep %s: %d cell(s) still running in other processes (%s); the last to finish "
+            "rewrites results.csv", sweep.name, len(elsewhere), ", ".join(elsewhere),
+        )  # fmt: skip
     return write_results(sweep)
+
+
+def _run_cell(sweep: Sweep, cell: Cell, where: str) -> None:
+    """Run one claimed cell unless it is done (another process may have finished it)."""
+    from cllora.fed.server import run_experiment
+
+    state = cell_state(cell)
+    if state == "done":
+        log.info("%s done, skipped", where)
+        return
+    if state == "unfinished":
+        _remove_unfinished(sweep, cell)  # start it again
+    log.info("%s", where)
+    run_experiment(cell.cfg)
+    if not (cell_dir(cell) / "summary.csv").is_file():
+        raise RuntimeError(f"sweep cell {cell.name}: the run ended without summary.csv")
+    write_record(cell)
+    write_results(sweep)
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -590,7 +644,7 @@ def write_results(sweep: Sweep) -> Path:
     """``results.csv`` of every finished cell (long format, see module doc)."""
     path = sweep.root / "results.csv"
     columns = ["cell", *sweep.keys, *RESULT_COLUMNS[1:]]
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several processes may write it at once
     with tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()

@@ -7,6 +7,8 @@ import csv
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -14,6 +16,7 @@ import yaml
 from cllora.cli import main
 from cllora.config import ConfigError, parse_overrides, save_config
 from cllora.sweep import (
+    CLAIMS,
     MAX_NAME,
     cell_dir,
     cell_name,
@@ -225,3 +228,29 @@ def test_colliding_values_run_as_two_cells_and_an_edited_record_is_refused(
     assert main(["sweep", path]) == 0
     assert (cells / names[0] / "metrics.jsonl").stat().st_mtime_ns == mtime
     assert json.loads(record.read_text())["values"] == {"data.path": "a_b.jsonl"}
+
+
+def test_a_cell_claimed_by_another_process_is_passed_over_until_that_process_dies(tmp_path):
+    sweep = load_sweep(_spec_file(tmp_path, {"seed": [0, 1]}, eval__local="false"))
+    first, second = sweep.cells
+    _fake_run(first, finished=False)  # the other process's run, in progress
+    claim_file = sweep.root / CLAIMS / first.name
+    claim_file.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(claim_file)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        results = run_sweep(sweep, check=False)
+        assert (cell_dir(first) / "config.yaml").is_file()  # the running cell is left alone
+        assert not is_done(first) and is_done(second)
+        assert {r["cell"] for r in csv.DictReader(results.open())} == {second.name}
+    finally:
+        holder.kill()  # killed: its claim goes with it
+        holder.wait()
+    results = run_sweep(sweep, check=False)
+    assert is_done(first)
+    assert {r["cell"] for r in csv.DictReader(results.open())} == {first.name, second.name}
