@@ -46,7 +46,13 @@ in both cells (equal weight per client, so the mean of the local models' losses,
 loss); ``local:<client>``, ``own``: that client's local model on its own test set. Where the
 knob moves samples between clients (a partition knob), own test sets differ between the two
 cells, and ``own`` scopes use the samples both cells put in that client's test set;
-``n_samples`` says how many.
+``n_samples`` says how many. ``local-mean``, ``own-gain``: what local training gained on the
+clients' own test sets, compared between cells even where their test sets differ: per cell, the
+mean over clients of (the local model's loss minus the initial model's, round 0, on the same
+own-test samples); the effect is the new cell's gain minus the reference's (negative = local
+training gains more with ``v``), per seed, with a t interval over 2 or more seeds (none with
+one seed: the two cells' samples differ, so there is nothing to pair a bootstrap on);
+``n_samples`` counts the new cells' own-test samples.
 
 Generation scopes (cells run with ``eval.generate_samples`` > 0; their ``metrics.jsonl`` holds
 ``generation`` records, :mod:`cllora.report.records`): ``model=global``, ``scope=rouge-l`` and
@@ -102,6 +108,7 @@ MODELS = ("global", "local")
 SEED_KEY = "seed"
 METHOD_T = "t-seeds"
 METHOD_BOOTSTRAP = "bootstrap-samples-1seed"
+GAIN_SCOPE = "own-gain"  # local model minus initial model on own test sets, between cells
 MIN_BOOTSTRAP_SAMPLES = 10  # fewer paired samples: a 1-seed interval is never "resolved"
 N_BOOT = 2000
 # Generation scopes (higher = better) -> the per-sample field of the ``generation`` records.
@@ -245,8 +252,8 @@ def paired_effect(seeds: Sequence[Paired], n_boot: int = N_BOOT, rng_seed: int =
     n_samples = sum(p.n_samples for p, _ in kept)
     mean = float(effects.mean())
     if len(kept) >= 2:
-        half = t975(len(kept) - 1) * float(effects.std(ddof=1)) / math.sqrt(len(kept))
-        lo, hi, method = mean - half, mean + half, METHOD_T
+        lo, hi = t_interval(effects)
+        method = METHOD_T
     else:
         boot = _bootstrap(kept[0][0], n_boot, np.random.default_rng(rng_seed))
         lo, hi = (float(x) for x in np.nanquantile(boot, [0.025, 0.975]))
@@ -255,6 +262,13 @@ def paired_effect(seeds: Sequence[Paired], n_boot: int = N_BOOT, rng_seed: int =
     if method == METHOD_BOOTSTRAP and n_samples < MIN_BOOTSTRAP_SAMPLES:
         resolved = False  # too few samples for a percentile bootstrap to mean anything
     return Effect(mean, lo, hi, len(kept), n_samples, method, resolved)
+
+
+def t_interval(effects: Any) -> tuple[float, float]:
+    """The 95% Student t interval of the mean of 2 or more per-seed effects."""
+    effects = np.asarray(effects, dtype=np.float64)
+    half = t975(len(effects) - 1) * float(effects.std(ddof=1)) / math.sqrt(len(effects))
+    return float(effects.mean()) - half, float(effects.mean()) + half
 
 
 # --- a sweep ----------------------------------------------------------------------------------
@@ -502,6 +516,45 @@ def _rows_of(
     return rows
 
 
+def _own_gain(store: _Cells, run_dir: Path, rnd: int) -> tuple[float, int] | None:
+    """A cell's mean over clients of (its local model's loss at ``rnd`` minus the initial
+    model's, on the samples of the client's own test set both evaluated), and their count;
+    None without round-0 losses on the clients' test sets."""
+    final, start = store.view(run_dir, rnd), store.view(run_dir, 0)
+    gains, n = [], 0
+    for client, group in _local(final, own=True).items():
+        base = start.get(("global", "", client), {})
+        ids = sorted(group.keys() & base.keys())
+        tokens = sum(group[s][1] for s in ids)
+        if tokens:
+            gains.append(sum(group[s][0] - base[s][0] for s in ids) / tokens)
+            n += len(ids)
+    return (float(np.mean(gains)), n) if gains else None
+
+
+def _gain_rows(knob, value, ref, by_seed, store, rnd) -> list[EffectRow]:
+    """The ``own-gain`` row (module doc): what local training gained on the clients' own test
+    sets, new cell minus reference cell, per seed; a t interval over 2 or more seeds."""
+    effects, n, rounds = [], 0, set()
+    for dirs in by_seed.values():
+        diffs = []
+        for ref_dir, new_dir in dirs:
+            r = _round_of(store, ref_dir, new_dir, rnd)
+            a = _own_gain(store, ref_dir, r) if r else None
+            b = _own_gain(store, new_dir, r) if r else None
+            if a and b:
+                diffs.append(b[0] - a[0])
+                n, rounds = n + b[1], rounds | {r}
+        if diffs:
+            effects.append(float(np.mean(diffs)))
+    if len(effects) < 2:
+        return []  # one seed: samples differ between the cells, so no paired bootstrap
+    lo, hi = t_interval(effects)
+    return [EffectRow(knob, value, ref, "local-mean", GAIN_SCOPE, _used(rounds),
+                      float(np.mean(effects)), lo, hi, len(effects), n, METHOD_T,
+                      bool(lo > 0 or hi < 0))]  # fmt: skip
+
+
 def _generation_rows(knob, value, ref, by_seed, store, rnd, n_boot, rng_seed) -> list[EffectRow]:
     """The rows of the generation scopes (module doc), where both cells of a pair generated."""
     views: dict[str, list[tuple[dict, dict]]] = {}  # seed -> [(ref scores, new scores)]
@@ -561,6 +614,7 @@ def sweep_effects(
             rows += _rows_of(
                 knob, value, ref, by_seed, store, edges, round, n_boot, rng_seed, measure
             )
+            rows += _gain_rows(knob, value, ref, by_seed, store, round)
             rows += _generation_rows(knob, value, ref, by_seed, store, round, n_boot, rng_seed)
     return rows
 
@@ -605,6 +659,8 @@ def scope_words(model: str, scope: str) -> str:
             return "global model, all samples"
         return f"global model, samples of {scope}"
     if model == "local-mean":
+        if scope == GAIN_SCOPE:
+            return "mean local model, own test sets, gain over the initial model"
         return "mean local model, " + ("global test set" if scope == "all" else "own test sets")
     client = model.removeprefix("local:")
     return f"{client}'s local model, " + ("global test set" if scope == "all" else "own test set")

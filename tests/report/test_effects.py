@@ -349,3 +349,39 @@ def test_a_one_seed_interval_on_a_handful_of_samples_is_never_resolved():
     few, many = effect(3), effect(MIN_BOOTSTRAP_SAMPLES)
     assert few.hi < 0 and not few.resolved  # the interval excludes 0, but 3 samples say nothing
     assert many.hi < 0 and many.resolved
+
+
+def _gain_cell(alpha: float, seed: int) -> list[tuple]:
+    """A cell whose clients' own test sets differ with ``alpha`` (a partition knob): the initial
+    model's loss per token on them is 3.0 + 0.1 * i, the local model's is that minus a gain of
+    0.2 (alpha 100) or 0.3 + 0.02 * seed (alpha 0.1, one client) and 0.1 (the other)."""
+    rows = []
+    gains = {"c0": 0.2, "c1": 0.2} if alpha == 100.0 else {"c0": 0.3 + 0.02 * seed, "c1": 0.1}
+    for c, gain in gains.items():
+        for i in range(3):
+            sample, base = f"{alpha}:{c}:{i}", 3.0 + 0.1 * i
+            rows.append((0, "global", "", c, sample, 9, 4, 4 * base))
+            rows.append((2, "local", c, c, sample, 9, 4, 4 * (base - gain)))
+    rows.append((2, "global", "", "__global__", f"s{seed}", 9, 4, 8.0))
+    return rows
+
+
+def test_own_gain_compares_local_training_between_cells_whose_test_sets_differ(tmp_path):
+    cells = []
+    for alpha in (100.0, 0.1):
+        for seed in (0, 1):
+            run_dir = tmp_path / f"alpha={alpha}__seed={seed}"
+            write_losses(run_dir / "sample_losses.csv", _gain_cell(alpha, seed))
+            cells.append(({ALPHA: alpha, "seed": seed}, run_dir))
+    rows = {(r.model, r.scope): r for r in sweep_effects(cells)}
+    assert ("local-mean", "own") not in rows  # no own-test sample is in both cells
+    gain = rows[("local-mean", "own-gain")]
+    # alpha 0.1 gains (0.3 + 0.02 s + 0.1) / 2 = 0.2 + 0.01 s per client, alpha 100 gains 0.2:
+    # losses fall by 0.01 s more, so the per-seed effects are 0.0 and -0.01
+    assert gain.effect == pytest.approx(-0.005) and (gain.n_seeds, gain.n_samples) == (2, 12)
+    half = 12.7062 * np.std([0.0, -0.01], ddof=1) / math.sqrt(2)
+    assert (gain.lo, gain.hi) == (pytest.approx(-0.005 - half), pytest.approx(-0.005 + half))
+    assert gain.method == METHOD_T and not gain.resolved and gain.round == 2
+    assert "own test sets, gain over the initial model" in row_label(gain)
+    one_seed = [c for c in cells if c[0]["seed"] == 0]
+    assert not [r for r in sweep_effects(one_seed) if r.scope == "own-gain"]
