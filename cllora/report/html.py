@@ -248,11 +248,11 @@ def _final(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _effects_section(root: Path, spec: dict[str, Any], finished: list[dict]) -> list[str]:
-    """The paired effects of the finished cells (``report/effects.csv`` and ``effects.md``, a
-    forest plot, a table that says which are resolved); nothing when no cell has per-sample
-    losses."""
-    from cllora.report.effects import row_label, sweep_effects, write_effects_csv
+def sweep_effect_rows(root: Path, finished: list[dict[str, Any]]) -> list[Any]:
+    """The paired effects (:func:`cllora.report.effects.sweep_effects`) of a sweep's ``finished``
+    cells (entries of ``sweep.yaml``'s ``cells``) that hold per-sample losses, with the length
+    buckets and measure of their partition; what ``report/effects.csv`` holds."""
+    from cllora.report.effects import sweep_effects
 
     dirs = [(c, root / "cells" / c["name"]) for c in finished]
     dirs = [(c, d) for c, d in dirs if (d / SAMPLE_LOSSES).is_file()]
@@ -261,7 +261,16 @@ def _effects_section(root: Path, spec: dict[str, Any], finished: list[dict]) -> 
     records = read_metrics(dirs[0][1] / "metrics.jsonl")
     part = next((r for r in records if r["kind"] == Kind.PARTITION), {})
     edges, measure = part.get("length_buckets", ()), part.get("length_measure", "tokens")
-    rows = sweep_effects([(c["values"], d) for c, d in dirs], edges=edges, measure=measure)
+    return sweep_effects([(c["values"], d) for c, d in dirs], edges=edges, measure=measure)
+
+
+def _effects_section(root: Path, spec: dict[str, Any], finished: list[dict]) -> list[str]:
+    """The paired effects of the finished cells (``report/effects.csv`` and ``effects.md``, a
+    forest plot, a table that says which are resolved); nothing when no cell has per-sample
+    losses."""
+    from cllora.report.effects import row_label, write_effects_csv
+
+    rows = sweep_effect_rows(root, finished)
     if not rows:
         return []
     out = root / "report"
