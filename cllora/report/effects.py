@@ -51,8 +51,9 @@ clients' own test sets, compared between cells even where their test sets differ
 mean over clients of (the local model's loss minus the initial model's, round 0, on the same
 own-test samples); the effect is the new cell's gain minus the reference's (negative = local
 training gains more with ``v``), per seed, with a t interval over 2 or more seeds (none with
-one seed: the two cells' samples differ, so there is nothing to pair a bootstrap on);
-``n_samples`` counts the new cells' own-test samples.
+one seed: the two cells' samples differ, so there is nothing to pair a bootstrap on); only where
+the knob changed the own test sets (elsewhere it equals the ``own`` row); ``n_samples`` counts
+the new cells' own-test samples.
 
 Generation scopes (cells run with ``eval.generate_samples`` > 0; their ``metrics.jsonl`` holds
 ``generation`` records, :mod:`cllora.report.records`): ``model=global``, ``scope=rouge-l`` and
@@ -532,10 +533,14 @@ def _own_gain(store: _Cells, run_dir: Path, rnd: int) -> tuple[float, int] | Non
     return (float(np.mean(gains)), n) if gains else None
 
 
+def _own_ids(store: _Cells, run_dir: Path, rnd: int) -> dict[str, frozenset[str]]:
+    return {c: frozenset(g) for c, g in _local(store.view(run_dir, rnd), own=True).items()}
+
+
 def _gain_rows(knob, value, ref, by_seed, store, rnd) -> list[EffectRow]:
     """The ``own-gain`` row (module doc): what local training gained on the clients' own test
     sets, new cell minus reference cell, per seed; a t interval over 2 or more seeds."""
-    effects, n, rounds = [], 0, set()
+    effects, n, rounds, moved = [], 0, set(), False
     for dirs in by_seed.values():
         diffs = []
         for ref_dir, new_dir in dirs:
@@ -545,10 +550,13 @@ def _gain_rows(knob, value, ref, by_seed, store, rnd) -> list[EffectRow]:
             if a and b:
                 diffs.append(b[0] - a[0])
                 n, rounds = n + b[1], rounds | {r}
+                moved |= _own_ids(store, ref_dir, r) != _own_ids(store, new_dir, r)
         if diffs:
             effects.append(float(np.mean(diffs)))
-    if len(effects) < 2:
-        return []  # one seed: samples differ between the cells, so no paired bootstrap
+    if len(effects) < 2 or not moved:
+        # one seed: the cells' samples differ, nothing to pair a bootstrap on; the same own
+        # test sets in both cells: the gains' difference is the paired `own` row
+        return []
     lo, hi = t_interval(effects)
     return [EffectRow(knob, value, ref, "local-mean", GAIN_SCOPE, _used(rounds),
                       float(np.mean(effects)), lo, hi, len(effects), n, METHOD_T,

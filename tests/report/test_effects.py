@@ -385,3 +385,9 @@ def test_own_gain_compares_local_training_between_cells_whose_test_sets_differ(t
     assert "own test sets, gain over the initial model" in row_label(gain)
     one_seed = [c for c in cells if c[0]["seed"] == 0]
     assert not [r for r in sweep_effects(one_seed) if r.scope == "own-gain"]
+    for run_dir in (c[1] for c in cells if c[0][ALPHA] == 0.1):  # the same own test sets now
+        path = run_dir / "sample_losses.csv"
+        path.write_text(path.read_text().replace("0.1:c", "100.0:c"))
+    rows = {(r.model, r.scope): r for r in sweep_effects(cells)}
+    assert ("local-mean", "own-gain") not in rows
+    assert rows[("local-mean", "own")].effect == pytest.approx(-0.005)  # what own-gain said
