@@ -12,6 +12,8 @@ Modules: :mod:`~cllora.flower.messages` (what travels, as Flower records),
 :mod:`~cllora.flower.node` (one SuperNode's client: its data, model and handlers),
 :mod:`~cllora.flower.client_app` (the ClientApp), :mod:`~cllora.flower.server`
 (the rounds, driven over a Flower ``Grid``), :mod:`~cllora.flower.server_app` (the ServerApp),
+:mod:`~cllora.flower.secagg` (secure aggregation with Flower's SecAgg+),
+:mod:`~cllora.flower.privacy` (the DP accountant),
 :mod:`~cllora.flower.simulation` (Flower's simulation engine), :mod:`~cllora.flower.app_dir`
 (the Flower App for ``flwr run``), :mod:`~cllora.flower.credentials` (TLS certificates, node
 keys) and :mod:`~cllora.flower.cli` (``cllora flower``). Flower is an optional extra

@@ -5,6 +5,7 @@ Usage::
     cllora flower simulate examples/demo.yaml fed.rounds=2 --nodes 4        # one machine
     cllora flower simulate run.yaml --cpus 32 --gpus 4 --client-cpus 8 --client-gpus 1
     cllora flower simulate --resume runs/20261201-101500                   # continue it
+    cllora flower simulate run.yaml --secagg --dp-clipping-norm 1 --dp-noise-multiplier 1
     cllora flower app flower-app run.yaml --nodes 3     # the Flower App for `flwr run`
     cllora flower certs certs --host link.example.org   # CA + SuperLink certificate
     cllora flower keys keys hospital-a hospital-b       # SuperNode key pairs
@@ -35,6 +36,14 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
                    help="differential privacy: noise std = multiplier*norm/clients")  # fmt: skip
     p.add_argument("--round-timeout", type=float, default=3600.0,
                    help="seconds the server waits for a round's replies")  # fmt: skip
+    p.add_argument("--dp-delta", type=float, default=1e-5,
+                   help="differential privacy: the delta epsilon is recorded at")  # fmt: skip
+    p.add_argument("--secagg", action="store_true",
+                   help="secure aggregation (Flower's SecAgg+): the server sees sums")  # fmt: skip
+    p.add_argument("--secagg-num-shares", type=float, default=1.0,
+                   help="SecAgg+ shares per client (<= 1: of the trainees)")  # fmt: skip
+    p.add_argument("--secagg-reconstruction-threshold", type=float, default=0.75,
+                   help="SecAgg+ shares that rebuild a secret (<= 1: of the shares)")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,9 +94,9 @@ def main(argv: list[str]) -> int:
             private, public = write_node_keys(Path(args.directory), name)
             print(f"{name}: private key {private} (stays on its node), public key {public}")
         return 0
-    settings = {"nodes": args.nodes, "dp_clipping_norm": args.dp_clipping_norm,
-                "dp_noise_multiplier": args.dp_noise_multiplier,
-                "round_timeout": args.round_timeout}  # fmt: skip
+    keys = ("nodes", "dp_clipping_norm", "dp_noise_multiplier", "round_timeout", "dp_delta",
+            "secagg", "secagg_num_shares", "secagg_reconstruction_threshold")  # fmt: skip
+    settings = {k: getattr(args, k) for k in keys}
     path, overrides = _config_args(args.args)
     if args.action == "app":
         from cllora.flower.app_dir import write_app

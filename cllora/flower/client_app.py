@@ -16,6 +16,11 @@ With differential privacy the server sends ``train.dp`` messages, which run Flow
 ``fixedclipping_mod`` around the same training: it clips each uplink's update (uplink minus
 downlink, L2 over all tensors) to the ``clipping_norm`` the server sends, after cllora's training
 and before anything leaves the node.
+
+With secure aggregation (:mod:`cllora.flower.secagg`) the server's SecAgg+ workflow sends plain
+``train`` messages holding its protocol's config record: those go through Flower's
+``secaggplus_mod``, which answers three of its four stages itself and, in the fourth, runs the
+same training (from a legacy ``FitIns``) and masks the update before it leaves the node.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import json
 from typing import Any
 
 from flwr.app import Context, Message
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from cllora.flower.messages import (
     config_content,
@@ -35,6 +42,7 @@ from cllora.flower.messages import (
     uplink_content,
 )
 from cllora.flower.node import Node, node_for
+from cllora.flower.secagg import is_secagg, read_fitins, secure_fitres
 
 CONFIG_KEY = "cllora-config"  # the run's resolved config, as YAML, in every message
 
@@ -57,6 +65,23 @@ def _train(msg: Message, context: Context) -> Message:
     return Message(uplink_content(out.uplink, out.records, reply), reply_to=msg)
 
 
+def _train_secure(msg: Message, context: Context) -> Message:
+    """SecAgg+'s collect-masked-vectors stage: train, reply the update and its weight as a
+    ``FitRes`` (``secaggplus_mod`` masks it)."""
+    down, conf = read_fitins(recorddict_to_fitins(msg.content, keep_input=True))
+    node = node_for(str(conf[CONFIG_KEY]), dict(context.node_config))
+    fitres = secure_fitres(node.algorithm, down, node.train(down, conf), conf)
+    return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def _secagg(msg: Message, context: Context, call_next: Any) -> Message:
+    """A mod: SecAgg+'s messages to Flower's ``secaggplus_mod`` (around :func:`_train_secure`),
+    the other ``train`` messages on to ``call_next``."""
+    if not is_secagg(msg):
+        return call_next(msg, context)
+    return secaggplus_mod(msg, context, _train_secure)
+
+
 def _evaluate(msg: Message, context: Context) -> Message:
     node, conf = _node(msg, context)
     state = from_arrays(msg.content.array_records["adapter"])
@@ -72,7 +97,7 @@ def make_client_app() -> ClientApp:
     client = ClientApp()
     client.query()(_query)
     client.evaluate()(_evaluate)
-    client.train()(_train)
+    client.train(mods=[_secagg])(_train)
     client.train(DP_ACTION, mods=[fixedclipping_mod])(_train)
     return client
 

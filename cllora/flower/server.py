@@ -30,7 +30,13 @@ export the final one.
 clipping, Flower's scheme: each node clips its update with Flower's ``fixedclipping_mod``, the
 server adds Gaussian noise of standard deviation ``noise_multiplier * clipping_norm / n`` to the
 mean of the ``n`` clipped updates (Flower's ``compute_stdv`` and ``add_gaussian_noise_inplace``).
-The parameters are in ``flower.json`` and in every round record.
+The parameters, and epsilon at ``dp_delta`` after every round (:mod:`cllora.flower.privacy`),
+are in ``flower.json`` and in every round record.
+
+**Secure aggregation** (``secagg``): the trainings of a round run under Flower's SecAgg+
+(:mod:`cllora.flower.secagg`), and the server learns only the weighted mean of the uplinks; for
+the algorithms of :data:`~cllora.flower.secagg.SUM_ONLY`, refused for the others. The
+protocol's parameters are in every round record.
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ from cllora.flower.messages import (
     read_uplink,
     state_content,
 )
+from cllora.flower.privacy import privacy_info
+from cllora.flower.secagg import SecureOutcome, check_secagg, secure_train
 from cllora.model.lora import lora_state_dict
 from cllora.model.setup import build_model
 from cllora.report.metrics import MetricsLog, read_metrics, write_summary
@@ -110,6 +118,12 @@ class FlowerSettings:
     round_timeout: float = 3600.0  # seconds a round's replies are waited for
     dp_clipping_norm: float = 0.0  # > 0: differential privacy on the LoRA updates
     dp_noise_multiplier: float = 0.0
+    dp_delta: float = 1e-5  # the delta at which epsilon is recorded
+    secagg: bool = False  # secure aggregation (SecAgg+) of the updates
+    secagg_num_shares: float = 1.0  # <= 1: a fraction of the trainees, else a count
+    secagg_reconstruction_threshold: float = 0.75  # <= 1: a fraction of the shares, else a count
+    secagg_clipping_range: float = 8.0  # Flower's: |weight * update| entries quantized within it
+    secagg_quantization_range: int = 2**22  # Flower's: the quantization levels
     resume: str = ""  # a run directory to continue
 
 
@@ -142,6 +156,7 @@ class FlowerRun:
     rng: random.Random
     rng_fail: random.Random
     config_yaml: str
+    info: dict[str, Any] = field(default_factory=dict)  # flower.json
 
     @property
     def global_state(self) -> dict[str, torch.Tensor]:
@@ -170,6 +185,12 @@ def check_flower_config(cfg: Config, settings: FlowerSettings) -> None:
         raise ConfigError("dp-clipping-norm and dp-noise-multiplier must be >= 0")
     if settings.dp_noise_multiplier and not settings.dp_clipping_norm:
         raise ConfigError("dp-noise-multiplier needs dp-clipping-norm > 0 (the clipping bound)")
+    if not 0 < settings.dp_delta < 1:
+        raise ConfigError(f"dp-delta must be in (0, 1), got {settings.dp_delta}")
+    if settings.secagg:
+        nodes = settings.nodes or cfg.partition.num_clients
+        trainees = len(sample_clients(nodes, cfg.fed.sample_fraction, random.Random(0)))
+        check_secagg(cfg, settings, trainees)
     if settings.dp_clipping_norm and (strategy not in MEAN_ONLY or cfg.fed.weighting != "uniform"):
         raise ConfigError(
             f"differential privacy needs the uniform mean of the clients' updates: set "
@@ -222,14 +243,18 @@ def _setup(
     if len(sites) < cfg.fed.min_clients:
         raise ConfigError(f"fed.min_clients={cfg.fed.min_clients} exceeds the {len(sites)} nodes")
     info = {"settings": asdict(settings), "sites": {s.name: s.node_id for s in sites}}
-    (run_dir / "flower.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    _write_info(run_dir, info)
     return FlowerRun(
         cfg=cfg, settings=settings, grid=grid, run_dir=run_dir, metrics=metrics,
         algorithm=make_algorithm(cfg), model=model, sites=sites,
         result=RunResult(run_dir=run_dir, global_state=lora_state_dict(model), config=cfg),
         rng=random.Random(cfg.seed), rng_fail=random.Random(cfg.seed + 7919),
-        config_yaml=config_yaml,
+        config_yaml=config_yaml, info=info,
     )  # fmt: skip
+
+
+def _write_info(run_dir: Path, info: dict[str, Any]) -> None:
+    (run_dir / "flower.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
 
 def discover(grid: Grid, config_yaml: str, nodes: int, wait: float) -> list[Site]:
@@ -279,11 +304,11 @@ def _start(run: FlowerRun, ckpt: Checkpoint | None) -> int:
             f"cannot resume {run.run_dir}: it ran with clients {saved['sites']}, the SuperNodes "
             f"now hold {[s.name for s in run.sites]}; start the same nodes"
         )
-    if saved.get("privacy", _privacy(run.settings)) != _privacy(run.settings):
+    mine = _privacy(run.settings)  # a key an older checkpoint lacks may change
+    if any(mine.get(k) != v for k, v in saved.get("privacy", {}).items()):
         raise ConfigError(
-            f"cannot resume {run.run_dir} with other differential privacy settings "
-            f"(it ran with {saved['privacy']}); give the same dp-clipping-norm and "
-            "dp-noise-multiplier"
+            f"cannot resume {run.run_dir} with other privacy settings (it ran with "
+            f"{saved['privacy']}); give the same dp-* and secagg* run-config keys"
         )
     run.result.global_state = ckpt.global_state
     run.algorithm.load_state_dict(ckpt.server_state, run.model)
@@ -358,7 +383,7 @@ def flower_round(run: FlowerRun, r: int) -> dict[str, Any]:
     start = time.perf_counter()
     rng_before = _rng_states(run.rng, run.rng_fail)
     chosen = sample_clients(len(run.sites), run.cfg.fed.sample_fraction, run.rng)
-    out = train_on_nodes(run, r, chosen)
+    out = _train_securely(run, r, chosen) if run.settings.secagg else train_on_nodes(run, r, chosen)
     if len(out.uplinks) < run.cfg.fed.min_clients:
         _checkpoint(run, r - 1, rng_before)
         raise TooFewClientsError.of(
@@ -368,8 +393,12 @@ def flower_round(run: FlowerRun, r: int) -> dict[str, Any]:
     weights = _weights(run, names)
     agg = run.algorithm.aggregate(run.global_state, out.results(weights))
     info = dict(agg.info)
+    if isinstance(out, SecureOutcome):
+        info.update(out.info)
     if run.settings.dp_clipping_norm:
         info.update(_add_noise(run, r, agg.state, len(out.uplinks)))
+    if run.settings.dp_noise_multiplier:
+        info.update(privacy_info(r, run.settings.dp_noise_multiplier, run.settings.dp_delta))
     bad = non_finite(agg.state) + non_finite(run.algorithm.state_dict())
     if bad:
         raise NonFiniteModelError(
@@ -388,24 +417,57 @@ def flower_round(run: FlowerRun, r: int) -> dict[str, Any]:
             extra=json_safe(info),
         )
     )  # fmt: skip
+    _record_info(run, r, info)
     _checkpoint(run, r)
     log.info("round %d: global loss %.4f (ppl %.2f)", r, row["global_loss"], row["global_ppl"])
     return row
 
 
-def train_on_nodes(run: FlowerRun, r: int, chosen: list[int]) -> RoundOutcome:
-    """The round's local trainings, one ``train`` Message per trainee; records written in
-    trainee order, as ``cllora run`` writes them."""
+def _record_info(run: FlowerRun, r: int, info: dict[str, Any]) -> None:
+    """``flower.json`` after round ``r``: epsilon so far, the SecAgg+ parameters used."""
+    keys = [k for k in info if k.startswith(("dp_", "secagg"))]
+    if keys:
+        run.info["round"] = {"round": r, **{k: info[k] for k in keys}}
+        _write_info(run.run_dir, run.info)
+
+
+def _plan(run: FlowerRun, r: int, chosen: list[int]) -> tuple[list[Trainee], list, list[dict]]:
+    """The round's trainees, their downlinks and the settings each node gets."""
     trainees = run.algorithm.trainees(chosen, run.sites)
     fails = [run.rng_fail.random() < run.cfg.fed.client_failure_rate for _ in trainees]
     downs = [run.algorithm.downlink(t.index, run.global_state) for t in trainees]
-    kind = f"{MessageType.TRAIN}.{DP_ACTION}" if run.settings.dp_clipping_norm else None
-    msgs = {}
-    for k, (t, down) in enumerate(zip(trainees, downs, strict=True)):
+    confs = []
+    for k, t in enumerate(trainees):
         conf = {CONFIG_KEY: run.config_yaml, "round": r, "index": t.index, "steps": t.steps,
                 "fail": fails[k], "position": k}  # fmt: skip
         if run.settings.dp_clipping_norm:
             conf["clipping_norm"] = run.settings.dp_clipping_norm
+        confs.append(conf)
+    return trainees, downs, confs
+
+
+def _train_securely(run: FlowerRun, r: int, chosen: list[int]) -> SecureOutcome:
+    """The round's local trainings under SecAgg+ (:func:`cllora.flower.secagg.secure_train`)."""
+    trainees, downs, confs = _plan(run, r, chosen)
+    weights = _weights(run, [t.name for t in trainees])
+    out = secure_train(run, r, trainees, downs, confs, weights)
+    if out.halted:
+        raise TooFewClientsError(
+            f"round {r}: SecAgg+ stopped before unmasking the sum: fewer nodes than its "
+            f"reconstruction threshold ({out.info.get('secagg_reconstruction_threshold')}) "
+            f"answered every stage; the global adapter of round {r - 1} is in "
+            f"{run.run_dir / 'checkpoint'}"
+        )
+    return out
+
+
+def train_on_nodes(run: FlowerRun, r: int, chosen: list[int]) -> RoundOutcome:
+    """The round's local trainings, one ``train`` Message per trainee; records written in
+    trainee order, as ``cllora run`` writes them."""
+    trainees, downs, confs = _plan(run, r, chosen)
+    kind = f"{MessageType.TRAIN}.{DP_ACTION}" if run.settings.dp_clipping_norm else None
+    msgs = {}
+    for t, down, conf in zip(trainees, downs, confs, strict=True):
         node = run.sites[t.index].node_id
         msgs[node] = Message(downlink_content(down, conf), dst_node_id=node,
                              message_type=kind or MessageType.TRAIN, group_id=str(r))  # fmt: skip
@@ -518,9 +580,9 @@ def _checkpoint(run: FlowerRun, r: int, rng: list | None = None) -> None:
                     run.result.rows, extra=extra)  # fmt: skip
 
 
-def _privacy(settings: FlowerSettings) -> dict[str, float]:
-    return {"dp_clipping_norm": settings.dp_clipping_norm,
-            "dp_noise_multiplier": settings.dp_noise_multiplier}  # fmt: skip
+def _privacy(settings: FlowerSettings) -> dict[str, Any]:
+    """The settings a resumed run must keep (the DP accounting and SecAgg+ go on as begun)."""
+    return {k: v for k, v in asdict(settings).items() if k.startswith(("dp_", "secagg"))}
 
 
 def _finish(run: FlowerRun) -> None:

@@ -9,7 +9,9 @@ Usage::
 reads its run config (``[tool.flwr.app.config]`` of the app, overridden by ``flwr run
 --run-config``): ``config`` (the cllora YAML on the coordinator; empty: the defaults),
 ``overrides`` (``key=value`` overrides, space separated), ``nodes``, ``node-wait``,
-``round-timeout``, ``dp-clipping-norm``, ``dp-noise-multiplier`` and ``resume`` (the fields of
+``round-timeout``, ``dp-clipping-norm``, ``dp-noise-multiplier``, ``dp-delta``, ``secagg``,
+``secagg-num-shares``, ``secagg-reconstruction-threshold``, ``secagg-clipping-range``,
+``secagg-quantization-range`` and ``resume`` (the fields of
 :class:`~cllora.flower.server.FlowerSettings`, dashes for underscores).
 """
 

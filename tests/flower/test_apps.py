@@ -1,9 +1,11 @@
-"""cllora's Flower pieces without a federation: the real ClientApp called in-process with real
-Flower Messages (Flower's fixedclipping_mod included), the records, the refusals, the app
-directory (validated by Flower), certificates and keys."""
+"""cllora's Flower pieces without Ray or a SuperLink: the real ClientApp called in-process with
+real Flower Messages (Flower's fixedclipping_mod included), whole federations over an in-process
+grid (secure aggregation with Flower's SecAgg+ workflow and mod), the records, the refusals, the
+app directory (validated by Flower), certificates and keys."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import yaml
 pytest.importorskip("flwr")
 
 from flwr.app import Context, Message, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.supercore.differential_privacy import compute_stdv
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -29,10 +32,12 @@ from cllora.flower.messages import (
     uplink_content,
 )
 from cllora.flower.node import node_for
-from cllora.flower.server import FlowerSettings, check_flower_config, combine_evals
+from cllora.flower.privacy import epsilon_after
+from cllora.flower.server import FlowerSettings, check_flower_config, combine_evals, run_federation
 from cllora.model.lora import lora_state_dict
 from cllora.report.records import ClientFailed, GlobalEval
-from tests.conftest import tiny_run_overrides
+from tests.conftest import metrics_without_times, tiny_run_overrides
+from tests.flower.grid import InProcessGrid
 
 
 @pytest.fixture
@@ -114,6 +119,14 @@ def test_combine_evals_is_the_union_of_the_test_sets():
          "uniform mean"),
         ([], {"dp_clipping_norm": 1.0}, "fed.weighting=uniform"),
         ([], {"dp_noise_multiplier": 1.0}, "needs dp-clipping-norm"),
+        ([], {"dp_delta": 1.0}, "dp-delta must be in"),
+        (["fed.strategy=exact"], {"secagg": True}, "fed.strategy=exact reads each one"),
+        (["fed.strategy=hetlora"], {"secagg": True}, "fed.strategy=hetlora reads each one"),
+        (["lora.client_ranks=[2,4]"], {"secagg": True}, "different ranks"),
+        (["fed.sample_fraction=0.2"], {"secagg": True, "nodes": 4}, "at least 2"),
+        ([], {"secagg": True, "nodes": 3, "secagg_reconstruction_threshold": 4.0}, "exceeds the 3"),
+        ([], {"secagg": True, "secagg_num_shares": 2.0}, "Flower refuses them"),
+        ([], {"secagg": True, "secagg_num_shares": 2.5}, "secagg-num-shares=2.5: give"),
     ],
 )  # fmt: skip
 def test_refusals_name_the_fix(overrides, settings, says):
@@ -179,3 +192,82 @@ def test_certificates_verify_and_node_keys_load(tmp_path):
     key = load_ssh_private_key((tmp_path / "keys" / "site-a").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     assert Path(tmp_path / "keys" / "site-a.pub").read_text().startswith("ecdsa-sha2-nistp384")
+
+
+def _federate(tmp_path, name: str, settings: FlowerSettings, drop: set | None = None, **extra):
+    """A whole run over three in-process nodes (:class:`tests.flower.grid.InProcessGrid`)."""
+    cfg = load_config(None, tiny_run_overrides(
+        tmp_path, partition__method="iid", partition__num_clients=3, train__threads=1,
+        run_name=name, **extra))  # fmt: skip
+    grid = InProcessGrid(3, drop_masked=drop)
+    return run_federation(grid, cfg, settings), grid
+
+
+def _masked_replies(grid: InProcessGrid) -> list[Message]:
+    """The nodes' replies to SecAgg+'s collect-masked-vectors stage."""
+    out = []
+    for m in grid.replies:
+        conf = None if m.has_error() else m.content.config_records.get(RECORD_KEY_CONFIGS)
+        if conf is not None and Key.MASKED_PARAMETERS in conf:
+            out.append(m)
+    return out
+
+
+def _close_records(a: list[dict], b: list[dict], rel: float) -> None:
+    assert [r["kind"] for r in a] == [r["kind"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        for k, v in x.items():
+            if k.startswith(("secagg", "bytes_up")):
+                continue
+            if isinstance(v, float):
+                assert y[k] == pytest.approx(v, rel=rel, abs=1e-6), (x["kind"], k)
+            elif k not in ("loss_sums", "losses", "buckets"):
+                assert y[k] == v, (x["kind"], k)
+
+
+def test_secagg_federation_is_the_weighted_mean_through_flowers_protocol(tmp_path, task_identity):
+    extra = {"fed__weighting": "tokens", "fed__client_failure_rate": 0.3, "seed": 1,
+             "fed__rounds": 1}  # seed 1: client-01 fails in round 1  # fmt: skip
+    on = FlowerSettings(nodes=3, secagg=True)
+    secure, grid = _federate(tmp_path, "secure", on, **extra)
+    # client-01's node (id 2) trains, then drops out of SecAgg+: Flower recovers its masks
+    dropout, _ = _federate(tmp_path, "dropout", on, drop={2},
+                           **{**extra, "fed__client_failure_rate": 0.0})  # fmt: skip
+    plain, _ = _federate(tmp_path, "plain", FlowerSettings(nodes=3), **extra)
+    a, b = metrics_without_times(plain.run_dir), metrics_without_times(secure.run_dir)
+    assert [r["client"] for r in b if r["kind"] == "client_failed"] == ["client-01"]
+    _close_records(a, b, rel=1e-4)
+    (plain_round,) = [r for r in a if r["kind"] == "round"]
+    (rec,) = [r for r in b if r["kind"] == "round"]
+    assert (rec["succeeded"], rec["secagg_num_shares"], rec["secagg_reconstruction_threshold"],
+            rec["secagg_clipped"]) == (2, 3, 2, 0)  # fmt: skip
+    assert rec["secagg"] and rec["bytes_up"] > 0 and rec["weights"] == plain_round["weights"]
+    step = 2 * 8.0 / 2**22  # Flower's quantization step at the default ranges
+    for k, t in plain.global_state.items():  # three stochastic roundings over weights 2/3
+        torch.testing.assert_close(secure.global_state[k], t, rtol=0, atol=5 * step)
+        torch.testing.assert_close(dropout.global_state[k], t, rtol=0, atol=5 * step)
+    (failed,) = [r for r in metrics_without_times(dropout.run_dir) if r["kind"] == "client_failed"]
+    assert failed["client"] == "client-01" and "left secure aggregation" in failed["error"]
+    masked = _masked_replies(grid)
+    assert len(masked) == 3  # the failed node takes part with weight 0; no array in the clear
+    assert all(len(rec) == 0 for m in masked for rec in m.content.array_records.values())
+    info = json.loads((secure.run_dir / "flower.json").read_text())
+    assert info["settings"]["secagg"] and info["round"]["secagg_num_shares"] == 3
+
+
+def test_secagg_composes_with_central_dp_and_epsilon_is_recorded(tmp_path, task_identity):
+    extra = {"fed__weighting": "uniform", "fed__rounds": 1}
+    dp = {"nodes": 3, "dp_clipping_norm": 1e-3, "dp_noise_multiplier": 1.0, "dp_delta": 1e-6}
+    secure, _ = _federate(tmp_path, "secure", FlowerSettings(
+        secagg=True, secagg_clipping_range=1e-3, **dp), **extra)  # fmt: skip
+    plain, _ = _federate(tmp_path, "plain", FlowerSettings(**dp), **extra)
+    a, b = metrics_without_times(plain.run_dir), metrics_without_times(secure.run_dir)
+    _close_records(a, b, rel=1e-4)
+    (rec,) = [r for r in b if r["kind"] == "round"]
+    eps = epsilon_after(1, 1.0, 1e-6)[0]
+    assert (rec["dp_epsilon"], rec["dp_delta"], rec["secagg_clipped"]) == (eps, 1e-6, 0)
+    info = json.loads((secure.run_dir / "flower.json").read_text())
+    assert info["round"]["dp_epsilon"] == eps and info["settings"]["dp_delta"] == 1e-6
+    step = 2 * 1e-3 / 2**22  # the updates are clipped to 1e-3: so is the quantization range
+    for k, t in plain.global_state.items():  # the same (seeded) noise on both; fp32 adapters
+        torch.testing.assert_close(secure.global_state[k], t, rtol=1e-6, atol=5 * step)
