@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Copy the study's result files into docs/findings/study and make their reports there:
+#   bash examples/study/collect.sh [RUNS_DIR]        (default: runs, where the study sweeps write)
+# For each of length, quality, sentences that has finished cells: the sweep's sweep.yaml and
+# results.csv, and per finished cell the files the statistics and the report read
+# (cell.json, config.yaml, metrics.jsonl, sample_losses.csv, summary.csv, clients.csv,
+# timing.json; no checkpoints, no adapters); then `cllora report` on the copy, which writes
+# report/effects.{csv,md,png} beside them. docs/findings.md quotes those files, and
+# tests/test_findings.py recomputes every committed effect from the committed per-sample losses.
+set -euo pipefail
+RUNS="${1:-runs}"
+cd "$(dirname "$0")/../.."
+DEST=docs/findings/study
+FILES=(cell.json config.yaml metrics.jsonl sample_losses.csv summary.csv clients.csv timing.json)
+for s in length quality sentences; do
+  src="$RUNS/study/$s"
+  [ -f "$src/results.csv" ] || continue  # no finished cell yet
+  rm -rf "${DEST:?}/$s"
+  mkdir -p "$DEST/$s/cells"
+  cp "$src/sweep.yaml" "$src/results.csv" "$DEST/$s/"
+  for cell in "$src"/cells/*/; do
+    [ -f "$cell/summary.csv" ] || continue  # unfinished: it is redone when the sweep resumes
+    name="$(basename "$cell")"
+    mkdir -p "$DEST/$s/cells/$name"
+    for f in "${FILES[@]}"; do cp "$cell/$f" "$DEST/$s/cells/$name/"; done
+  done
+  cllora report "$DEST/$s"
+done

@@ -1,0 +1,49 @@
+"""docs/findings.md quotes the study's committed effects: recompute every one of them from the
+committed per-sample losses (docs/findings/study/<sweep>/cells/*/sample_losses.csv, collected by
+examples/study/collect.sh) and check that report/effects.csv holds exactly those rows."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cllora.report.effects import write_effects_csv
+from cllora.report.html import sweep_effect_rows
+
+STUDY = Path(__file__).resolve().parents[1] / "docs" / "findings" / "study"
+SWEEPS = sorted(p.parent for p in STUDY.glob("*/sweep.yaml"))
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        x, y = float(a), float(b)
+    except ValueError:
+        return a == b
+    return math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-7) or (math.isnan(x) and math.isnan(y))
+
+
+def test_the_study_is_committed():
+    assert {p.name for p in SWEEPS} >= {"length", "quality"}
+
+
+@pytest.mark.parametrize("root", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_committed_effects_are_recomputed_from_committed_losses(root, tmp_path):
+    spec = yaml.safe_load((root / "sweep.yaml").read_text())
+    finished = [c for c in spec["cells"] if (root / "cells" / c["name"] / "summary.csv").is_file()]
+    assert finished, f"{root} holds no finished cell"
+    rows = sweep_effect_rows(root, finished)
+    fresh = _rows(write_effects_csv(rows, tmp_path / "effects.csv"))
+    committed = _rows(root / "report" / "effects.csv")
+    assert len(fresh) == len(committed)
+    for f, c in zip(fresh, committed, strict=True):
+        bad = {k: (f[k], c[k]) for k in c if not _same(f[k], c[k])}
+        assert not bad, f"{root.name}: {c['knob']}={c['value']} {c['model']} {c['scope']}: {bad}"
