@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Copy the study's result files into docs/findings/study and make their reports there:
-#   bash examples/study/collect.sh [RUNS_DIR]        (default: runs, where the study sweeps write)
-# For each of length, quality, sentences that has finished cells: the sweep's sweep.yaml and
+#   bash examples/study/collect.sh [RUNS_DIR [SWEEP...]]
+# RUNS_DIR defaults to runs (where the study sweeps write); SWEEP names which of length, quality,
+# sentences, sentences-confirm to collect (default: all; a report takes from seconds to minutes).
+# For each of them that has finished cells: the sweep's sweep.yaml and
 # results.csv, and per finished cell the files the statistics and the report read
 # (cell.json, config.yaml, metrics.jsonl, sample_losses.csv, summary.csv, clients.csv,
 # timing.json; no checkpoints, no adapters); then `cllora report` on the copy, which writes
@@ -9,10 +11,12 @@
 # tests/test_findings.py recomputes every committed effect from the committed per-sample losses.
 set -euo pipefail
 RUNS="${1:-runs}"
+shift || true
+if [ $# -gt 0 ]; then SWEEPS=("$@"); else SWEEPS=(length quality sentences sentences-confirm); fi
 cd "$(dirname "$0")/../.."
 DEST=docs/findings/study
 FILES=(cell.json config.yaml metrics.jsonl sample_losses.csv summary.csv clients.csv timing.json)
-for s in length quality sentences; do
+for s in "${SWEEPS[@]}"; do
   src="$RUNS/study/$s"
   [ -f "$src/results.csv" ] || continue  # no finished cell yet
   rm -rf "${DEST:?}/$s"
