@@ -436,7 +436,12 @@ def max_context_cuda(provider: str, spec: BenchSpec) -> list[dict]:
             status = "oom"
         opt.zero_grad(set_to_none=True)
         peak = torch.cuda.max_memory_allocated() / 2**30
+        # what the cap bounds, and the allocator's frees-and-retries at it: the quantities
+        # cllora.plan.allocator predicts (docs/plan.md: why the 4-bit search misses)
+        stats = torch.cuda.memory_stats()
         probes.append({"context": mid * unit, "status": status, "peak_mem": peak,
+                       "reserved_mem": torch.cuda.max_memory_reserved() / 2**30,
+                       "alloc_retries": stats.get("num_alloc_retries", 0),
                        "step_s": time.perf_counter() - start})  # fmt: skip
         print(f"  max-context probe {provider} {mid * unit}: {status} {peak:.1f} GiB", flush=True)
         lo, hi = (mid, hi) if status == "ok" else (lo, mid - 1)
@@ -461,6 +466,11 @@ def _find_max_context_cuda(provider: str, spec: BenchSpec, base: dict, log) -> l
         rows.append({**probe, "metric": "status", "value": p["status"], "unit": ""})
         rows.append({**probe, "metric": "peak_mem", "value": f"{p['peak_mem']:.4g}",
                      "unit": "GiB (cuda max allocated)"})  # fmt: skip
+        if "reserved_mem" in p:
+            rows.append({**probe, "metric": "reserved_mem", "value": f"{p['reserved_mem']:.4g}",
+                         "unit": "GiB (cuda max reserved)"})  # fmt: skip
+            rows.append({**probe, "metric": "alloc_retries", "value": p["alloc_retries"],
+                         "unit": "since the process started"})  # fmt: skip
         if p["status"] == "ok":
             best = max(best, p["context"])
     rows.append({**row, "context": best, "metric": "max_context", "value": best,

@@ -181,23 +181,62 @@ class Replay:
     error: str = ""
 
 
+class LiveReplay:
+    """Feeds ``(serial, nbytes)`` events (``nbytes`` > 0: allocation, 0: free of ``serial``) to
+    ``alloc`` as they happen: the :class:`~cllora.plan.tracker.StepTracker` ``listener`` of a
+    traced run, so an allocation past the cap raises :class:`OutOfMemory` from the operator that
+    allocates, as on CUDA. A free that arrives while an event is served (a garbage collection
+    inside it) waits until that event is done; frees of unknown serials are ignored."""
+
+    def __init__(self, alloc: CachingAllocator) -> None:
+        self.alloc = alloc
+        self.live: dict[int, Block] = {}
+        self._busy = False
+        self._pending: list[int] = []
+
+    def __call__(self, serial: int, nbytes: int) -> None:
+        if self._busy:
+            self._pending.append(serial)
+            return
+        self._busy = True
+        try:
+            if nbytes:
+                self.live[serial] = self.alloc.malloc(nbytes)
+            else:
+                self._free(serial)
+        finally:
+            while self._pending:
+                self._free(self._pending.pop(0))
+            self._busy = False
+
+    def _free(self, serial: int) -> None:
+        block = self.live.pop(serial, None)
+        if block is not None:
+            self.alloc.free(block)
+
+    def free_all_but(self, keep: set[int]) -> int:
+        """Free every live block whose serial is not in ``keep``; returns the bytes freed."""
+        gone = [s for s in self.live if s not in keep]
+        freed = sum(self.live[s].size for s in gone)
+        for serial in gone:
+            self._free(serial)
+        return freed
+
+
 def replay(
     events: list[tuple[int, int]], cap_bytes: float | None = None, step_start: int = 0
 ) -> Replay:
-    """Replay ``(serial, nbytes)`` events (``nbytes`` > 0: allocation, 0: free of ``serial``)
-    through a :class:`CachingAllocator`; ``torch.cuda.empty_cache()`` and a peak reset happen
-    before event ``step_start``, as the benchmark does before each measured step."""
+    """Replay ``(serial, nbytes)`` events (see :class:`LiveReplay`) through a fresh
+    :class:`CachingAllocator`; ``torch.cuda.empty_cache()`` and a peak reset happen before
+    event ``step_start``, as the benchmark does before each measured step."""
     alloc = CachingAllocator(cap_bytes)
-    live: dict[int, Block] = {}
+    feed = LiveReplay(alloc)
     try:
         for i, (serial, nbytes) in enumerate(events):
             if i == step_start:
                 alloc.empty_cache()
                 alloc.reset_peak()
-            if nbytes:
-                live[serial] = alloc.malloc(nbytes)
-            elif serial in live:
-                alloc.free(live.pop(serial))
+            feed(serial, nbytes)
     except OutOfMemory as err:
         return Replay(False, alloc.peak_allocated, alloc.peak_reserved, str(err))
     return Replay(True, alloc.peak_allocated, alloc.peak_reserved)

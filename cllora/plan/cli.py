@@ -16,11 +16,13 @@ The model is a preset (``cllora.model.presets``), a tiny-* test model or a direc
 on fake tensors (``cllora.plan.step``): nothing is allocated for real, a point takes seconds.
 ``--find-max-context`` binary-searches the longest context whose predicted peak fits
 ``--budget-gb`` (default: the GPU's memory) in multiples of ``--max-context-step``, as
-``benchmarks/bench_e2e.py --find-max-context`` does on a GPU; ``--replay-allocator`` searches
-again below that bound with the capped caching-allocator model (:mod:`cllora.plan.allocator`:
-every layer traced, about a minute per probe for an 8B model), which accounts for the cached,
-fragmented segments a capped allocator cannot return. Bad input (an unknown GPU, model or
-provider, a directory without ``config.json``) prints one line and exits with status 2.
+``benchmarks/bench_e2e.py --find-max-context`` does on a GPU; ``--replay-allocator`` also
+replays the benchmark's whole search as it runs on CUDA, in one process through the capped
+caching-allocator model (:mod:`cllora.plan.search`: the model built once, every layer traced,
+minutes per probe for an 8B model), which accounts for the cached, fragmented segments a capped
+allocator cannot return; give ``--max-context-hi`` and ``--max-context-step`` as the benchmark
+got them, they fix its probes. Bad input (an unknown GPU, model or provider, a directory without
+``config.json``) prints one line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -30,15 +32,8 @@ import inspect
 import sys
 
 from cllora.plan.gpus import GPUS, gpu
-from cllora.plan.report import (
-    csv_rows,
-    find_max_context,
-    find_max_context_replayed,
-    kinds_table,
-    plot,
-    table,
-    write_csv,
-)
+from cllora.plan.report import csv_rows, find_max_context, kinds_table, plot, table, write_csv
+from cllora.plan.search import replay_search
 from cllora.plan.step import GQA_MODES, LORA_PATHS, PROVIDERS, PlanError, PlanSpec, plan_step
 
 
@@ -66,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-context-step", type=int, default=256)
     ap.add_argument("--max-context-hi", type=int, default=131072)
     ap.add_argument("--replay-allocator", action="store_true",
-                    help="with --find-max-context: also search with the capped caching-"
-                         "allocator model (full depth, about a minute per probe)")  # fmt: skip
+                    help="with --find-max-context: also replay the benchmark's search in one "
+                         "process through the capped caching-allocator model (full depth, "
+                         "minutes per probe for an 8B model)")  # fmt: skip
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--quant", default=None, choices=("none", "nf4", "fp4"),
@@ -165,8 +161,8 @@ def run(args: argparse.Namespace) -> int:
             best[provider] = (ctx, budget)
             line = f"  {provider:22s} {ctx}"
             if args.replay_allocator:
-                replayed, _ = find_max_context_replayed(
-                    spec, budget, ctx, args.max_context_step, _log
+                replayed, _ = replay_search(
+                    spec, budget, args.max_context_hi, args.max_context_step, _log
                 )
                 line += f"  (allocator replay: {replayed})"
             print(line)

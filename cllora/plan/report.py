@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cllora.plan.gpus import GPU, launch_floor_s, roofline_by_kind, roofline_s
+from cllora.plan.search import bisect_max
 from cllora.plan.step import CATEGORIES, PlanPoint, PlanSpec, plan_step
 
 FIELDS = ("provider", "workload", "context", "batch", "metric", "value", "unit", "device",
@@ -45,42 +46,18 @@ def find_max_context(
 ) -> tuple[int, list[PlanPoint]]:
     """The longest context (a multiple of ``step`` up to ``hi``) whose predicted peak fits
     ``budget_gib``, by the benchmark's binary search; returns it (0: none) and the probes."""
-    lo, top, probes = 0, hi // step, []
-    while lo < top:
-        mid = (lo + top + 1) // 2
-        point = plan_step(dataclasses.replace(spec, context=mid * step))
+    probes: list[PlanPoint] = []
+
+    def fits(units: int) -> bool:
+        point = plan_step(dataclasses.replace(spec, context=units * step))
         probes.append(point)
         ok = point.peak_gib <= budget_gib
         if log:
-            log(f"  probe {spec.provider} {mid * step}: {point.peak_gib:.2f} GiB "
+            log(f"  probe {spec.provider} {units * step}: {point.peak_gib:.2f} GiB "
                 f"{'fits' if ok else 'over'}")  # fmt: skip
-        lo, top = (mid, top) if ok else (lo, mid - 1)
-    return lo * step, probes
+        return ok
 
-
-def find_max_context_replayed(
-    spec: PlanSpec,
-    budget_gib: float,
-    upper: int,
-    step: int = 256,
-    log: Callable[[str], None] | None = None,
-) -> tuple[int, list[tuple[int, object]]]:
-    """The longest context up to ``upper`` (a :func:`find_max_context` result: the allocated
-    peak bounds it) whose step, replayed through the capped caching-allocator model
-    (:func:`cllora.plan.step.allocator_replay`), does not run out of memory. Every probe traces
-    the full depth: about a minute each for an 8B model."""
-    from cllora.plan.step import allocator_replay
-
-    lo, top, probes = 0, upper // step, []
-    while lo < top:
-        mid = (lo + top + 1) // 2
-        result = allocator_replay(dataclasses.replace(spec, context=mid * step), budget_gib)
-        probes.append((mid * step, result))
-        if log:
-            log(f"  replay {spec.provider} {mid * step}: {'fits' if result.ok else 'oom'} "
-                f"(reserved {result.peak_reserved / 2**30:.2f} GiB)")  # fmt: skip
-        lo, top = (mid, top) if result.ok else (lo, mid - 1)
-    return lo * step, probes
+    return bisect_max(fits, hi // step) * step, probes
 
 
 def tokens_per_s(point: PlanPoint, card: GPU) -> float:

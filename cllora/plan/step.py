@@ -509,8 +509,10 @@ def _warm_optimizer(opt: Any, params: list) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def _trace(spec: PlanSpec, config: Any, raw: dict) -> _Trace:
-    """Build on fake tensors, warm the optimizer, trace one training step."""
+@contextlib.contextmanager
+def fake_session(spec: PlanSpec) -> Iterator[StepTracker]:
+    """Inside: fake tensors under a :class:`StepTracker` (yielded), the code paths of
+    ``spec.target`` and ``spec.lora_path``, transformers' masks as in a real run."""
     from cllora.model.lora import LoRALinear
 
     fake = FakeTensorMode(allow_non_fake_inputs=True)
@@ -524,15 +526,29 @@ def _trace(spec: PlanSpec, config: Any, raw: dict) -> _Trace:
         if spec.lora_path == "legacy":
             stack.enter_context(_patched(LoRALinear, "forward", _legacy_lora_forward))
         stack.enter_context(known_values_are_data())
-        build = _build_cllora if spec.provider.startswith("cllora") else _build_peft
-        with fake_building(fake):
-            try:
-                model, params = build(spec, config)
-            except (ValueError, NotImplementedError) as err:  # e.g. no linear layer for LoRA
-                raise PlanError(f"cannot build {spec.provider} on {spec.model}: {err}") from err
-        model.train()
+        yield tracker
+
+
+def build_traced(spec: PlanSpec, config: Any, tracker: StepTracker) -> tuple[Any, list, Any]:
+    """Inside :func:`fake_session`: the provider's model in training mode, its trainable
+    parameters and their AdamW (``foreach`` on CUDA, as torch picks for CUDA parameters; no
+    state yet), as ``benchmarks/bench_e2e.py`` makes them."""
+    build = _build_cllora if spec.provider.startswith("cllora") else _build_peft
+    with fake_building(tracker.fake_mode):
+        try:
+            model, params = build(spec, config)
+        except (ValueError, NotImplementedError) as err:  # e.g. no linear layer for LoRA
+            raise PlanError(f"cannot build {spec.provider} on {spec.model}: {err}") from err
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=spec.target == "cuda")
+    return model, params, opt
+
+
+def _trace(spec: PlanSpec, config: Any, raw: dict) -> _Trace:
+    """Build on fake tensors, warm the optimizer, trace one training step."""
+    with fake_session(spec) as tracker:
+        model, params, opt = build_traced(spec, config, tracker)
         tracker.base_serials = set(tracker.live_serials())
-        opt = torch.optim.AdamW(params, lr=1e-4, foreach=cuda)
         _warm_optimizer(opt, params)
         tracker.grad_serials = set()
         for p in params:
@@ -605,16 +621,3 @@ def plan_step(spec: PlanSpec) -> PlanPoint:
         plan_s=time.perf_counter() - start,
         parts=parts,
     )
-
-
-def allocator_replay(spec: PlanSpec, budget_gib: float) -> Any:
-    """Whether the step fits a caching allocator capped at ``budget_gib`` (as
-    ``torch.cuda.set_per_process_memory_fraction`` caps it): every device allocation and free of
-    the model's build and of the step, traced at full depth, replayed through
-    :class:`cllora.plan.allocator.CachingAllocator` (:func:`cllora.plan.allocator.replay`:
-    ``ok``, ``peak_allocated``, ``peak_reserved``). Slower than :func:`plan_step` (every layer)."""
-    from cllora.plan.allocator import replay
-
-    config = hf_config(spec.model)
-    trace = _trace(spec, config, _raw_batch(spec, config.vocab_size))
-    return replay(trace.events, budget_gib * 2**30, trace.step_start)

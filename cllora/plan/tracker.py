@@ -241,6 +241,9 @@ class StepTracker(TorchDispatchMode):
         # (serial, bytes) allocations and (serial, 0) frees in order, workspaces included (with
         # negative serials): what cllora.plan.allocator replays
         self.events: list[tuple[int, int]] = []
+        # told of every event as it happens (cllora.plan.allocator.LiveReplay); an allocation it
+        # refuses raises from the operator that allocates and is not recorded
+        self.listener: Callable[[int, int], None] | None = None
         self._op_name = "setup"
         self._live: dict[int, _Live] = {}  # id(storage) -> live entry
         self._refs: dict[int, weakref.ref] = {}
@@ -255,6 +258,12 @@ class StepTracker(TorchDispatchMode):
         if self.phase == "forward" and torch._C._current_graph_task_id() != -1:
             return "backward"
         return self.phase
+
+    def _emit(self, serial: int, nbytes: int) -> None:
+        """Record an allocation (``nbytes`` > 0) or the free of ``serial``, the listener first."""
+        if self.listener is not None:
+            self.listener(serial, nbytes)
+        self.events.append((serial, nbytes))
 
     def _round(self, n: int) -> int:
         return self.granule * math.ceil(n / self.granule) if n else 0
@@ -276,13 +285,14 @@ class StepTracker(TorchDispatchMode):
         nbytes = self._round(st.nbytes())
         if live is not None and ref is not None and ref() is st:
             if nbytes != live.nbytes:  # resized in place
-                self.events += [(live.serial, 0), (live.serial, st.nbytes())]
+                self._emit(live.serial, 0)
+                self._emit(live.serial, st.nbytes())
                 self.current += nbytes - live.nbytes
                 live.nbytes = nbytes
                 self._update_peak()
             return live.serial
+        self._emit(self._next + 1, st.nbytes())
         self._next += 1
-        self.events.append((self._next, st.nbytes()))
         self.created[self._next] = self.current_phase()
         self.creator[self._next] = self._op_name
         self._live[key] = _Live(nbytes, self._next)
@@ -295,7 +305,7 @@ class StepTracker(TorchDispatchMode):
         def freed(_: Any) -> None:
             live = self._live.get(key)
             if live is not None and live.serial == serial:
-                self.events.append((serial, 0))
+                self._emit(serial, 0)
                 self.current -= live.nbytes
                 del self._live[key]
                 self._refs.pop(key, None)
@@ -389,8 +399,16 @@ class StepTracker(TorchDispatchMode):
         if func is torch.ops.prim.device.default:
             return func(*args, **kwargs)
         self._op_name = str(func)
+        serials: list[int] = []  # the kernel's workspaces: freed on return, or on an error
+        try:
+            return self._dispatch(func, args, kwargs, serials)
+        finally:
+            for serial in serials:
+                self._emit(serial, 0)
+
+    def _dispatch(self, func: Any, args: tuple, kwargs: dict, serials: list[int]) -> Any:
         has_values, real_args, real_kwargs = self._values(args, kwargs)
-        real_out, ran_real, before, after, serials = None, False, [], [], []
+        real_out, ran_real, before, after = None, False, [], []
         if func in _DATA_DEPENDENT:
             if not has_values:
                 raise RuntimeError(
@@ -406,7 +424,7 @@ class StepTracker(TorchDispatchMode):
             args = self._bool_indices_to_long(func, args)
             before, after = self._workspace(func, args, kwargs)
             if before:  # scratch the kernel allocates before its output, freed on return
-                serials += self._scratch(before)
+                self._scratch(before, serials)
             out = func(*args, **kwargs)
             # the real values follow only where the outputs are small (never a (T x T) mask)
             small = all(t.numel() <= _VALUE_LIMIT for t in _tensors(out))
@@ -424,18 +442,18 @@ class StepTracker(TorchDispatchMode):
         for t in _tensors(out):
             self.track(t)
         if after:  # scratch allocated after the outputs
-            serials += self._scratch(after)
-        self.events += [(s, 0) for s in serials]
+            self._scratch(after, serials)
         self._record(func, args, kwargs, out)
         return out
 
-    def _scratch(self, sizes: list[int]) -> list[int]:
-        """Workspace blocks of the running kernel: on top of the live bytes for the peak, and
-        allocation events (negative serials) for the allocator replay."""
+    def _scratch(self, sizes: list[int], serials: list[int]) -> None:
+        """Workspace blocks of the running kernel, appended to ``serials``: on top of the live
+        bytes for the peak, and allocation events (negative serials) for the allocator."""
+        for n in sizes:
+            serial = -1 - len(self.events)
+            self._emit(serial, n)
+            serials.append(serial)
         self._update_peak(sum(self._round(n) for n in sizes))
-        serials = [-1 - len(self.events) - i for i in range(len(sizes))]
-        self.events += list(zip(serials, sizes, strict=True))
-        return serials
 
     def _workspace(self, func: Any, args: tuple, kwargs: dict) -> tuple[list[int], list[int]]:
         """(scratch before the output, scratch after it) of a CUDA kernel, in bytes."""

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from cllora.plan.allocator import CachingAllocator, OutOfMemory, allocation_size, replay
+from cllora.plan.allocator import (
+    CachingAllocator,
+    LiveReplay,
+    OutOfMemory,
+    allocation_size,
+    replay,
+)
 
 MiB = 2**20
 
@@ -56,3 +62,20 @@ def test_replay_resets_the_peak_at_the_step():
     result = replay(events, cap_bytes=None, step_start=2)
     assert result.ok and result.peak_allocated == 30 * MiB
     assert not replay(events, cap_bytes=25 * MiB, step_start=2).ok
+
+
+def test_live_replay_raises_at_the_cap_and_defers_frees_during_an_event():
+    alloc = CachingAllocator(cap_bytes=100 * MiB)
+    feed = LiveReplay(alloc)
+    feed(1, 60 * MiB)
+    with pytest.raises(OutOfMemory):
+        feed(2, 50 * MiB)  # 60 + 50 > 100: refused, not recorded
+    assert set(feed.live) == {1} and alloc.allocated == 60 * MiB
+    feed(2, 0)  # the free of a refused allocation is ignored
+    feed._busy = True  # as if a garbage collection freed block 1 inside another event:
+    feed(1, 0)
+    assert alloc.allocated == 60 * MiB  # it waits for that event to be done
+    feed._busy = False
+    feed(3, 10 * MiB)  # served after this event
+    assert set(feed.live) == {3} and alloc.allocated == 10 * MiB
+    assert feed.free_all_but({4}) == 10 * MiB and alloc.allocated == 0
