@@ -468,7 +468,9 @@ def _refuse(run_dir: Path, what: str) -> ConfigError:
 
 def cell_state(cell: Cell) -> str:
     """``"new"``, ``"done"`` or ``"unfinished"``; refuses (ConfigError) a directory that is not
-    this cell's. A finished one without ``cell.json`` is adopted when its config is the cell's."""
+    this cell's. A finished one without ``cell.json`` is adopted when its config is the cell's.
+    Read it only while holding the cell's claim (:func:`claim`): another process running the
+    cell changes its directory."""
     run_dir = cell_dir(cell)
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise _refuse(run_dir, "is a link or a file, not a cell directory")
@@ -525,8 +527,17 @@ def _remove_unfinished(sweep: Sweep, cell: Cell) -> None:
 
 
 def check_cell_dirs(sweep: Sweep) -> dict[str, str]:
-    """The state of every cell (see :func:`cell_state`); refuses foreign directories."""
-    return {cell.name: cell_state(cell) for cell in sweep.cells}
+    """The state of every cell (see :func:`cell_state`), ``"running"`` for one another process
+    holds (its directory is being written or removed: it is not read); refuses foreign
+    directories."""
+    states = {}
+    for cell in sweep.cells:
+        if not sweep.root.is_dir():  # nothing of this sweep exists yet: nobody runs a cell
+            states[cell.name] = cell_state(cell)
+            continue
+        with claim(sweep, cell) as mine:
+            states[cell.name] = cell_state(cell) if mine else "running"
+    return states
 
 
 def check_cells(sweep: Sweep) -> None:

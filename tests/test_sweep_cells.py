@@ -21,6 +21,7 @@ from cllora.sweep import (
     cell_dir,
     cell_name,
     cell_state,
+    check_cell_dirs,
     is_done,
     load_sweep,
     read_record,
@@ -244,6 +245,12 @@ def test_a_cell_claimed_by_another_process_is_passed_over_until_that_process_die
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
+        # mid-start, the other process's directory holds what a foreign one would: not read
+        (cell_dir(first) / "config.yaml").rename(cell_dir(first) / "config.yaml.tmp")
+        with pytest.raises(ConfigError, match=r"neither cell\.json nor config\.yaml"):
+            cell_state(first)
+        assert check_cell_dirs(sweep) == {first.name: "running", second.name: "new"}
+        (cell_dir(first) / "config.yaml.tmp").rename(cell_dir(first) / "config.yaml")
         results = run_sweep(sweep, check=False)
         assert (cell_dir(first) / "config.yaml").is_file()  # the running cell is left alone
         assert not is_done(first) and is_done(second)
