@@ -2,7 +2,7 @@
 # Copy the study's result files into docs/findings/study and make their reports there:
 #   bash examples/study/collect.sh [RUNS_DIR [SWEEP...]]
 # RUNS_DIR defaults to runs (where the study sweeps write); SWEEP names which of length, quality,
-# sentences, sentences-confirm to collect (default: all; a report takes from seconds to minutes).
+# sentences, sentences-confirm, references to collect (default: all; a report takes from seconds to minutes).
 # For each of them that has finished cells: the sweep's sweep.yaml and
 # results.csv, and per finished cell the files the statistics and the report read
 # (cell.json, config.yaml, metrics.jsonl, sample_losses.csv, summary.csv, clients.csv,
@@ -12,7 +12,7 @@
 set -euo pipefail
 RUNS="${1:-runs}"
 shift || true
-if [ $# -gt 0 ]; then SWEEPS=("$@"); else SWEEPS=(length quality sentences sentences-confirm); fi
+if [ $# -gt 0 ]; then SWEEPS=("$@"); else SWEEPS=(length quality sentences sentences-confirm references); fi
 cd "$(dirname "$0")/../.."
 DEST=docs/findings/study
 FILES=(cell.json config.yaml metrics.jsonl sample_losses.csv summary.csv clients.csv timing.json)
@@ -30,3 +30,7 @@ for s in "${SWEEPS[@]}"; do
   done
   cllora report "$DEST/$s"
 done
+# the reference points against length.yaml's FedAvg cells (examples/study/references.py)
+if [ -f "$DEST/references/results.csv" ] && [ -f "$DEST/length/results.csv" ]; then
+  python examples/study/references.py "$DEST"
+fi
