@@ -5,6 +5,7 @@ examples/study/collect.sh) and check that report/effects.csv holds exactly those
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def _same(a: str, b: str) -> bool:
 
 
 def test_the_study_is_committed():
-    assert {p.name for p in SWEEPS} >= {"length", "quality"}
+    assert {p.name for p in SWEEPS} >= {"length", "quality", "sentences", "sentences-confirm",
+                                        "references"}  # fmt: skip
 
 
 @pytest.mark.parametrize("root", SWEEPS, ids=[p.name for p in SWEEPS])
@@ -40,10 +42,26 @@ def test_committed_effects_are_recomputed_from_committed_losses(root, tmp_path):
     spec = yaml.safe_load((root / "sweep.yaml").read_text())
     finished = [c for c in spec["cells"] if (root / "cells" / c["name"] / "summary.csv").is_file()]
     assert finished, f"{root} holds no finished cell"
-    rows = sweep_effect_rows(root, finished)
+    _same_rows(sweep_effect_rows(root, finished), root / "report" / "effects.csv", tmp_path)
+
+
+def test_reference_points_are_recomputed_from_committed_losses(tmp_path):
+    """local_only and centralized against length.yaml's FedAvg cells (references.py)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "study" / "references.py"
+    spec = importlib.util.spec_from_file_location("study_references", path)
+    references = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(references)
+    rows = references.reference_rows(STUDY)
+    assert {r.value for r in rows} == {"local_only", "centralized"}
+    assert {r.n_seeds for r in rows} == {4}
+    _same_rows(rows, STUDY / "references" / "report" / "vs-fedavg.csv", tmp_path)
+
+
+def _same_rows(rows, committed_csv: Path, tmp_path: Path) -> None:
     fresh = _rows(write_effects_csv(rows, tmp_path / "effects.csv"))
-    committed = _rows(root / "report" / "effects.csv")
+    committed = _rows(committed_csv)
     assert len(fresh) == len(committed)
     for f, c in zip(fresh, committed, strict=True):
         bad = {k: (f[k], c[k]) for k in c if not _same(f[k], c[k])}
-        assert not bad, f"{root.name}: {c['knob']}={c['value']} {c['model']} {c['scope']}: {bad}"
+        where = f"{committed_csv}: {c['knob']}={c['value']} {c['model']} {c['scope']}"
+        assert not bad, f"{where}: {bad}"
