@@ -530,11 +530,10 @@ def check_cell_dirs(sweep: Sweep) -> dict[str, str]:
     """The state of every cell (see :func:`cell_state`), ``"running"`` for one another process
     holds (its directory is being written or removed: it is not read); refuses foreign
     directories."""
+    if not sweep.root.is_dir():  # nothing of this sweep exists yet: nobody runs a cell
+        return {cell.name: cell_state(cell) for cell in sweep.cells}
     states = {}
     for cell in sweep.cells:
-        if not sweep.root.is_dir():  # nothing of this sweep exists yet: nobody runs a cell
-            states[cell.name] = cell_state(cell)
-            continue
         with claim(sweep, cell) as mine:
             states[cell.name] = cell_state(cell) if mine else "running"
     return states

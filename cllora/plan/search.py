@@ -28,12 +28,12 @@ every allocation and free of the build and of each probe goes, as it happens, th
 :class:`cllora.plan.allocator.OutOfMemory` from the operator that allocates, so the step
 unwinds and frees what it held as the real one does on ``torch.OutOfMemoryError``. One thing
 does not unwind on fake tensors: when the error strikes inside a checkpointed layer's recompute,
-the failed step's autograd graph (the checkpointed layer inputs: 12 GiB for the 8B model at
-32k tokens) stays referenced from C++ after the exception is gone, even through
-``gc.collect()`` (not with real tensors on torch 2.13, and not on the H200, whose next probe
-peaked at 15.2 GiB); so after a failed probe the replay frees, in the allocator, every block
-the probe left (``Probe.retained``), and the next probe starts as the GPU's did. Every probe
-traces the full depth (no extrapolation: the allocator's layout is not affine in the layers).
+the failed step's autograd graph (the checkpointed layer inputs) stays referenced from C++
+after the exception is gone, even through ``gc.collect()`` (real tensors are freed, on the CPU
+and on the H200, whose probe after a failed one started from the model alone); so after a
+failed probe the replay frees, in the allocator, every block the probe left
+(``Probe.retained``), and the next probe starts as the GPU's did. Every probe traces the full
+depth (no extrapolation: the allocator's layout is not affine in the layers).
 """
 
 from __future__ import annotations

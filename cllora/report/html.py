@@ -299,8 +299,8 @@ def _effects_section(root: Path, spec: dict[str, Any], finished: list[dict]) -> 
     out = root / "report"
     write_effects_csv(rows, out / "effects.csv")
     resolved = sum(r.resolved for r in rows)
-    # for docs
-    (out / "effects.md").write_text(markdown_table(effects_table(rows)), encoding="utf-8")
+    table = effects_table(rows)
+    (out / "effects.md").write_text(markdown_table(table), encoding="utf-8")  # for docs
     return [
         "<h2>Effects</h2>",
         f"<p>{resolved} of {len(rows)} paired effects are resolved (their 95% interval excludes "
@@ -313,7 +313,7 @@ def _effects_section(root: Path, spec: dict[str, Any], finished: list[dict]) -> 
         f"(here about {len(rows) / 20:.1f} of the {len(rows)} rows): a lone resolved row among "
         "many, a length bucket especially, is a candidate to replicate on new seeds.</p>",
         _img(forest_plot(rows, out / "effects.png")),
-        _table(effects_table(rows)),
+        _table(table),
     ]
 
 
