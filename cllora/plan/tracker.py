@@ -21,7 +21,10 @@ What it records, for every aten (or custom) operator that reaches the dispatcher
   (forward, backward, optimizer) that created it, for :mod:`cllora.plan.step` to classify.
   Kernels that allocate scratch memory the dispatcher never sees add it as a **workspace**
   around the operator (:data:`WORKSPACES`: FlashAttention-2's backward accumulators, the
-  bitsandbytes dequantised weight of ``gemm_4bit`` at training batch sizes).
+  bitsandbytes dequantised weight of ``gemm_4bit`` at training batch sizes). Where autograd
+  writes in place on real tensors but not on tensor subclasses (fake ones included: summing two
+  gradients of one input, ``index``'s backward), the tracker runs the in-place operator, so the
+  allocations and frees follow a real step's in order (:func:`_in_place_on_real`).
 - **FLOPs**: torch's own formulas (``torch.utils.flop_counter.flop_registry``: mm, addmm, bmm,
   SDPA/flash kernels) plus formulas here for the custom ops (bitsandbytes ``gemm_4bit``, torch's
   ``varlen_attn``; a causal attention counts half of the dense product, what causal kernels do).
@@ -43,6 +46,7 @@ import contextlib
 import importlib
 import itertools
 import math
+import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -204,15 +208,63 @@ def _fa2_backward_workspace(q: torch.Tensor, k: torch.Tensor, varlen: bool) -> l
 
 def _gemm_4bit_workspace(args: tuple, kwargs: dict) -> list[int]:
     """bitsandbytes ``gemm_4bit`` on CUDA past M=1536 rows (``_dequant_linear_fallback``),
-    allocated before the output: the fp32 absmax of a nested (double-quantised) state, then the
-    (N, K) weight dequantised into the activation dtype."""
+    allocated before the output and freed on return: for a nested (double-quantised) state the
+    fp32 absmax twice (dequantised, then plus its offset), then the (N, K) weight dequantised
+    into the activation dtype."""
     a, shape_b, blocksize = args[0], args[2], args[4]
     rows = a.numel() // a.shape[-1]
     if rows <= 1536:
         return []
     n, k = shape_b
     nested = kwargs.get("absmax_8bit") is not None or (len(args) > 7 and args[7] is not None)
-    return [(n * k // blocksize) * 4] * nested + [n * k * a.element_size()]
+    return [-(n * k // -blocksize) * 4] * (2 * nested) + [n * k * a.element_size()]
+
+
+# ------------------------------------------------------------------ autograd's accumulation
+
+_WRAPPER_FILES = ("torch/_dynamo/", "torch/_compile.py", "torch/utils/_python_dispatch",
+                  "torch/_subclasses/", "cllora/plan/tracker.py")  # fmt: skip
+_IN_PLACE_ON_REAL = {
+    aten.add.Tensor: aten.add_.Tensor,
+    aten.index_put.default: aten.index_put_.default,
+}
+
+
+def _in_place_on_real(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether autograd's engine, running this out-of-place operator itself, would write into
+    its first operand on real tensors.
+
+    Two backward steps pick their path by whether a tensor is a subclass, which every
+    ``FakeTensor`` is: the engine's sum of two gradients of one input (``InputBuffer::
+    accumulate``: ``old + new``, written into ``old`` when the engine holds the last reference
+    to it and its storage) and ``index``'s backward (``index_put`` into fresh zeros, in place on
+    plain tensors). On fake tensors each is a new buffer the real step never allocates (for the
+    sums: a (tokens x hidden) or (tokens x intermediate) block per summed gradient, in every
+    layer), which misplaces the caching allocator's blocks (:mod:`cllora.plan.allocator`). So
+    the tracker runs the in-place operator where the engine would: the call comes straight from
+    the engine (the innermost Python frame past dispatch wrappers is ``_engine_run_backward``;
+    a Python ``backward`` or a checkpointed recompute has frames of its own), grad mode is off,
+    the first operand is contiguous and nothing else shares its storage (its use count: the
+    tensor and the Python storage object asked for here), and for a sum the operands match."""
+    if torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
+        return False
+    first = args[0]
+    if func is aten.add.Tensor:
+        other = args[1] if len(args) == 2 and not kwargs else None
+        if not isinstance(other, torch.Tensor) or other.shape != first.shape:
+            return False
+        if other.dtype != first.dtype:
+            return False
+    elif not (len(args) > 3 and args[3] is True):  # index_put(zeros, indices, grad, accumulate)
+        return False
+    if not first.is_contiguous():
+        return False
+    frame = sys._getframe(1)
+    while frame is not None and any(w in frame.f_code.co_filename for w in _WRAPPER_FILES):
+        frame = frame.f_back
+    if frame is None or frame.f_code.co_name != "_engine_run_backward":
+        return False
+    return torch._C._storage_Use_Count(first.untyped_storage()._cdata) <= 2
 
 
 # ------------------------------------------------------------------ the mode
@@ -422,6 +474,8 @@ class StepTracker(TorchDispatchMode):
             out = self.fake_mode.from_tensor(real_out)
         else:
             args = self._bool_indices_to_long(func, args)
+            if func in _IN_PLACE_ON_REAL and _in_place_on_real(func, args, kwargs):
+                func = _IN_PLACE_ON_REAL[func]  # what autograd runs on real tensors (see below)
             before, after = self._workspace(func, args, kwargs)
             if before:  # scratch the kernel allocates before its output, freed on return
                 self._scratch(before, serials)
