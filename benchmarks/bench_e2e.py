@@ -420,6 +420,10 @@ def max_context_cuda(provider: str, spec: BenchSpec) -> list[dict]:
     opt = torch.optim.AdamW(params, lr=1e-4)
     unit = spec.max_context_step
     lo, hi, probes = 0, spec.max_context_hi // unit, []
+    # the caching allocator's segments after the build, at each failure and after each probe:
+    # what `python -m cllora.plan --replay-allocator --compare-layouts FILE` sets the replay
+    # against (docs/plan.md)
+    layouts = {"provider": provider, "torch": torch.__version__, "build": _layout(), "probes": []}
     while lo < hi:
         mid = (lo + hi + 1) // 2
         cell = Cell(provider, "fixed", mid * unit, spec.batch, asdict(spec))
@@ -432,9 +436,12 @@ def max_context_cuda(provider: str, spec: BenchSpec) -> list[dict]:
             opt.step()
             torch.cuda.synchronize()
             status = "ok"
+            at_failure = None
         except torch.OutOfMemoryError:
-            status = "oom"
+            status, at_failure = "oom", _layout()  # the failed step's tensors still held
         opt.zero_grad(set_to_none=True)
+        layouts["probes"].append({"context": mid * unit, "status": status, "after": _layout(),
+                                  "at_failure": at_failure})  # fmt: skip
         peak = torch.cuda.max_memory_allocated() / 2**30
         # what the cap bounds, and the allocator's frees-and-retries at it: the quantities
         # cllora.plan.allocator predicts (docs/plan.md: why the 4-bit search misses)
@@ -445,7 +452,20 @@ def max_context_cuda(provider: str, spec: BenchSpec) -> list[dict]:
                        "step_s": time.perf_counter() - start})  # fmt: skip
         print(f"  max-context probe {provider} {mid * unit}: {status} {peak:.1f} GiB", flush=True)
         lo, hi = (mid, hi) if status == "ok" else (lo, mid - 1)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = Path(spec.out_dir) / f"alloc-layout-{provider}-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(layouts))
+    print(f"  allocator layouts: {path}", flush=True)
     return probes
+
+
+def _layout() -> list[dict]:
+    import torch
+
+    from cllora.plan.allocator import compact_snapshot
+
+    return compact_snapshot(torch.cuda.memory_snapshot())
 
 
 def _find_max_context_cuda(provider: str, spec: BenchSpec, base: dict, log) -> list[dict]:

@@ -3,12 +3,16 @@
 Usage::
 
     from cllora.plan.allocator import CachingAllocator, OutOfMemory, replay
+    from cllora.plan.allocator import compact_snapshot, summarize
 
     alloc = CachingAllocator(cap_bytes=24 * 2**30)     # set_per_process_memory_fraction's cap
     block = alloc.malloc(300 * 2**20)
     alloc.free(block)
     alloc.peak_allocated, alloc.peak_reserved
     result = replay(events, cap_bytes=24 * 2**30)      # events: StepTracker.events
+    alloc.layout()                                     # segments and their blocks, as
+    summarize(compact_snapshot(torch.cuda.memory_snapshot()))  # CUDA's, compared with ...
+    summarize(alloc.layout())                          # ... the model's
 
 ``torch.cuda.max_memory_allocated`` counts the blocks handed out; a cap set with
 ``torch.cuda.set_per_process_memory_fraction`` bounds *reserved* memory, the segments obtained
@@ -33,6 +37,8 @@ from __future__ import annotations
 
 import bisect
 import math
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MIN_BLOCK = 512
@@ -56,9 +62,31 @@ class Block:
     free: bool = True
     prev: Block | None = field(default=None, repr=False)
     next: Block | None = field(default=None, repr=False)
+    rank: float = 0.0  # the segment's place in address order (see ORDERS)
 
-    def key(self) -> tuple[int, int, int]:
-        return (self.size, self.segment, self.offset)
+    def key(self) -> tuple[int, float, int]:
+        return (self.size, self.rank, self.offset)
+
+
+# Where a new segment lies among the others, which decides the best fit among free blocks of
+# one size (CUDA takes the lowest address; cudaMalloc's placement is the driver's and unknown
+# here): "oldest" (segments in the order they were obtained), "newest" (the reverse), or
+# "random:SEED" (a seeded shuffle). The replayed search's answer moves with it
+# (benchmarks/results/plan-h200.md): it is one of the model's uncertainties.
+ORDERS = ("oldest", "newest", "random:SEED")
+
+
+def segment_ranker(order: str) -> Callable[[int], float]:
+    """Segment number -> rank in address order for ``order`` (one of :data:`ORDERS`);
+    ValueError for another."""
+    if order == "oldest":
+        return float
+    if order == "newest":
+        return lambda segment: -float(segment)
+    if order.startswith("random:") and order[7:].isdigit():
+        rng = random.Random(int(order[7:]))
+        return lambda segment: rng.random()
+    raise ValueError(f"unknown block order {order!r}; use one of {', '.join(ORDERS)}")
 
 
 def round_size(size: int) -> int:
@@ -77,12 +105,15 @@ def allocation_size(size: int) -> int:
 class CachingAllocator:
     """See the module docstring; ``cap_bytes`` None: no cap."""
 
-    def __init__(self, cap_bytes: float | None = None) -> None:
+    def __init__(self, cap_bytes: float | None = None, order: str = "oldest") -> None:
         self.cap = cap_bytes
+        self._rank = segment_ranker(order)
         self.pools: dict[bool, list[tuple[tuple[int, int, int], Block]]] = {True: [], False: []}
         self.segments = 0
         self.allocated = self.reserved = 0
         self.peak_allocated = self.peak_reserved = 0
+        self._heads: dict[int, Block] = {}  # segment -> its first block (never merged away)
+        self.failure_layout: list[dict] | None = None  # the layout when OutOfMemory was raised
 
     # -------------------------------------------------------------- pools
 
@@ -98,7 +129,7 @@ class CachingAllocator:
 
     def _best_fit(self, size: int, small: bool) -> Block | None:
         pool = self.pools[small]
-        i = bisect.bisect_left(pool, (size, -1, -1), key=lambda e: e[0])
+        i = bisect.bisect_left(pool, (size, -math.inf, -1), key=lambda e: e[0])
         return pool[i][1] if i < len(pool) else None
 
     # -------------------------------------------------------------- segments
@@ -108,6 +139,7 @@ class CachingAllocator:
         if self.cap is not None and self.reserved + alloc > self.cap:
             self.empty_cache()
             if self.reserved + alloc > self.cap:
+                self.failure_layout = self.layout()
                 raise OutOfMemory(
                     f"{size / 2**20:.1f} MiB requested, {self.allocated / 2**30:.2f} GiB "
                     f"allocated, {self.reserved / 2**30:.2f} GiB reserved, cap "
@@ -116,7 +148,9 @@ class CachingAllocator:
         self.segments += 1
         self.reserved += alloc
         self.peak_reserved = max(self.peak_reserved, self.reserved)
-        return Block(alloc, self.segments, 0, small)
+        head = Block(alloc, self.segments, 0, small, rank=self._rank(self.segments))
+        self._heads[self.segments] = head
+        return head
 
     def empty_cache(self) -> None:
         """Release every segment that is entirely free (``torch.cuda.empty_cache``)."""
@@ -125,6 +159,7 @@ class CachingAllocator:
             for b in whole:
                 self._remove(b)
                 self.reserved -= b.size
+                del self._heads[b.segment]
 
     # -------------------------------------------------------------- malloc / free
 
@@ -138,7 +173,8 @@ class CachingAllocator:
             block = self._new_segment(size, small)
         rest = block.size - size
         if (small and rest >= MIN_BLOCK) or (not small and rest > SMALL_SIZE):
-            tail = Block(rest, block.segment, block.offset + size, small, True, block, block.next)
+            tail = Block(rest, block.segment, block.offset + size, small, True, block, block.next,
+                         block.rank)  # fmt: skip
             if block.next is not None:
                 block.next.prev = tail
             block.next, block.size = tail, size
@@ -169,6 +205,50 @@ class CachingAllocator:
 
     def reset_peak(self) -> None:
         self.peak_allocated, self.peak_reserved = self.allocated, self.reserved
+
+    def layout(self) -> list[dict]:
+        """Every segment in the form of :func:`compact_snapshot` (segments in the block order
+        standing in for CUDA's addresses; blocks in address order)."""
+        out = []
+        for head in sorted(self._heads.values(), key=lambda b: b.rank):
+            blocks, b = [], head
+            while b is not None:
+                blocks.append([b.size, not b.free])
+                b = b.next
+            out.append({"pool": "small" if head.small else "large",
+                        "size": sum(n for n, _ in blocks), "blocks": blocks})  # fmt: skip
+        return out
+
+
+def compact_snapshot(snapshot: list[dict]) -> list[dict]:
+    """``torch.cuda.memory_snapshot()`` (one dict per segment: ``segment_type``, ``address``,
+    ``total_size``, ``blocks`` with ``size`` and ``state``) as ``{"pool", "size", "blocks":
+    [[size, allocated], ...]}`` per segment, in address order: what :meth:`CachingAllocator.layout`
+    gives, JSON-ready. A block waiting on another stream (``active_pending_free``) counts as
+    allocated, as it cannot be handed out yet."""
+    out = []
+    for seg in sorted(snapshot, key=lambda seg: seg["address"]):
+        blocks = [[int(b["size"]), b["state"] != "inactive"] for b in seg["blocks"]]
+        out.append({"pool": seg["segment_type"], "size": int(seg["total_size"]),
+                    "blocks": blocks})  # fmt: skip
+    return out
+
+
+def summarize(layout: list[dict]) -> dict[str, int]:
+    """What decides whether the next request fits: ``reserved`` and ``allocated`` bytes,
+    ``segments``, ``stranded`` (free bytes in segments that also hold an allocated block:
+    ``empty_cache`` cannot return them) and the ``largest_free`` block of the large pool."""
+    reserved = allocated = stranded = largest = 0
+    for seg in layout:
+        live = sum(n for n, used in seg["blocks"] if used)
+        reserved += seg["size"]
+        allocated += live
+        if live:
+            stranded += seg["size"] - live
+        if seg["pool"] == "large":
+            largest = max([largest] + [n for n, used in seg["blocks"] if not used])
+    return {"reserved": reserved, "allocated": allocated, "segments": len(layout),
+            "stranded": stranded, "largest_free": largest}  # fmt: skip
 
 
 @dataclass

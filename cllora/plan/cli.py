@@ -21,7 +21,11 @@ replays the benchmark's whole search as it runs on CUDA, in one process through 
 caching-allocator model (:mod:`cllora.plan.search`: the model built once, every layer traced,
 minutes per probe for an 8B model), which accounts for the cached, fragmented segments a capped
 allocator cannot return; give ``--max-context-hi`` and ``--max-context-step`` as the benchmark
-got them, they fix its probes. Bad input (an unknown GPU, model or provider, a directory without
+got them, they fix its probes. ``--replay-orders oldest,newest,random:1`` replays it once per
+order of equal-size free blocks (CUDA's addresses, unknown here; the answer moves with them);
+``--compare-layouts alloc-layout-PROVIDER-STAMP.json`` (written by that benchmark on CUDA) sets
+the replay's segments against CUDA's after the build, at each failure and after each probe.
+Bad input (an unknown GPU, model or provider, a directory without
 ``config.json``) prints one line and exits with status 2.
 """
 
@@ -29,11 +33,14 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import sys
+from pathlib import Path
 
+from cllora.plan.allocator import segment_ranker
 from cllora.plan.gpus import GPUS, gpu
 from cllora.plan.report import csv_rows, find_max_context, kinds_table, plot, table, write_csv
-from cllora.plan.search import replay_search
+from cllora.plan.search import compare_layouts, replay_search
 from cllora.plan.step import GQA_MODES, LORA_PATHS, PROVIDERS, PlanError, PlanSpec, plan_step
 
 
@@ -64,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="with --find-max-context: also replay the benchmark's search in one "
                          "process through the capped caching-allocator model (full depth, "
                          "minutes per probe for an 8B model)")  # fmt: skip
+    ap.add_argument("--replay-orders", type=_strs, default=["oldest"],
+                    help="with --replay-allocator: comma-separated orders of equal-size free "
+                         "blocks, one replay each (oldest, newest, random:SEED)")  # fmt: skip
+    ap.add_argument("--compare-layouts", default=None, metavar="JSON",
+                    help="with --replay-allocator: set the replay's allocator segments, stage "
+                         "by stage, against the alloc-layout-*.json bench_e2e.py wrote on CUDA "
+                         "(one provider)")  # fmt: skip
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--quant", default=None, choices=("none", "nf4", "fp4"),
@@ -128,6 +142,16 @@ def _check(args: argparse.Namespace) -> None:
     if not args.contexts or min(args.contexts) < 8:
         raise PlanError("--contexts: give context lengths of at least 8 tokens")
     hf_config(args.model)
+    if args.compare_layouts:
+        if not (args.replay_allocator and args.find_max_context) or len(args.providers) != 1:
+            raise PlanError("--compare-layouts needs --find-max-context --replay-allocator and "
+                            "the one provider the layouts file was measured with")  # fmt: skip
+        _measured_layouts(args.compare_layouts)  # a bad file fails before minutes of planning
+    for order in args.replay_orders:
+        try:
+            segment_ranker(order)
+        except ValueError as err:
+            raise PlanError(f"--replay-orders: {err}") from err
 
 
 def _log(line: str) -> None:
@@ -160,17 +184,34 @@ def run(args: argparse.Namespace) -> int:
             )
             best[provider] = (ctx, budget)
             line = f"  {provider:22s} {ctx}"
+            layouts: dict | None = {} if args.compare_layouts else None
             if args.replay_allocator:
-                replayed, _ = replay_search(
-                    spec, budget, args.max_context_hi, args.max_context_step, _log
-                )
-                line += f"  (allocator replay: {replayed})"
+                found = []
+                hi, step = args.max_context_hi, args.max_context_step
+                for i, order in enumerate(args.replay_orders):
+                    record = layouts if i == 0 else None  # the first order's is compared
+                    replayed, _ = replay_search(spec, budget, hi, step, _log, record, order)
+                    several = len(args.replay_orders) > 1
+                    found.append(f"{replayed} ({order})" if several else str(replayed))
+                line += f"  (allocator replay: {', '.join(found)})"
             print(line)
+            if layouts is not None:
+                print("\n".join(compare_layouts(_measured_layouts(args.compare_layouts), layouts)))
     if args.out:
         path = write_csv(args.out, csv_rows(points, card, best))
         png = plot(path, budget)
         print(f"results: {path} and {png}")
     return 0
+
+
+def _measured_layouts(path: str) -> dict:
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise PlanError(f"cannot read the allocator layouts {path}: {err}") from err
+    if not isinstance(record, dict) or "build" not in record:
+        raise PlanError(f"{path} is not an alloc-layout-*.json of benchmarks/bench_e2e.py")
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:

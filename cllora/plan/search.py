@@ -2,13 +2,16 @@
 
 Usage::
 
-    from cllora.plan.search import replay_probes, replay_search
+    from cllora.plan.search import compare_layouts, replay_probes, replay_search
     from cllora.plan.step import PlanSpec
 
     spec = PlanSpec(provider="cllora-4bit", lora_path="legacy", gqa="repeat")
     best, probes = replay_search(spec, budget_gib=24.0, hi=65536)      # the search's answer
     [(p.context, p.ok, p.peak_allocated / 2**30) for p in probes]      # its probes, in order
     probes = replay_probes(spec, 24.0, [32768, 16384, 24576])          # a given sequence
+    layouts = {}
+    replay_search(spec, 24.0, 65536, layouts=layouts)                   # the segments, per stage
+    compare_layouts(json.load(open("alloc-layout-cllora-4bit.json")), layouts)  # vs CUDA's
 
 ``benchmarks/bench_e2e.py --find-max-context`` on CUDA (``max_context_cuda``) runs every probe
 of its binary search in **one** process: it caps the caching allocator
@@ -41,12 +44,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch.utils._python_dispatch import _disable_current_modes as _disable_modes
 
-from cllora.plan.allocator import CachingAllocator, LiveReplay, OutOfMemory
+from cllora.plan.allocator import CachingAllocator, LiveReplay, OutOfMemory, summarize
 from cllora.plan.step import (
     PlanError,
     PlanSpec,
@@ -70,6 +73,8 @@ class Probe:
     allocated_after: int  # alive once the probe is over: the model, the AdamW state
     retained: int = 0  # what a failed step still held in the fake run, freed (see above)
     error: str = ""
+    layout_after: list[dict] = field(default_factory=list, repr=False)  # allocator.layout()
+    layout_at_failure: list[dict] | None = field(default=None, repr=False)
 
 
 def bisect_max(fits: Callable[[int], bool], top: int) -> int:
@@ -82,23 +87,35 @@ def bisect_max(fits: Callable[[int], bool], top: int) -> int:
     return lo
 
 
+class _Process:
+    """The replayed benchmark process: ``process(context) -> Probe``; ``build_layout``: the
+    allocator's segments once the model is built (:meth:`CachingAllocator.layout`)."""
+
+    def __init__(self, spec: PlanSpec, model: Any, opt: Any, tracker: StepTracker) -> None:
+        self.spec, self.model, self.opt, self.tracker = spec, model, opt, tracker
+        self.build_layout = tracker.listener.alloc.layout()
+
+    def __call__(self, context: int) -> Probe:
+        spec = dataclasses.replace(self.spec, context=context)
+        return _probe(spec, self.model, self.opt, self.tracker)
+
+
 @contextlib.contextmanager
-def benchmark_process(spec: PlanSpec, budget_gib: float) -> Iterator[Callable[[int], Probe]]:
+def benchmark_process(
+    spec: PlanSpec, budget_gib: float, order: str = "oldest"
+) -> Iterator[_Process]:
     """Inside: the benchmark's search process on fake tensors (see the module docstring), the
-    model built once under the capped allocator; yields ``probe(context) -> Probe``."""
+    model built once under the capped allocator (``order``: of equal-size free blocks,
+    :data:`cllora.plan.allocator.ORDERS`); yields ``probe(context) -> Probe``."""
     config = hf_config(spec.model)
-    alloc = CachingAllocator(budget_gib * 2**30)
+    alloc = CachingAllocator(budget_gib * 2**30, order)
     with fake_session(spec) as tracker:
         tracker.listener = LiveReplay(alloc)
         try:
             model, _, opt = build_traced(spec, config, tracker)
         except OutOfMemory as err:
             raise PlanError(f"{spec.provider} on {spec.model} does not fit: {err}") from err
-
-        def probe(context: int) -> Probe:
-            return _probe(dataclasses.replace(spec, context=context), model, opt, tracker)
-
-        yield probe
+        yield _Process(spec, model, opt, tracker)
 
 
 def _probe(spec: PlanSpec, model: Any, opt: Any, tracker: StepTracker) -> Probe:
@@ -109,6 +126,7 @@ def _probe(spec: PlanSpec, model: Any, opt: Any, tracker: StepTracker) -> Probe:
     alloc = feed.alloc
     alloc.empty_cache()
     alloc.reset_peak()
+    alloc.failure_layout = None
     before = set(feed.live)
     error, retained = "", 0
     try:
@@ -125,7 +143,8 @@ def _probe(spec: PlanSpec, model: Any, opt: Any, tracker: StepTracker) -> Probe:
         retained = feed.free_all_but(before)
     tracker.ops.clear()
     return Probe(spec.context, not error, alloc.peak_allocated, alloc.peak_reserved,
-                 alloc.allocated, retained, error)  # fmt: skip
+                 alloc.allocated, retained, error, alloc.layout(),
+                 alloc.failure_layout if error else None)  # fmt: skip
 
 
 def replay_probes(spec: PlanSpec, budget_gib: float, contexts: list[int]) -> list[Probe]:
@@ -140,16 +159,26 @@ def replay_search(
     hi: int,
     step: int = 256,
     log: Callable[[str], None] | None = None,
+    layouts: dict | None = None,
+    order: str = "oldest",
 ) -> tuple[int, list[Probe]]:
     """The benchmark's max-context search (multiples of ``step`` up to ``hi``: its
     ``--max-context-hi``, which puts the first probe at about ``hi / 2``) replayed in one
-    process; returns the longest context that fitted (0: none) and the probes in order."""
+    process; returns the longest context that fitted (0: none) and the probes in order.
+    ``layouts``: a dict filled with the replay's allocator segments per stage (see
+    :func:`compare_layouts`); ``order``: of equal-size free blocks (see
+    :data:`cllora.plan.allocator.ORDERS`)."""
     probes: list[Probe] = []
-    with benchmark_process(spec, budget_gib) as probe:
+    with benchmark_process(spec, budget_gib, order) as probe:
+        if layouts is not None:
+            layouts["build"] = probe.build_layout
+            layouts["probes"] = []
 
         def fits(units: int) -> bool:
             p = probe(units * step)
             probes.append(p)
+            if layouts is not None:
+                layouts["probes"].append(probe_layouts(p))
             if log:
                 log(f"  replayed probe {spec.provider} {p.context}: {'ok' if p.ok else 'oom'} "
                     f"(allocated {p.peak_allocated / 2**30:.2f} GiB, reserved "
@@ -158,3 +187,41 @@ def replay_search(
 
         best = bisect_max(fits, hi // step)
     return best * step, probes
+
+
+def probe_layouts(p: Probe) -> dict:
+    """One probe's entry of a layouts record: ``context``, ``status``, the allocator's
+    segments ``after`` the probe and ``at_failure`` (None if it fitted)."""
+    return {"context": p.context, "status": "ok" if p.ok else "oom",
+            "after": p.layout_after, "at_failure": p.layout_at_failure}  # fmt: skip
+
+
+def compare_layouts(measured: dict, replayed: dict) -> list[str]:
+    """A markdown table of :func:`~cllora.plan.allocator.summarize` for each stage of two
+    layouts records (``{"build": layout, "probes": [probe_layouts...]}``: what
+    ``bench_e2e.py --find-max-context`` writes on CUDA from ``torch.cuda.memory_snapshot()``,
+    and the replay), measured against replayed, GiB; stages only one of them has are shown
+    with a dash."""
+    gib = 2**30
+
+    def stages(record: dict) -> dict[str, list[dict] | None]:
+        out: dict[str, list[dict] | None] = {"after the build": record.get("build")}
+        for p in record.get("probes", []):
+            out[f"{p['context']} {p['status']}, after"] = p.get("after")
+            if p.get("at_failure") is not None:
+                out[f"{p['context']} at the failure"] = p["at_failure"]
+        return out
+
+    mine, theirs = stages(measured), stages(replayed)
+    keys = ("reserved", "allocated", "stranded", "largest_free")
+    lines = ["| stage | " + " | ".join(f"{k} measured / replayed" for k in keys) + " |",
+             "|---|" + "---:|" * len(keys)]  # fmt: skip
+    for stage in list(mine) + [k for k in theirs if k not in mine]:
+        a, b = mine.get(stage), theirs.get(stage)
+        sa, sb = summarize(a) if a else None, summarize(b) if b else None
+
+        def cell(k: str, sa: dict | None = sa, sb: dict | None = sb) -> str:
+            return " / ".join(f"{x[k] / gib:.2f}" if x else "-" for x in (sa, sb))
+
+        lines.append(f"| {stage} | " + " | ".join(cell(k) for k in keys) + " |")
+    return lines

@@ -9,7 +9,9 @@ from cllora.plan.allocator import (
     LiveReplay,
     OutOfMemory,
     allocation_size,
+    compact_snapshot,
     replay,
+    summarize,
 )
 
 MiB = 2**20
@@ -79,3 +81,66 @@ def test_live_replay_raises_at_the_cap_and_defers_frees_during_an_event():
     feed(3, 10 * MiB)  # served after this event
     assert set(feed.live) == {3} and alloc.allocated == 10 * MiB
     assert feed.free_all_but({4}) == 10 * MiB and alloc.allocated == 0
+
+
+def test_layout_lists_segments_and_summarize_finds_what_cannot_be_returned():
+    alloc = CachingAllocator()
+    alloc.free(alloc.malloc(100 * MiB))
+    keep = alloc.malloc(30 * MiB)  # splits the cached 100 MiB segment
+    small = alloc.malloc(1000)
+    spare = alloc.malloc(80 * MiB)  # does not fit the 70 MiB left: a segment of its own
+    alloc.free(spare)
+    assert alloc.layout() == [
+        {"pool": "large", "size": 100 * MiB, "blocks": [[30 * MiB, True], [70 * MiB, False]]},
+        {"pool": "small", "size": 2 * MiB, "blocks": [[1024, True], [2 * MiB - 1024, False]]},
+        {"pool": "large", "size": 80 * MiB, "blocks": [[80 * MiB, False]]},
+    ]
+    summary = summarize(alloc.layout())
+    assert summary == {"reserved": 182 * MiB, "allocated": 30 * MiB + 1024, "segments": 3,
+                       "stranded": 70 * MiB + 2 * MiB - 1024, "largest_free": 80 * MiB}  # fmt: skip
+    alloc.empty_cache()  # only the entirely free segment goes
+    assert [s["size"] for s in alloc.layout()] == [100 * MiB, 2 * MiB]
+    assert keep.size == 30 * MiB and small.size == 1024
+
+
+def test_the_layout_at_a_failure_is_kept():
+    alloc = CachingAllocator(cap_bytes=100 * MiB)
+    alloc.free(alloc.malloc(60 * MiB))
+    alloc.malloc(30 * MiB)
+    with pytest.raises(OutOfMemory):
+        alloc.malloc(50 * MiB)
+    assert alloc.failure_layout == alloc.layout()
+    assert summarize(alloc.failure_layout)["stranded"] == 30 * MiB
+
+
+def test_compact_snapshot_reads_cudas_segment_list():
+    """``torch.cuda.memory_snapshot()``'s segments (the fields it documents), out of address
+    order, pending frees counted as allocated."""
+    snapshot = [
+        {"address": 2 << 30, "total_size": 2 * MiB, "segment_type": "small", "stream": 0,
+         "blocks": [{"address": 2 << 30, "size": 512, "state": "active_allocated"},
+                    {"address": (2 << 30) + 512, "size": 2 * MiB - 512, "state": "inactive"}]},
+        {"address": 1 << 30, "total_size": 40 * MiB, "segment_type": "large", "stream": 0,
+         "blocks": [{"address": 1 << 30, "size": 40 * MiB, "state": "active_pending_free"}]},
+    ]  # fmt: skip
+    assert compact_snapshot(snapshot) == [
+        {"pool": "large", "size": 40 * MiB, "blocks": [[40 * MiB, True]]},
+        {"pool": "small", "size": 2 * MiB, "blocks": [[512, True], [2 * MiB - 512, False]]},
+    ]
+
+
+def test_the_order_of_equal_size_blocks_decides_which_one_is_split():
+    """Two cached 100 MiB segments: ``oldest`` splits the first obtained, ``newest`` the other;
+    a seeded ``random`` order is the same every time; an unknown order is refused."""
+    picks = {}
+    for order in ("oldest", "newest", "random:3", "random:3"):
+        alloc = CachingAllocator(order=order)
+        a, b = alloc.malloc(100 * MiB), alloc.malloc(100 * MiB)
+        alloc.free(a)
+        alloc.free(b)
+        picks.setdefault(order, []).append(alloc.malloc(40 * MiB).segment)
+        assert [len(s["blocks"]) for s in alloc.layout()].count(2) == 1
+    assert picks["oldest"] == [1] and picks["newest"] == [2]
+    assert len(set(picks["random:3"])) == 1
+    with pytest.raises(ValueError, match="unknown block order"):
+        CachingAllocator(order="lowest")

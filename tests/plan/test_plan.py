@@ -256,6 +256,8 @@ def test_bytes_outside_gemms_and_attention_do_not_grow():
         (["--model", "llama-9b"], "unknown model 'llama-9b'"),
         (["--providers", "unsloth"], "unknown provider 'unsloth'"),
         (["--model", "{empty}"], "holds no config.json"),
+        (["--replay-orders", "lowest"], "unknown block order 'lowest'"),
+        (["--compare-layouts", "{empty}/none.json"], "needs --find-max-context --replay-allocator"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(argv, needle, tmp_path, capsys):

@@ -28,3 +28,42 @@ def test_one_process_carries_the_model_and_the_adamw_state_across_probes():
     state = fitted.allocated_after - failed.allocated_after  # AdamW's exp_avg, exp_avg_sq
     assert 0 < state < 0.01 * 2**30
     assert failed_again.allocated_after == fitted.allocated_after
+
+
+def test_the_replay_records_the_allocators_segments_and_compares_them(tmp_path, capsys):
+    """The layouts a replayed search records (after the build, at each failure, after each
+    probe) are consistent with its probes; ``--compare-layouts`` sets a record beside the
+    replay stage by stage (here the replay's own record: every column equal)."""
+    import json
+
+    from cllora.plan.allocator import summarize
+    from cllora.plan.cli import main
+    from cllora.plan.search import compare_layouts, replay_search
+
+    spec = PlanSpec(model="tiny-llama", provider="cllora-4bit")
+    layouts: dict = {}
+    best, probes = replay_search(spec, 0.024, hi=4096, step=1024, layouts=layouts)
+    assert [p["context"] for p in layouts["probes"]] == [p.context for p in probes]
+    for probe, record in zip(probes, layouts["probes"], strict=True):
+        assert summarize(record["after"])["allocated"] == probe.allocated_after
+        if not probe.ok:
+            at_failure = summarize(record["at_failure"])
+            assert probe.peak_reserved >= at_failure["reserved"] > at_failure["allocated"]
+    assert summarize(layouts["build"])["allocated"] > 0
+    lines = compare_layouts(layouts, layouts)
+    assert len(lines) == 2 + 1 + len(probes) + sum(not p.ok for p in probes)
+    for line in lines[2:]:
+        cells = line.strip("|").split("|")[1:]
+        assert all(len({x.strip() for x in c.split(" / ")}) == 1 for c in cells), line
+    measured = tmp_path / "alloc-layout-cllora-4bit.json"
+    measured.write_text(json.dumps(layouts))
+    argv = ["--model", "tiny-llama", "--providers", "cllora-4bit", "--contexts", "64",
+            "--find-max-context", "--replay-allocator", "--budget-gb", "0.024",
+            "--max-context-hi", "4096", "--max-context-step", "1024",
+            "--compare-layouts", str(measured)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"(allocator replay: {best})" in printed and "| after the build |" in printed
+    (tmp_path / "bad.json").write_text("[]")
+    assert main([*argv[:-1], str(tmp_path / "bad.json")]) == 2
+    assert "is not an alloc-layout" in capsys.readouterr().err
