@@ -423,7 +423,8 @@ def max_context_cuda(provider: str, spec: BenchSpec) -> list[dict]:
     # the caching allocator's segments after the build, at each failure and after each probe:
     # what `python -m cllora.plan --replay-allocator --compare-layouts FILE` sets the replay
     # against (docs/plan.md)
-    layouts = {"provider": provider, "torch": torch.__version__, "build": _layout(), "probes": []}
+    layouts = {"provider": provider, "torch": torch.__version__, "build": _layout(), "probes": [],
+               "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}  # fmt: skip
     while lo < hi:
         mid = (lo + hi + 1) // 2
         cell = Cell(provider, "fixed", mid * unit, spec.batch, asdict(spec))

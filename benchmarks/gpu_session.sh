@@ -32,11 +32,12 @@ stage() {  # stage NAME SECONDS CMD...
   timeout "$limit" "$@" >>"$LOG" 2>&1
   echo "=== $name rc=$? in $((SECONDS - t0))s" | tee -a "$LOG"
 }
-stage env 30 bash -c 'nvidia-smi -L; python3 -c "import torch, triton, transformers, peft, bitsandbytes; \
+stage env 30 bash -c 'nvidia-smi -L; echo "PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-}"; \
+python3 -c "import torch, triton, transformers, peft, bitsandbytes; \
 print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, \
 peft.__version__, bitsandbytes.__version__, torch.cuda.get_device_name())"'
 stage gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_gpu.py tests/model/test_checkpointing.py \
-  tests/model/test_attention.py tests/bench/test_bench.py
+  tests/model/test_attention.py tests/bench/test_bench.py tests/plan/test_allocator_gpu.py
 stage kernels 100 python3 benchmarks/bench_kernels.py --dims llama-3.1-8b --tokens 4096,16384 \
   --reps 10 --out "$OUT/kernels-gpu.csv"
 stage e2e-8b-4bit ${E2E_LIMIT:-240} python3 benchmarks/bench_e2e.py --device cuda --dtype bf16 \
