@@ -42,8 +42,9 @@ def test_the_replay_records_the_allocators_segments_and_compares_them(tmp_path, 
 
     spec = PlanSpec(model="tiny-llama", provider="cllora-4bit")
     layouts: dict = {}
-    best, probes = replay_search(spec, 0.024, hi=4096, step=1024, layouts=layouts)
+    best, probes = replay_search(spec, 0.024, hi=2048, step=512, layouts=layouts)
     assert [p["context"] for p in layouts["probes"]] == [p.context for p in probes]
+    assert {p.ok for p in probes} == {True, False}  # a probe that fits and one that fails
     for probe, record in zip(probes, layouts["probes"], strict=True):
         assert summarize(record["after"])["allocated"] == probe.allocated_after
         if not probe.ok:
@@ -59,7 +60,7 @@ def test_the_replay_records_the_allocators_segments_and_compares_them(tmp_path, 
     measured.write_text(json.dumps(layouts))
     argv = ["--model", "tiny-llama", "--providers", "cllora-4bit", "--contexts", "64",
             "--find-max-context", "--replay-allocator", "--budget-gb", "0.024",
-            "--max-context-hi", "4096", "--max-context-step", "1024",
+            "--max-context-hi", "2048", "--max-context-step", "512",
             "--compare-layouts", str(measured)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
