@@ -146,7 +146,8 @@ def _check(args: argparse.Namespace) -> None:
         if not (args.replay_allocator and args.find_max_context) or len(args.providers) != 1:
             raise PlanError("--compare-layouts needs --find-max-context --replay-allocator and "
                             "the one provider the layouts file was measured with")  # fmt: skip
-        _measured_layouts(args.compare_layouts)  # a bad file fails before minutes of planning
+        # read once, here: a bad file fails before minutes of planning
+        args.measured_layouts = _measured_layouts(args.compare_layouts)
     for order in args.replay_orders:
         try:
             segment_ranker(order)
@@ -196,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
                 line += f"  (allocator replay: {', '.join(found)})"
             print(line)
             if layouts is not None:
-                print("\n".join(compare_layouts(_measured_layouts(args.compare_layouts), layouts)))
+                print("\n".join(compare_layouts(args.measured_layouts, layouts)))
     if args.out:
         path = write_csv(args.out, csv_rows(points, card, best))
         png = plot(path, budget)

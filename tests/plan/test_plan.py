@@ -49,11 +49,10 @@ def _measured(name: str, metric: str) -> dict[str, float]:
 # ---------------------------------------------------------------- CPU: planned = measured
 
 
-def _real_cpu_step_peak(spec: PlanSpec) -> int:
-    """Bytes allocated above the step's start at its peak, run for real on CPU and read off
-    torch's memory profiler (every CPU allocation and free of the step, in order)."""
+def _profiled_real_cpu_step(spec: PlanSpec, **profile_kwargs):
+    """The torch profiler (memory on) of the step run for real on CPU, as the planner runs it:
+    the provider's model built, AdamW warmed, one forward, backward, step and ``zero_grad``."""
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
 
     from cllora.plan import step as st
 
@@ -63,8 +62,7 @@ def _real_cpu_step_peak(spec: PlanSpec) -> int:
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
     st._warm_optimizer(opt, params)
     raw = st._raw_batch(spec, model.config.vocab_size)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:  # fmt: skip
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, **profile_kwargs) as prof:
         if spec.provider.startswith("cllora"):
             from cllora.model.loss import batch_loss_sum
 
@@ -74,6 +72,15 @@ def _real_cpu_step_peak(spec: PlanSpec) -> int:
             model(**raw).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return prof
+
+
+def _real_cpu_step_peak(spec: PlanSpec) -> int:
+    """Bytes allocated above the step's start at its peak, run for real on CPU and read off
+    torch's memory profiler (every CPU allocation and free of the step, in order)."""
+    from torch.profiler._memory_profiler import Action
+
+    prof = _profiled_real_cpu_step(spec, record_shapes=True, with_stack=True)
     current = peak = 0
     for _, action, _, size in prof._memory_profile().timeline:
         current += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
@@ -107,21 +114,8 @@ def _real_cpu_step_events(spec: PlanSpec) -> list[tuple[int, int]]:
     """Every CPU allocation and free of the step run for real, in order, as ``(serial, bytes)``
     and ``(serial, 0)`` (the profiler's allocator events)."""
     from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
 
-    from cllora.model.loss import batch_loss_sum
-    from cllora.plan import step as st
-
-    model, params = st._build_cllora(spec, st.hf_config(spec.model))
-    model.train()
-    opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
-    st._warm_optimizer(opt, params)
-    raw = st._raw_batch(spec, model.config.vocab_size)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss, n = batch_loss_sum(model, raw, loss=spec.loss)
-        (loss / n).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    prof = _profiled_real_cpu_step(spec)
 
     def walk(nodes):
         for node in nodes:
