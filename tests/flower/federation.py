@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -43,8 +44,11 @@ class Federation:
         path = os.pathsep.join(
             [str(Path(cllora.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
         )
+        # Flower's commands (and the flwr-serverapp / flwr-clientapp processes they start) are
+        # the ones installed beside this interpreter, also when its environment is not activated
+        bin_path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "OMP_NUM_THREADS": "1",
-                    "PYTHONPATH": path.rstrip(os.pathsep)}  # fmt: skip
+                    "PYTHONPATH": path.rstrip(os.pathsep), "PATH": bin_path}  # fmt: skip
         self._write_connection()
 
     def __enter__(self) -> Federation:
