@@ -63,8 +63,8 @@ from cllora.data.readers import DataError, Malformed, RecordError, json_type, wh
 from cllora.data.sentences import count_sentences
 
 # The label of a token that carries no loss (torch's cross_entropy ignore_index default), defined
-# here once for cllora; cllora_kernels (kernels/cllora_kernels/reference.py), which imports nothing of cllora,
-# holds the same value (tests/model/test_loss.py checks they agree).
+# here once for cllora; cllora_kernels (kernels/cllora_kernels/reference.py), which imports
+# nothing of cllora, holds the same value (tests/model/test_loss.py checks they agree).
 IGNORE_INDEX = -100
 
 try:  # the errors of chat templates (transformers renders them with jinja2)
