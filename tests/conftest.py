@@ -10,6 +10,10 @@ import os
 # the threads' spin-waiting made the clean-clone suite cost 31 CPU minutes instead of about 21.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Tests download nothing: a Hugging Face hub lookup by a library (peft imports bitsandbytes, which
+# looks for a hub kernel) stays in the local cache. tests/model/test_offline.py runs cllora
+# without this, with the network unreachable.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch

@@ -26,12 +26,13 @@ Gradients of the 4-bit model equal those of the dense model built from its dequa
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
 import torch
-from bitsandbytes.functional import QuantState, dequantize_4bit
 from torch import nn
 
+from cllora.model.bnb import bnb  # first: bitsandbytes imported without its hub lookup
 from cllora.model.lora import LoRALinear
+
+QuantState = bnb.functional.QuantState
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -115,7 +116,7 @@ def quantize_base(
 
 def dequantized_weight(module: bnb.nn.Linear4bit) -> torch.Tensor:
     """The dense (out, in) weight a 4-bit layer computes with."""
-    return dequantize_4bit(module.weight.data, module.weight.quant_state)
+    return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
 
 
 def dequantize_base(model: nn.Module) -> nn.Module:

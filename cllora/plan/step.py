@@ -211,10 +211,12 @@ def _plan_to_4bit(
     ``quantize_4bit`` (a custom op with a fake kernel) makes the data and the state from a copy
     of the dense weight, as ``Params4bit`` quantizes the host copy it moves to the device (the
     allocator replay sees the same device allocations as the real build)."""
-    import bitsandbytes.functional as bf
     from torch import nn
 
+    from cllora.model.bnb import bnb
     from cllora.model.quant import FrozenLinear4bit
+
+    bf = bnb.functional
 
     q = FrozenLinear4bit.__new__(FrozenLinear4bit)
     nn.Module.__init__(q)
@@ -242,10 +244,10 @@ def fake_building(fake: FakeTensorMode) -> Iterator[None]:
     ``Module.to`` swaps fake parameters, which the fake converter's weak memo of
     ``nn.Parameter(fake)`` would block: the memo is emptied first, it only matters for
     converting the same real tensor twice, which the planner never does)."""
-    import bitsandbytes.functional as bf
-
     from cllora.model import quant
+    from cllora.model.bnb import bnb
 
+    bf = bnb.functional
     with _disable_modes():
         bf.name2qmap.setdefault("dynamic", bf.create_dynamic_map())
     swap = torch.utils.swap_tensors
