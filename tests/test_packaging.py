@@ -30,10 +30,11 @@ def _lock_module():
 
 
 # Prints {top-level name: [paths it resolves to]} for every installed distribution's names
-# (cllora's own left out), and the files transformers, peft and kernels import from.
+# (cllora's own left out), the files transformers, peft and kernels import from, and under "" the
+# environment's own directories (a .venv/ inside the checkout is not the checkout).
 _RESOLVE = """
-import importlib.metadata as md, importlib.util as u, json
-out = {}
+import importlib.metadata as md, importlib.util as u, json, site, sys
+out = {"": [sys.prefix, *site.getsitepackages()]}
 for name, dists in md.packages_distributions().items():
     if not name.isidentifier() or "cllora" in dists:
         continue
@@ -60,8 +61,14 @@ def _shadowed(root: Path) -> dict[str, list[str]]:
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert "transformers" in found and "peft" in found
+    env = [Path(p).resolve() for p in found.pop("")]
+
+    def in_checkout(path: str) -> bool:
+        resolved = Path(path).resolve()
+        return resolved.is_relative_to(root) and not any(resolved.is_relative_to(e) for e in env)
+
     return {name: paths for name, paths in found.items()
-            if any(p and Path(p).resolve().is_relative_to(root) for p in paths)}  # fmt: skip
+            if any(p and in_checkout(p) for p in paths)}  # fmt: skip
 
 
 def test_root_holds_only_the_declared_packages():
