@@ -34,7 +34,10 @@ LoRA, lean-kernel and allocator work"; ``benchmarks/results/plan-h200.md`` for t
   it) then ``dx += s (dy B) A`` in place, where autograd on ``base(x) + update`` summed the two
   (tokens x in) input gradients out of place (an extra read of two and write of one per module).
   It saves ``x`` and ``x A^T`` as autograd would; the packed weight stays on ``ctx`` as
-  ``MatMul4Bit`` keeps it (a frozen parameter: no saved-tensor hook sees it).
+  ``MatMul4Bit`` keeps it (a frozen parameter: no saved-tensor hook sees it). Where the layer's
+  ``bnb_decodes_exactly`` is False (bitsandbytes' decoder disagrees with its own encoding of
+  that weight: see :mod:`cllora.model.quant`), the forward product and ``dequant(W)`` of the
+  backward come from cllora's exact decoder (``cllora_kernels.nf4.dequantize_bnb_4bit``).
 - **Anything else** (LoRA dropout in training, autocast, a base of another type or dtype) runs
   ``base(x)`` under autograd and adds the LoRA term with one out-of-place ``addmm`` (no separate
   scale and add passes): :func:`add_lora`. Dropout needs ``dropout(x)`` (or its mask) kept beside
@@ -115,8 +118,9 @@ class LoRALinear(nn.Module):
         if fused and _is_frozen_4bit(base):
             state = base.quant_state_for(x)  # sets compute_dtype on the first call, if unset
             if base.compute_dtype == x.dtype:
+                exact = base.bnb_decodes_exactly  # else cllora decodes (cllora.model.quant)
                 return quant_lora_linear(
-                    x, base.weight, state, base.bias, self.lora_A, self.lora_B, self.scaling
+                    x, base.weight, state, base.bias, self.lora_A, self.lora_B, self.scaling, exact
                 )
         return add_lora(base(x), self.dropout(x), self.lora_A, self.lora_B, self.scaling)
 
@@ -200,27 +204,27 @@ class QuantLoRAFunction(torch.autograd.Function):
     - backward: ``dL/dx = g W_d + g_xa A`` (``W_d`` from ``dequantize_4bit``, as ``MatMul4Bit``'s
       backward; the LoRA term added in place), ``dL/dA = g_xa^T x``, ``dL/dB = s g^T (x A^T)``,
       ``dL/db = sum_rows g``; the packed weight gets no gradient (bitsandbytes has none).
+
+    ``bnb_exact=False`` (the layer's ``bnb_decodes_exactly``) replaces bitsandbytes' decoding in
+    both by ``cllora_kernels.nf4.dequantize_bnb_4bit``: ``y = x W_d^T + b`` with ``W_d`` decoded
+    in x's dtype (as ``gemm_4bit`` decodes), and ``W_d`` of the backward in the weight's dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, quant_state, bias, lora_A, lora_B, scaling: float):
-        import bitsandbytes as bnb
-
+    def forward(ctx, x, weight, quant_state, bias, lora_A, lora_B, scaling: float, bnb_exact=True):
         a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
         xa = x @ a.t()  # (M, r)
         bias_x = None if bias is None else bias.to(x.dtype)
-        y = bnb.matmul_4bit(x, weight, quant_state, bias=bias_x)  # (M, N); grad is off here
+        y = _base_product(x, weight, quant_state, bias_x, bnb_exact)  # (M, N); grad is off here
         y.addmm_(xa, b.t(), alpha=scaling)
         ctx.save_for_backward(x, xa, a, b)
         ctx.weight, ctx.state = weight, quant_state  # frozen, as MatMul4Bit keeps them
-        ctx.scaling = scaling
+        ctx.scaling, ctx.bnb_exact = scaling, bnb_exact
         ctx.dtypes = (lora_A.dtype, lora_B.dtype, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        from bitsandbytes.functional import dequantize_4bit
-
         x, xa, a, b = ctx.saved_tensors
         need_x, _, _, need_bias, need_la, need_lb = ctx.needs_input_grad[:6]
         s = ctx.scaling
@@ -228,7 +232,7 @@ class QuantLoRAFunction(torch.autograd.Function):
         grad_x = grad_bias = grad_a = grad_b = None
         g_xa = (g @ b).mul_(s) if need_x or need_la else None  # (M, r): dL/d(x A^T)
         if need_x:
-            w = dequantize_4bit(ctx.weight.view(-1, 1), ctx.state).to(g.dtype)  # (N, K)
+            w = _dequantize(ctx.weight, ctx.state, ctx.bnb_exact).to(g.dtype)  # (N, K)
             grad_x = g @ w  # (M, K)
             del w
             grad_x.addmm_(g_xa, a)
@@ -238,7 +242,37 @@ class QuantLoRAFunction(torch.autograd.Function):
             grad_a = (g_xa.t() @ x).to(ctx.dtypes[0])  # (r, K)
         if need_lb:
             grad_b = (g.t() @ xa).mul_(s).to(ctx.dtypes[1])  # (N, r)
-        return grad_x, None, None, grad_bias, grad_a, grad_b, None
+        return grad_x, None, None, grad_bias, grad_a, grad_b, None, None
+
+
+def _base_product(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state: object,
+    bias: torch.Tensor | None,
+    bnb_exact: bool,
+) -> torch.Tensor:
+    """``x W_d^T + b`` for a packed 4-bit ``W``: ``bnb.matmul_4bit``, or with ``bnb_exact``
+    False a matmul on the weight decoded exactly in x's dtype."""
+    if bnb_exact:
+        from cllora.model.bnb import bnb
+
+        return bnb.matmul_4bit(x, weight, quant_state, bias=bias)
+    from cllora_kernels.nf4 import dequantize_bnb_4bit
+
+    return F.linear(x, dequantize_bnb_4bit(weight, quant_state, dtype=x.dtype), bias)
+
+
+def _dequantize(weight: torch.Tensor, quant_state: object, bnb_exact: bool) -> torch.Tensor:
+    """The (N, K) weight in its own dtype: bitsandbytes' ``dequantize_4bit`` where it is exact
+    (``bnb_exact``), else ``cllora_kernels.nf4.dequantize_bnb_4bit``."""
+    if bnb_exact:
+        from cllora.model.bnb import bnb
+
+        return bnb.functional.dequantize_4bit(weight.view(-1, 1), quant_state)
+    from cllora_kernels.nf4 import dequantize_bnb_4bit
+
+    return dequantize_bnb_4bit(weight, quant_state)
 
 
 def quant_lora_linear(
@@ -249,13 +283,15 @@ def quant_lora_linear(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
+    bnb_exact: bool = True,
 ) -> torch.Tensor:
     """``x dequant(W)^T + b + scaling (x A^T) B^T`` for x (..., K) through
     :class:`QuantLoRAFunction` (``weight`` a packed 4-bit weight, ``quant_state`` its
-    bitsandbytes ``QuantState``)."""
+    bitsandbytes ``QuantState``; ``bnb_exact``: whether bitsandbytes' decoder is exact for this
+    weight, as ``FrozenLinear4bit.bnb_decodes_exactly`` records, else cllora's decodes)."""
     lead = x.shape[:-1]
     y = QuantLoRAFunction.apply(
-        x.reshape(-1, x.shape[-1]), weight, quant_state, bias, lora_A, lora_B, scaling
+        x.reshape(-1, x.shape[-1]), weight, quant_state, bias, lora_A, lora_B, scaling, bnb_exact
     )
     return y.view(*lead, y.shape[-1])
 

@@ -15,18 +15,34 @@ Usage::
 :class:`FrozenLinear4bit`; the LM head and the embeddings stay dense. The weights are quantized
 on the device they are on (``Params4bit`` quantizes when moved to its device).
 
-:class:`FrozenLinear4bit` is bitsandbytes' ``Linear4bit`` with one difference in ``forward``: it
-never converts the weight to bitsandbytes' CPU inference layout. Upstream ``Linear4bit`` does so
-on the first forward in eval mode without grad on CPUs with AVX512-BF16 (an evaluation pass, or
-``generate()``), a one-way change of the stored weight; a federated client trains again after
-every evaluation, so the weight must keep the layout that ``matmul_4bit``'s backward expects.
-Gradients of the 4-bit model equal those of the dense model built from its dequantized weights
-(tested fresh, after ``no_grad`` evaluation and after ``generate()``).
+:class:`FrozenLinear4bit` is bitsandbytes' ``Linear4bit`` with two differences in ``forward``: the
+decoder (below), and it never converts the weight to bitsandbytes' CPU inference layout. Upstream
+``Linear4bit`` does so on the first forward in eval mode without grad on CPUs with AVX512-BF16 (an
+evaluation pass, or ``generate()``), a one-way change of the stored weight; a federated client
+trains again after every evaluation, so the weight must keep the layout that ``matmul_4bit``'s
+backward expects. Gradients of the 4-bit model equal those of the dense model built from its
+dequantized weights (tested fresh, after ``no_grad`` evaluation and after ``generate()``).
+
+Decoding: cllora decodes bitsandbytes' flat 4-bit encoding itself
+(:func:`cllora_kernels.nf4.dequantize_bnb_4bit`) wherever bitsandbytes' own decoder disagrees with
+its encoder. From bitsandbytes 0.49 on, its native CPU ``dequantize_4bit`` (which ``matmul_4bit`` on
+CPU uses forward and backward) indexes block scales within rows and so mis-scales blocks that
+straddle a row boundary (for many layers whose ``in_features`` is no multiple of the blocksize):
+such a layer would silently train against wrong base weights. At quantization each layer checks once
+whether the installed ``dequantize_4bit`` reproduces the exact decoding of its own weight
+(:attr:`FrozenLinear4bit.bnb_decodes_exactly`); where it does, bitsandbytes' kernels run as before;
+where it does not, the layer's product and input gradient (and the LoRA 4-bit path's,
+:class:`~cllora.model.lora.QuantLoRAFunction`) use the exact decoder. :func:`dequantized_weight` and
+:func:`dequantize_base` always decode exactly.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
+import torch.nn.functional as F
+from cllora_kernels.nf4 import dequantize_bnb_4bit
 from torch import nn
 
 from cllora.model.bnb import bnb  # first: bitsandbytes imported without its hub lookup
@@ -34,11 +50,20 @@ from cllora.model.lora import LoRALinear
 
 QuantState = bnb.functional.QuantState
 
+log = logging.getLogger(__name__)
+
 QUANT_TYPES = ("nf4", "fp4")
 
 
 class FrozenLinear4bit(bnb.nn.Linear4bit):
-    """A frozen 4-bit linear layer: ``y = x dequant(W)^T + b`` in ``compute_dtype``."""
+    """A frozen 4-bit linear layer: ``y = x dequant(W)^T + b`` in ``compute_dtype``.
+
+    ``bnb_decodes_exactly`` says whether bitsandbytes' own decoder reproduces this weight's
+    encoding (set by :func:`quantize_base`; True for layers built otherwise). When False every
+    product of the layer decodes with :func:`cllora_kernels.nf4.dequantize_bnb_4bit` instead.
+    """
+
+    bnb_decodes_exactly: bool = True  # class default: layers made without _to_4bit (plan/step.py)
 
     def quant_state_for(self, x: torch.Tensor) -> QuantState:
         """The weight's quantization state for a call on ``x``: sets ``compute_dtype`` to x's
@@ -54,8 +79,48 @@ class FrozenLinear4bit(bnb.nn.Linear4bit):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.quant_state_for(x)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        out = bnb.matmul_4bit(x.to(self.compute_dtype), self.weight, bias=bias, quant_state=state)
+        x_c = x.to(self.compute_dtype)
+        if self.bnb_decodes_exactly:
+            out = bnb.matmul_4bit(x_c, self.weight, bias=bias, quant_state=state)
+        else:
+            out = ExactMatMul4bit.apply(x_c, self.weight, state, bias)
         return out.to(x.dtype)
+
+
+class ExactMatMul4bit(torch.autograd.Function):
+    """``x W_d^T + b`` with ``W_d`` from :func:`cllora_kernels.nf4.dequantize_bnb_4bit`: what
+    ``bnb.matmul_4bit`` computes, with the exact decoder. Like bitsandbytes' ``MatMul4Bit`` it
+    keeps the packed weight (not the decoded one) for the backward and decodes it again there:
+    ``dL/dx = g W_d`` (decoded in the weight's dtype, cast to g's), ``dL/db = sum_rows g``.
+    Inputs: x (..., K) in the compute dtype, the packed weight, its ``QuantState`` (N, K), b (N,)
+    in x's dtype or None."""
+
+    @staticmethod
+    def forward(ctx, x, weight, quant_state, bias):
+        w = dequantize_bnb_4bit(weight, quant_state, dtype=x.dtype)  # (N, K)
+        ctx.weight, ctx.state = weight, quant_state  # frozen, as MatMul4Bit keeps them
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        need_x, _, _, need_bias = ctx.needs_input_grad
+        grad_x = grad_bias = None
+        if need_x:
+            grad_x = grad_y @ dequantize_bnb_4bit(ctx.weight, ctx.state).to(grad_y.dtype)
+        if need_bias:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, None, None, grad_bias
+
+
+@torch.no_grad()
+def bnb_decoder_is_exact(packed: torch.Tensor, quant_state: QuantState) -> bool:
+    """Whether the installed bitsandbytes' ``dequantize_4bit`` decodes this packed weight exactly
+    as its encoder wrote it (bit for bit equal to
+    :func:`cllora_kernels.nf4.dequantize_bnb_4bit`, both in the state's dtype). Decodes the whole
+    weight twice on its device: call it once per layer, at quantization."""
+    theirs = bnb.functional.dequantize_4bit(packed, quant_state)
+    return torch.equal(theirs, dequantize_bnb_4bit(packed, quant_state))
 
 
 def _to_4bit(
@@ -82,6 +147,13 @@ def _to_4bit(
     q.weight = q.weight.to(device)  # Params4bit quantizes on its first move to a device
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    q.bnb_decodes_exactly = bnb_decoder_is_exact(q.weight.data, q.weight.quant_state)
+    if not q.bnb_decodes_exactly:
+        log.debug(
+            "4-bit %d -> %d (%s): bitsandbytes' dequantize_4bit disagrees with its encoding "
+            "here; the layer computes with cllora's exact decoder",
+            q.in_features, q.out_features, quant_type,
+        )  # fmt: skip
     return q
 
 
@@ -115,8 +187,10 @@ def quantize_base(
 
 
 def dequantized_weight(module: bnb.nn.Linear4bit) -> torch.Tensor:
-    """The dense (out, in) weight a 4-bit layer computes with."""
-    return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    """The dense (out, in) weight of a 4-bit layer, in the weight's dtype, as bitsandbytes
+    encoded it (:func:`cllora_kernels.nf4.dequantize_bnb_4bit`): what a
+    :class:`FrozenLinear4bit` computes with, whichever decoder its products use."""
+    return dequantize_bnb_4bit(module.weight.data, module.weight.quant_state)
 
 
 def dequantize_base(model: nn.Module) -> nn.Module:

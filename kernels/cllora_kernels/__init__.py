@@ -38,12 +38,13 @@ from .dispatch import (
     swiglu,
     use_triton,
 )
-from .nf4 import NF4Weight, dequantize_nf4
+from .nf4 import NF4Weight, dequantize_bnb_4bit, dequantize_nf4
 
 __all__ = [
     "HAS_TRITON",
     "NF4Weight",
     "backend",
+    "dequantize_bnb_4bit",
     "dequantize_nf4",
     "get_backend",
     "linear_cross_entropy",
