@@ -14,9 +14,12 @@
 # where ../shared is absent, copy a file or two into an ignored folder of the checkout and carry
 # it).
 #
-# Needs: CUDA, torch, triton, transformers, peft, bitsandbytes (liger-kernel optional) and cllora
-# importable. Commit the CSV/PNG files it writes under benchmarks/results/ with the card named.
+# Needs: CUDA, torch, triton, transformers, peft, bitsandbytes (liger-kernel optional) importable;
+# cllora and cllora_kernels are imported from this checkout (PYTHONPATH below), installed or not.
+# Commit the CSV/PNG files it writes under benchmarks/results/ with the card named.
 set -u
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$ROOT:$ROOT/kernels${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${1:?usage: gpu_session.sh OUT_DIR}
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
