@@ -8,8 +8,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cllora-setup.stamp
-# the environment's commands (flwr, torchrun, cllora) first, without activating it
-export PATH := $(abspath $(VENV))/bin:$(PATH)
+# the environment's commands (flwr, torchrun, cllora) first on the PATH of what runs in it,
+# without activating it (PYTHON itself is looked up on the caller's PATH)
+IN_VENV := PATH="$(abspath $(VENV))/bin:$$PATH"
 # pytest-xdist workers: CI has 2 cores and most tests use one; a test file stays on one worker
 # (its module fixtures are built once). PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
@@ -26,10 +27,10 @@ $(STAMP): pyproject.toml requirements.lock scripts/setup.sh scripts/lock.py
 	@touch $(STAMP)
 
 demo: setup
-	$(PY) -m cllora run examples/demo.yaml
+	$(IN_VENV) $(PY) -m cllora run examples/demo.yaml
 
 test: lint
-	$(PY) $(PYTEST)
+	$(IN_VENV) $(PY) $(PYTEST)
 
 lint: setup
 	$(PY) -m ruff check .
@@ -47,7 +48,7 @@ test-latest:
 	$(LATEST)/bin/python scripts/lock.py freeze $(LATEST).lock
 	$(LATEST)/bin/python -m ruff check .
 	$(LATEST)/bin/python -m ruff format --check .
-	PATH=$(abspath $(LATEST))/bin:$$PATH $(LATEST)/bin/python $(PYTEST)
+	PATH="$(abspath $(LATEST))/bin:$$PATH" $(LATEST)/bin/python $(PYTEST)
 	@echo "test-latest: passed on $$(date -u +%F) with $$($(LATEST)/bin/python scripts/lock.py versions)"
 
 # Upgrade the lock: the newest releases, the whole suite, then their versions become the lock.

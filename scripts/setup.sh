@@ -30,11 +30,13 @@ LATEST="${LATEST:-0}"
 PIP_FLAGS=(--disable-pip-version-check)
 
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "setup: creating the environment $VENV from $("$BASE" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
+  echo "setup: creating the environment $VENV from $("$BASE" -c 'import sys; print(getattr(sys, "_base_executable", sys.executable), sys.version.split()[0])')"
   if [ -n "${SYSTEM_SITE_PACKAGES:-}" ]; then
     "$BASE" -m venv --system-site-packages "$VENV"
   else
-    "$BASE" -m venv "$VENV" && touch "$VENV/.cllora-venv"
+    "$BASE" -m venv "$VENV"
+    # the mark of an environment held to the lock (not a LATEST=1 one, which differs from it)
+    [ "$LATEST" = 1 ] || touch "$VENV/.cllora-venv"
   fi
 fi
 PY="$VENV/bin/python"
