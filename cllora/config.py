@@ -107,8 +107,9 @@ class PartitionConfig:
     # "field": one client per distinct value of `field` (natural data owners);
     # "iid": records shuffled and dealt evenly to `num_clients` clients;
     # "dirichlet": `num_clients` clients whose length mix (alpha_len) and/or size (alpha_qty)
-    # are drawn from Dirichlet distributions (see cllora/data/partition.py).
-    method: Literal["field", "iid", "dirichlet"] = "field"
+    # are drawn from Dirichlet distributions (see cllora/data/partition.py);
+    # "pathological": client k holds length bucket k % B only (needs partition.pool > 0).
+    method: Literal["field", "iid", "dirichlet", "pathological"] = "field"
     field: str = "source"
     num_clients: int = 4
     # Dirichlet concentration of each client's mix over the length buckets (small = each
@@ -136,6 +137,16 @@ class PartitionConfig:
     max_train_per_client: int = 0
     max_test_per_client: int = 0
     max_global_test: int = 0
+    # Common random numbers for studies (cllora/data/pool.py). > 0: per seed, one training pool
+    # of this many samples, drawn with `seed` alone from the samples that fit data.max_length
+    # (none is truncated) and that are not held out; every run of the seed trains on exactly
+    # these samples, and partition settings only decide which client holds which. Clients
+    # have no own test sets (evaluate on the held-out set); `field` groups its values into
+    # `num_clients` clients. 0: the classic partition of all samples.
+    pool: int = 0
+    # Which draw of the allocation (pool mode): two runs that differ only here hold the same
+    # design drawn twice (an A/A negative control).
+    draw: int = 0
 
 
 @dataclass
@@ -155,6 +166,9 @@ class QualityConfig:
     strength: float = 0.5
     # Training samples per client scored by the base model (the label-free quality score).
     score_samples: int = 16
+    # true: the samples chosen for corruption are dropped instead (the client trains on its
+    # clean samples only): separates "noise hurts" from "fewer clean samples".
+    drop: bool = False
 
 
 @dataclass
@@ -313,6 +327,8 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.client_max_length": (lambda v: all(n >= 8 for n in v), "a list of integers >= 8"),
     "partition.alpha_len": (lambda v: v is None or v > 0, "a number > 0, or empty (off)"),
     "partition.alpha_qty": (lambda v: v is None or v > 0, "a number > 0, or empty (off)"),
+    "partition.pool": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "partition.draw": (lambda v: v >= 0, "an integer >= 0"),
     "partition.length_buckets": (
         lambda v: all(e >= 1 for e in v) and v == sorted(set(v)),
         "a strictly increasing list of integers >= 1",
@@ -471,6 +487,16 @@ def _check_measurement(cfg: Config) -> None:
     if p.method != "dirichlet" and (p.alpha_len is not None or p.alpha_qty is not None):
         raise ConfigError(
             f"partition.alpha_len / alpha_qty need partition.method=dirichlet (got {p.method!r})"
+        )
+    if p.method == "pathological" and not p.pool:
+        raise ConfigError(
+            "partition.method=pathological needs partition.pool > 0 (the common training pool "
+            "whose length buckets the clients take one each)"
+        )
+    if p.pool and not p.global_test_fraction:
+        raise ConfigError(
+            "partition.pool needs a held-out set: set partition.global_test_fraction > 0 "
+            "(clients in pool mode have no own test sets)"
         )
     if cfg.eval.local_global_samples and not p.global_test_fraction:
         raise ConfigError(

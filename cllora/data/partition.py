@@ -67,6 +67,8 @@ class Client:
     dropped: int = 0  # training samples dropped as longer than the window
     corruption_rate: float = 0.0  # the rate asked for
     corrupted: dict[str, int] = field(default_factory=dict)  # operator -> samples
+    discarded: int = 0  # corrupted training samples dropped (quality.drop)
+    tv_asked: float = float("nan")  # length skew asked for (pool mode; NaN: nothing asked)
 
     @property
     def train_tokens(self) -> int:
@@ -212,9 +214,14 @@ def client_sizes(n: int, k: int, alpha_qty: float | None, rng: np.random.Generat
 
 
 def deal_dirichlet(
-    samples: Sequence[Sample], cfg: PartitionConfig, edges: Sequence[int], seed: int
+    samples: Sequence[Sample],
+    cfg: PartitionConfig,
+    edges: Sequence[int],
+    seed: int,
+    mixes_out: list[np.ndarray] | None = None,
 ) -> dict[str, list[Sample]]:
-    """Length- and/or quantity-skewed clients (see the module docstring)."""
+    """Length- and/or quantity-skewed clients (see the module docstring); ``mixes_out``, when
+    given, receives the bucket mix drawn for each client (what was asked, before dealing)."""
     rng = np.random.default_rng(seed)
     k = cfg.num_clients
     buckets = [bucket_index(sample_length(s, cfg.length_measure), edges) for s in samples]
@@ -229,6 +236,8 @@ def deal_dirichlet(
     else:
         conc = np.maximum(cfg.alpha_len * n_buckets * prior, 1e-12)
         mixes = [_dirichlet(rng, conc) for _ in range(k)]
+    if mixes_out is not None:
+        mixes_out.extend(mixes)
     remaining = list(sizes)
     groups: list[list[Sample]] = [[] for _ in range(k)]
     order = [int(c) for c in rng.permutation(k)]

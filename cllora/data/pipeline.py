@@ -42,6 +42,7 @@ from typing import Any
 from cllora.config import Config
 from cllora.data.formatting import Sample, build_samples, overlong_message
 from cllora.data.partition import Client, apply_window, bucket_edges, make_clients, sample_length
+from cllora.data.pool import allocate, draw_pool, fitting, skew_report
 from cllora.data.quality import BOILERPLATE, CorruptionContext, client_rates, corrupt
 from cllora.data.readers import DataError, Malformed, load_records
 
@@ -167,6 +168,15 @@ def _corrupt_clients(cfg: Config, clients: list[Client], ctx: CorruptionContext)
             if len(c.train) < 2 and "swap" in cfg.quality.operators:
                 raise DataError(f"client {c.name!r}: swap needs at least 2 training samples")
             c.train, c.corrupted = corrupt(c.train, rate, cfg.quality, ctx, cfg.seed * 7 + i)
+            if cfg.quality.drop:
+                clean = [s for s in c.train if "corruption" not in s.meta]
+                if not clean:
+                    raise DataError(
+                        f"client {c.name!r}: quality.drop leaves no training sample (rate "
+                        f"{rate}); lower its quality.rates entry below 1"
+                    )
+                c.discarded = len(c.train) - len(clean)
+                c.train = clean
 
 
 def _window_clients(cfg: Config, clients: list[Client]) -> dict[str, int]:
@@ -197,12 +207,43 @@ def _measures(samples: list[Sample], measure: str) -> list[int]:
     return [sample_length(s, measure) for s in samples]
 
 
+def _pool_clients(cfg: Config, tokenizer: Any, samples: list[Sample], stats: dict) -> ClientData:
+    """Pool mode (``partition.pool`` > 0, :mod:`cllora.data.pool`): the held-out set and the
+    seed's training pool, both of samples that fit ``data.max_length``, then the allocation."""
+    part = cfg.partition
+    fits, excluded = fitting(samples, cfg.data.max_length)
+    rest, held = hold_out_global_test(fits, part.global_test_fraction, cfg.seed,
+                                      part.max_global_test)  # fmt: skip
+    pool = draw_pool(rest, part.pool, cfg.seed)
+    edges = bucket_edges(_measures(pool, part.length_measure), part.length_buckets,
+                         part.length_measure)  # fmt: skip
+    alloc = allocate(pool, part, cfg.seed, edges)
+    skew = skew_report(alloc, pool, edges, part.length_measure)
+    clients = [Client(name=n, train=list(g), window=cfg.data.max_length)
+               for n, g in alloc.groups.items()]  # fmt: skip
+    for c in clients:
+        c.tv_asked = skew[c.name]["asked"]
+    boiler = tokenizer.encode(BOILERPLATE, add_special_tokens=False)
+    _corrupt_clients(cfg, clients, CorruptionContext.from_samples(pool, boiler))
+    stats.update(excluded_overlong=excluded, pool=len(pool), global_test=len(held),
+                 length_buckets=edges, length_measure=part.length_measure,
+                 allocation=part.method, draw=part.draw)  # fmt: skip
+    log.info("data %s: %s", cfg.data.path, stats)
+    for c in clients:
+        log.info("client %s: %d train (skew asked %.2f, delivered %.2f), corrupted %s%s",
+                 c.name, len(c.train), skew[c.name]["asked"], skew[c.name]["delivered"],
+                 c.corrupted, f", {c.discarded} dropped" if c.discarded else "")  # fmt: skip
+    return ClientData(clients, edges, stats, held)
+
+
 def build_clients(cfg: Config, tokenizer: Any) -> ClientData:
     """The clients of a run, measured, partitioned, corrupted and windowed (see module doc)."""
     samples, stats = load_samples(cfg, tokenizer)
     for s in samples:
         s.meta["length"] = s.true_length  # the measured length, kept through corruption/windows
     part = cfg.partition
+    if part.pool:
+        return _pool_clients(cfg, tokenizer, samples, stats)
     measures = _measures(samples, part.length_measure)
     edges = bucket_edges(measures, part.length_buckets, part.length_measure)
     pool, held = hold_out_global_test(

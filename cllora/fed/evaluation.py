@@ -143,7 +143,11 @@ class Evaluator:
         results = self._initial(model) if round_idx == 0 else None
         if results is None:
             results = self._pass(model, f"eval round {round_idx}", shard=True)
-        records = {name: self._record(results, part) for name, part in self.slices.items()}
+        records = {
+            name: self._record(results, part)
+            for name, part in self.slices.items()
+            if part.stop > part.start
+        }  # fmt: skip  (pool mode: no own test sets)
         records[GLOBAL] = self._record(results, self.global_slice)
         bad = non_finite_values({k: v["loss"] for k, v in records.items() if v["tokens"]})
         if bad:  # nothing written: the run stops on its last good checkpoint
@@ -158,7 +162,8 @@ class Evaluator:
             "global_loss": records[GLOBAL]["loss"],
             "global_ppl": records[GLOBAL]["ppl"],
         }
-        row.update({f"loss[{c.name}]": records[c.name]["loss"] for c in self.clients})
+        row.update({f"loss[{c.name}]": records[c.name]["loss"] for c in self.clients
+                    if c.name in records})  # fmt: skip
         row.update(local_own=math.nan, local_global=math.nan)
         return row
 
@@ -166,7 +171,7 @@ class Evaluator:
         """The summary row of a round whose global model is not evaluated
         (``eval.global_rounds=last``): NaN losses."""
         row: dict[str, Any] = {"round": round_idx, "global_loss": math.nan, "global_ppl": math.nan}
-        row.update({f"loss[{c.name}]": math.nan for c in self.clients})
+        row.update({f"loss[{c.name}]": math.nan for c in self.clients if c.test})
         row.update(local_own=math.nan, local_global=math.nan)
         return row
 
@@ -188,18 +193,17 @@ class Evaluator:
         :class:`~cllora.fed.guards.NonFiniteError` (the caller fails that client)."""
         c = self.clients[client_idx]
         results = self._pass(model, f"eval local {c.name}", only=self._local_indices(c.name))
-        own = self._record(results, self.slices[c.name])
-        glob = self._record(results, self.local_global_slice)
-        bad = non_finite_values({OWN: own["loss"], GLOBAL: glob["loss"]})
+        sets = {OWN: self._record(results, self.slices[c.name]),
+                GLOBAL: self._record(results, self.local_global_slice)}  # fmt: skip
+        sets = {test: rec for test, rec in sets.items() if rec["tokens"]}  # no own set: pool mode
+        bad = non_finite_values({test: rec["loss"] for test, rec in sets.items()})
         if bad:
             raise NonFiniteError(
-                f"the local model of {c.name} evaluates to a non-finite loss (own test "
-                f"{own['loss']}, global test {glob['loss']})"
+                f"the local model of {c.name} evaluates to a non-finite loss on "
+                + ", ".join(f"{test} test {rec['loss']}" for test, rec in sets.items())
             )
-        return [
-            LocalEval(round=round_idx, client=c.name, test=test, **rec)
-            for test, rec in ((OWN, own), (GLOBAL, glob))
-        ]
+        return [LocalEval(round=round_idx, client=c.name, test=test, **rec)
+                for test, rec in sets.items()]  # fmt: skip
 
     def generation(self, model: Any, tokenizer: Any, round_idx: int) -> Generation | None:
         """The global model's greedy answers to the first ``eval.generate_samples`` samples of

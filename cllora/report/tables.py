@@ -13,10 +13,13 @@ Columns of a row: ``client``, ``train_samples``, ``test_samples``, ``train_token
 corruption and windows), ``sentences`` (in the training responses as trained, i.e. decoded after
 corruption and windows, by :func:`cllora.data.sentences.count_sentences`),
 ``sentences_per_sample``, ``window``, ``truncated``, ``dropped``, ``corruption_rate`` (asked),
-``corrupted`` (fraction actually corrupted), ``operators``, ``quality`` (1 / base-model ppl of
+``corrupted`` (fraction actually corrupted), ``discarded`` (corrupted samples dropped,
+``quality.drop``), ``operators``, ``quality`` (1 / base-model ppl of
 the responses; empty when not scored), ``tv_len`` (total-variation distance between the client's
 length-bucket histogram and the global one: 0 = same mix, 1 = disjoint) and ``hist`` (the
-client's bucket shares). ``tv_len`` and ``hist`` use the buckets of ``measure``
+client's bucket shares, ``bucket_counts`` its samples per bucket; ``tv_asked`` the skew the
+allocation asked for, NaN when it asked none, :mod:`cllora.data.pool`). ``tv_len`` and
+``hist`` use the buckets of ``measure``
 (``partition.length_measure``: token lengths, or the responses' sentence counts as measured
 before corruption and windows; labels ``<3sent``, ...); the ``len_*`` columns are always tokens.
 """
@@ -75,11 +78,16 @@ def client_table(
                 "truncated": c.truncated,
                 "dropped": c.dropped,
                 "corruption_rate": c.corruption_rate,
-                "corrupted": n_bad / len(c.train),
+                "corrupted": n_bad / (len(c.train) + c.discarded),
+                "discarded": c.discarded,
                 "operators": " ".join(f"{k}:{v}" for k, v in c.corrupted.items() if v),
                 "quality": (quality or {}).get(c.name, float("nan")),
                 "tv_len": float(0.5 * np.abs(hist - global_hist).sum()),
+                "tv_asked": c.tv_asked,
                 "hist": " ".join(f"{lab}:{h:.2f}" for lab, h in zip(labels, hist, strict=True)),
+                "bucket_counts": " ".join(
+                    f"{lab}:{round(h * len(c.train))}" for lab, h in zip(labels, hist, strict=True)
+                ),
             }
         )
     return rows
