@@ -29,19 +29,24 @@ makes cells of a seed agree exactly at round 0 on the samples they share.
 **Damage.** Each file repeats its keys and the sample's target count; a file that cannot be
 read, or whose keys or count do not match, is reported (one warning) and evaluated again, and
 the fresh value replaces it. Files are written to a temporary name and renamed, so runs in
-parallel can share one directory.
+parallel can share one directory. A lookup holds an exclusive ``flock`` on the model's directory
+(``<model>/.lock``) while it reads, evaluates what is missing and stores it: two cells of a new
+seed that start together evaluate the initial model once (the second waits, then reads it all
+from the cache) instead of both missing it.
 
 Only a single process uses it: under torchrun the sharded global evaluation ignores the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +96,18 @@ class LossCache:
         self.root = Path(root)
         self.hits = self.misses = 0
 
+    @contextlib.contextmanager
+    def _locked(self, model_key: str) -> Iterator[None]:
+        """Hold the model directory's lock: one process at a time looks up and fills it."""
+        lock = self.root / model_key[:32] / ".lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     def _path(self, model_key: str, sample_key: str, prefix: str = "") -> Path:
         return self.root / model_key[:32] / f"{prefix}{sample_key[:32]}.json"
 
@@ -135,6 +152,10 @@ class LossCache:
         """:func:`cllora.eval.evaluate_samples`, reading the samples this model has already
         evaluated from the cache and adding the others to it."""
         model_key = model_fingerprint(model)
+        with self._locked(model_key):
+            return self._evaluate(model, model_key, samples, pad_id, batch_size, desc, progress)
+
+    def _evaluate(self, model, model_key, samples, pad_id, batch_size, desc, progress):
         keys = [sample_fingerprint(s) for s in samples]
         out: list[EvalResult | None] = [
             self._read(self._path(model_key, k), model_key, k, _targets(s))
@@ -165,6 +186,12 @@ class LossCache:
         """:func:`cllora.generation.generate_answers` of this model, reading the answers it
         already gave to these prompts (same tokenizer, same ``max_new_tokens``) from the cache."""
         model_key = model_fingerprint(model)
+        with self._locked(model_key):
+            return self._generate(model, model_key, tokenizer, samples, max_new_tokens,
+                                  batch_size, desc, progress)  # fmt: skip
+
+    def _generate(self, model, model_key, tokenizer, samples, max_new_tokens, batch_size, desc,
+                  progress):  # fmt: skip
         setting = f"{getattr(tokenizer, 'name_or_path', '')} {len(tokenizer)} {max_new_tokens}"
         keys = [sample_fingerprint(s) for s in samples]
         paths = [self._path(model_key, k, f"answer-{max_new_tokens}-") for k in keys]

@@ -108,3 +108,45 @@ def test_sweep_cells_share_the_round_0_evaluation(tmp_path, caplog):
     off = _sweep_file(tmp_path, {"train.lr": [0.001]}, eval__base_cache="''")
     assert main(["sweep", off, "sweep.name=nocache"]) == 0
     assert not (tmp_path / "nocache" / "base_cache").exists()
+
+
+_RACER = """
+import sys, time, torch
+from cllora.config import ModelConfig
+from cllora.data.formatting import IGNORE_INDEX, Sample
+from cllora.eval_cache import LossCache
+from cllora.model.load import load_model
+model, _ = load_model(ModelConfig(name="tiny-llama", dtype="fp32"), seed=0)
+g = torch.Generator().manual_seed(1)
+samples = []
+for k in range(12):
+    ids = torch.randint(3, 200, (40 + 3 * k,), generator=g).tolist()
+    samples.append(Sample(ids, [IGNORE_INDEX] * 3 + ids[3:]))
+start = float(sys.argv[2])
+while time.time() < start:  # both processes look up the cache at the same moment
+    time.sleep(0.005)
+cache = LossCache(sys.argv[1])
+cache.evaluate_samples(model.eval(), samples, pad_id=0, batch_size=2)
+print(cache.hits, cache.misses)
+"""
+
+
+def test_two_cells_starting_together_evaluate_the_initial_model_once(tmp_path):
+    """The shared round-0 cache is locked per model: the second of two processes that start at
+    once waits for the first and reads everything (no ~1,400 CPU-s lost per sweep)."""
+    import subprocess
+    import sys
+    import time
+
+    start = str(time.time() + 20)  # after both have imported torch and built the model
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(tmp_path / "c"), start],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = sorted(tuple(map(int, p.communicate(timeout=300)[0].split())) for p in procs)
+    assert all(p.returncode == 0 for p in procs)
+    assert outs == [(0, 12), (12, 0)], outs  # one evaluated all 12, the other read all 12
