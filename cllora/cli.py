@@ -247,6 +247,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
         from cllora.report.html import make_report
 
         print(f"report: {make_report(Path(args.directory))}")
+        study = Path(args.directory) / "report" / "study.md"
+        if (Path(args.directory) / "study.yaml").is_file() and study.is_file():
+            print(f"\n{study.read_text(encoding='utf-8')}")  # controls, primary, exploratory
         return 0
     path, overrides = _split_args(args.args)
     if args.command == "run" and args.resume:
@@ -268,7 +271,8 @@ def _run(cfg, resume: Path | None = None) -> int:
     result = run_experiment(cfg, resume)
     cfg = result.config
     print()
-    n_clients = sum(k.startswith("loss[") for k in result.rows[0])
+    clients_csv = Path(result.run_dir) / "clients.csv"  # pool mode has no loss[client] columns
+    n_clients = len(clients_csv.read_text().splitlines()) - 1 if clients_csv.is_file() else 0
     print(f"Federated LoRA: {cfg.model.name}, {n_clients} clients, {cfg.fed.rounds} rounds")
     print(result.table)
     first, last = result.rows[0]["global_loss"], result.final_global_loss

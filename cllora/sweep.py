@@ -92,6 +92,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -118,6 +119,8 @@ RESULT_COLUMNS = ("cell", "round", "model", "client", "test", "bucket", "loss", 
 SET_BY_SWEEP = ("out_dir", "run_name")
 MAX_NAME = 200
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+,-]")
+_ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+ARM_KEY = "arm"  # the cell value naming a cell's arm (sweep.arms)
 _HASH_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 
 
@@ -136,6 +139,7 @@ class Sweep:
     keys: list[str]
     cells: list[Cell] = field(default_factory=list)
     out_dir: Path | None = None
+    study: dict[str, Any] | None = None  # sweep.study: the declared endpoints (cllora.report.study)
 
 
 # --- cell names -------------------------------------------------------------------------------
@@ -227,12 +231,17 @@ def _read_spec(path: Path) -> tuple[dict, dict]:
     return loaded, spec
 
 
+SPEC_KEYS = ("name", "grid", "arms", "study")
+
+
 def _check_spec(path: Path, spec: dict) -> None:
-    unknown = set(spec) - {"name", "grid"}
+    unknown = set(spec) - set(SPEC_KEYS)
     if unknown:
         raise ConfigError(
-            f"{path}: unknown sweep setting(s) {sorted(map(str, unknown))}; allowed: name, grid"
+            f"{path}: unknown sweep setting(s) {sorted(map(str, unknown))}; allowed: "
+            + ", ".join(SPEC_KEYS)
         )
+    _check_arms(path, spec.get("arms"))
     grid = spec.get("grid")
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(f"{path}: sweep.grid must map config keys to lists of values")
@@ -244,6 +253,31 @@ def _check_spec(path: Path, spec: dict) -> None:
             if canonical(v) in seen:
                 raise ConfigError(f"{path}: sweep.grid.{key} lists {v!r} twice; remove one")
             seen[canonical(v)] = v
+
+
+def _check_arms(path: Path, arms: Any) -> None:
+    """``sweep.arms``: arm name -> {dotted config key: value}; distinct names and settings."""
+    if arms is None:
+        return
+    if not isinstance(arms, dict) or not arms:
+        raise ConfigError(f"{path}: sweep.arms must map arm names to {{config key: value}}")
+    seen: dict[str, str] = {}
+    for name, settings in arms.items():
+        if not isinstance(name, str) or not _ARM_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{path}: sweep.arms name {name!r}: use letters, digits, '.', '_' and '-' only"
+            )
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{path}: sweep.arms.{name} must map config keys to values")
+        for key in settings:
+            check_grid_key(key)
+        other = seen.setdefault(canonical(settings), name)
+        if other != name:
+            raise ConfigError(
+                f"{path}: sweep.arms {other} and {name} set the same values, so they would be "
+                "one experiment under two names; remove one (an A/A control differs in "
+                "partition.draw)"
+            )
 
 
 def _apply_sweep_overrides(path: Path, spec: dict, items: list[str]) -> dict:
@@ -332,13 +366,20 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _make_cell(base: dict, root: Path, raw: dict[str, Any]) -> Cell:
-    """The cell of grid values ``raw``: its config, values as the config holds them, name."""
+def _make_cell(
+    base: dict, root: Path, raw: dict[str, Any], arm: tuple[str, dict] | None = None
+) -> Cell:
+    """The cell of grid values ``raw`` (and of ``arm``: its name and settings, which come
+    before the grid values): its config, values as the config holds them, name."""
     cells_dir = str(root / "cells")
-    label = _label(raw)
+    label = _label({**raw, **({ARM_KEY: arm[0]} if arm else {})})
+    settings = _nest(arm[1]) if arm else {}
     try:
+        base = _deep_update(base, settings)
         probe = config_from_dict(_deep_update(base, {**_nest(raw), "out_dir": cells_dir}))
         values = {k: _plain(get_key(probe, k)) for k in raw}
+        if arm:
+            values[ARM_KEY] = arm[0]
         name = cell_name(values)
         updates = {**_nest(raw), "out_dir": cells_dir, "run_name": name}
         cfg = config_from_dict(_deep_update(base, updates))
@@ -346,7 +387,7 @@ def _make_cell(base: dict, root: Path, raw: dict[str, Any]) -> Cell:
             cfg.eval.base_cache = str(root / "base_cache")
     except ConfigError as err:
         raise ConfigError(f"sweep cell {label}: {err}") from None
-    return Cell(name, values, cfg, raw)
+    return Cell(name, values, cfg, {**raw, **({ARM_KEY: arm[0]} if arm else {})})
 
 
 def _check_distinct(cells: list[Cell]) -> None:
@@ -379,9 +420,13 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     probe = config_from_dict(base)
     name = spec.get("name")
     root = sweep_root(probe.out_dir, path.stem if name is None or name == "" else name)
-    sweep = Sweep(name=root.name, root=root, keys=list(grid), out_dir=Path(probe.out_dir))
+    arms: list[tuple[str, dict] | None] = list((spec.get("arms") or {}).items()) or [None]
+    keys = [*grid, *([ARM_KEY] if arms[0] else [])]
+    sweep = Sweep(name=root.name, root=root, keys=keys, out_dir=Path(probe.out_dir),
+                  study=spec.get("study"))  # fmt: skip
     for combo in itertools.product(*grid.values()):
-        sweep.cells.append(_make_cell(base, root, dict(zip(grid, combo, strict=True))))
+        for arm in arms:  # innermost: a seed's arms run together
+            sweep.cells.append(_make_cell(base, root, dict(zip(grid, combo, strict=True)), arm))
     _check_distinct(sweep.cells)
     return sweep
 
@@ -587,11 +632,40 @@ def _write_spec(sweep: Sweep) -> None:
     tmp.replace(path)
 
 
+STUDY_FILE = "study.yaml"  # <sweep>/study.yaml: the declared endpoints, frozen at the start
+
+
+def declare_study(sweep: Sweep) -> None:
+    """Freeze ``sweep.study`` (the declared endpoints) in ``<sweep>/study.yaml`` with the time
+    it was declared. Once a cell has finished, a different declaration is refused: endpoints
+    chosen after seeing results are not declared (a new declaration is a new sweep.name)."""
+    if not sweep.study:
+        return
+    path = sweep.root / STUDY_FILE
+    if path.is_file():
+        frozen = read_yaml(path, "study declaration") or {}
+        if canonical(frozen.get("study")) == canonical(_plain(sweep.study)):
+            return
+        if any(is_done(c) for c in sweep.cells):
+            raise ConfigError(
+                f"{path}: sweep.study differs from the declaration frozen at "
+                f"{frozen.get('declared_at', '?')} and cells have finished since; endpoints "
+                "changed after results exist are not declared: restore the declaration, or run "
+                "the new one as a new study (another sweep.name)"
+            )
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump({"declared_at": stamp, "study": _plain(sweep.study)},
+                                  sort_keys=False))  # fmt: skip
+    tmp.replace(path)
+
+
 def run_sweep(sweep: Sweep, check: bool = True) -> Path:
     """Run every unfinished cell no other process holds, in order; rewrite ``results.csv``
     after each; return it."""
     check_cell_dirs(sweep)  # before anything is written: a foreign directory stops the sweep
     sweep.root.mkdir(parents=True, exist_ok=True)
+    declare_study(sweep)
     _write_spec(sweep)
     if check:
         check_cells(sweep)

@@ -236,7 +236,7 @@ def _final(records: list[dict[str, Any]]) -> dict[str, Any]:
         "global": final["loss"],
         "global_round0": glob[0]["loss"],
         "global_change": final["loss"] - glob[0]["loss"],
-        "global_on_own": sum(per_client) / len(per_client),
+        "global_on_own": sum(per_client) / len(per_client) if per_client else math.nan,
         "local_own": sum(own) / len(own) if own else math.nan,
         "local_global": sum(on_glob) / len(on_glob) if on_glob else math.nan,
         "buckets": {k: b["loss"] for k, b in final.get("buckets", {}).items()},
@@ -335,6 +335,37 @@ def _headline(spec: dict[str, Any], n_done: int) -> str:
     return f"<p class='lead'><b>{done}</b> Grid: {grid}.</p>"
 
 
+def _md_rows(block: str) -> list[dict[str, Any]]:
+    """The rows of a markdown table (the study's blocks) as dicts for :func:`_table`."""
+    lines = [ln.strip().strip("|").split(" | ") for ln in block.splitlines() if ln.startswith("|")]
+    head, body = lines[0], lines[2:]
+
+    def clean(v: str) -> str:
+        return v.strip().replace("**", "").replace("`", "")
+
+    return [{h.strip(): clean(v) for h, v in zip(head, row, strict=True)} for row in body]
+
+
+def _study_section(root: Path, out: Path) -> list[str]:
+    """A study sweep (``study.yaml``): its controls, primary and exploratory endpoints, apart
+    (:mod:`cllora.report.study`; also ``report/study.md`` and ``report/study.csv``)."""
+    if not (root / "study.yaml").is_file():
+        return []
+    from cllora.report.study import analyse_study, study_blocks, write_study
+
+    study = analyse_study(root)
+    write_study(study, out)
+    b = study_blocks(study)
+    status = b["controls"].split("\n\n", 1)[0].replace("**", "")
+    return [
+        "<h2>Study: the instrument (controls)</h2>", f"<p>{html.escape(b['header'])}</p>",
+        f"<p><b>{html.escape(status)}</b></p>", _table(_md_rows(b["controls"].split("\n\n", 1)[1])),
+        "<h2>Study: primary endpoints (Holm over the family)</h2>", _table(_md_rows(b["primary"])),
+        "<h2>Study: exploratory (no correction)</h2>", _table(_md_rows(b["exploratory"])),
+        "<h2>Study: length skew asked and delivered</h2>", _table(_md_rows(b["skew"])),
+    ]  # fmt: skip
+
+
 def sweep_report(root: Path) -> Path:
     """Every finished cell's run report, then the sweep's plots and ``report/report.html``."""
     spec = yaml.safe_load((root / "sweep.yaml").read_text())
@@ -346,7 +377,8 @@ def sweep_report(root: Path) -> Path:
         if (run_dir / "summary.csv").is_file():
             run_report(run_dir)
             cells.append((c, _final(read_metrics(run_dir / "metrics.jsonl"))))
-    parts = [_headline(spec, len(cells)), *_effects_section(root, spec, [c for c, _ in cells])]
+    parts = [_headline(spec, len(cells)), *_study_section(root, out),
+             *_effects_section(root, spec, [c for c, _ in cells])]  # fmt: skip
     for knob in [k for k in spec["keys"] if k != "seed"]:
         points: dict[Any, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         buckets: dict[Any, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
