@@ -1,10 +1,11 @@
 """Every file under ``examples/`` builds: configs validate, every sweep cell's config validates,
-and the GPU study script's overrides validate on the study's sweep files (no data is read)."""
+and the GPU study script plans three model sizes of the study's design (no data is read)."""
 
 from __future__ import annotations
 
-import re
-import shlex
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,20 +27,31 @@ def test_every_example_config_validates(path):
         load_config(str(path))
 
 
-def _gpu_overrides(tmp_path: Path) -> list[str]:
-    text = (ROOT / "examples" / "study" / "gpu.sh").read_text()
-    block = re.search(r"^COMMON=\((.*?)^\)", text, re.S | re.M)
-    assert block, "gpu.sh has no COMMON=( ... ) block"
-    words = shlex.split(block.group(1), comments=True)
-    subst = {"$MODEL": "smollm2-135m", "$OUT": str(tmp_path)}
-    return [re.sub(r"\$MODEL|\$OUT", lambda m: subst[m.group(0)], w) for w in words]
+def _gpu(tmp_path: Path, *models: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(
+        ["bash", str(ROOT / "examples" / "study" / "gpu.sh"), "--plan-only", str(tmp_path),
+         *models],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["length", "quality", "sentences"])
-def test_the_gpu_study_overrides_validate_on_every_study_sweep(tmp_path, name):
-    sweep = load_sweep(ROOT / "examples" / "study" / f"{name}.yaml", _gpu_overrides(tmp_path))
-    seeds = {c.cfg.seed for c in sweep.cells}
-    cfg = sweep.cells[0].cfg
-    assert seeds == {0, 1, 2, 3, 4} and len(sweep.cells) == 15
-    assert cfg.fed.rounds >= 20 and cfg.partition.max_train_per_client >= 100
-    assert cfg.partition.max_global_test >= 100
+def test_the_gpu_study_plans_three_sizes_of_the_same_design(tmp_path):
+    run = _gpu(tmp_path, "tiny-llama", "tiny-llama", "tiny-llama")
+    assert run.returncode == 0, run.stderr
+    estimates = [ln for ln in run.stdout.splitlines() if "GPU hours" in ln]
+    assert len(estimates) == 3 and all("ms per step" in ln for ln in estimates)
+    spec = yaml.safe_load((tmp_path / "crn-gpu.yaml").read_text())
+    crn = yaml.safe_load((ROOT / "examples" / "study" / "crn.yaml").read_text())
+    assert spec["sweep"]["study"] == crn["sweep"]["study"]  # the same frozen endpoints
+    assert spec["sweep"]["arms"].keys() == crn["sweep"]["arms"].keys()
+    sweep = load_sweep(tmp_path / "crn-gpu.yaml", ["model.name=smollm2-135m"])
+    cfg = {c.values["arm"]: c.cfg for c in sweep.cells if c.values["seed"] == 0}
+    steps = {a: c.fed.rounds * c.train.local_steps for a, c in cfg.items()}
+    assert len(set(steps.values())) == 1, steps  # few vs many local steps at equal totals
+    assert cfg["iid"].partition.pool >= 800 and cfg["iid"].data.max_length >= 1024
+
+
+def test_the_gpu_study_needs_three_sizes(tmp_path):
+    run = _gpu(tmp_path, "tiny-llama", "tiny-llama")
+    assert run.returncode == 2 and "at least three model directories" in run.stderr
