@@ -101,6 +101,16 @@ def _mix(buckets: Sequence[int], n_buckets: int) -> np.ndarray:
     return counts / max(1.0, counts.sum())
 
 
+def _by_bucket(
+    pool: Sequence[Sample], cfg: PartitionConfig, edges: Sequence[int]
+) -> dict[int, list[Sample]]:
+    """The pool's samples per length bucket, every bucket present, in bucket order."""
+    out: dict[int, list[Sample]] = {b: [] for b in range(len(edges) + 1)}
+    for s in pool:
+        out[bucket_index(sample_length(s, cfg.length_measure), edges)].append(s)
+    return out
+
+
 def _pathological(
     pool: Sequence[Sample], cfg: PartitionConfig, edges: Sequence[int], rng: random.Random
 ) -> tuple[dict[str, list[Sample]], dict[str, np.ndarray]]:
@@ -116,10 +126,7 @@ def _pathological(
             f"{n_buckets} clients (one per bucket) or fewer partition.length_buckets"
         )
     groups: dict[str, list[Sample]] = {name: [] for name in names}
-    by_bucket: dict[int, list[Sample]] = {b: [] for b in range(n_buckets)}
-    for s in pool:
-        by_bucket[bucket_index(sample_length(s, cfg.length_measure), edges)].append(s)
-    for b, samples in by_bucket.items():
+    for b, samples in _by_bucket(pool, cfg, edges).items():
         order = list(samples)
         rng.shuffle(order)
         for j, s in enumerate(order):
@@ -135,14 +142,9 @@ def _stratified(
     round-robin, continuing where the last bucket stopped (sizes differ by at most one)."""
     names = _names(cfg.num_clients)
     groups: dict[str, list[Sample]] = {name: [] for name in names}
-    by_bucket: dict[int, list[Sample]] = {}
-    for s in pool:
-        by_bucket.setdefault(bucket_index(sample_length(s, cfg.length_measure), edges), []).append(
-            s
-        )
     j = rng.randrange(len(names))
-    for b in sorted(by_bucket):
-        order = list(by_bucket[b])
+    for samples in _by_bucket(pool, cfg, edges).values():  # an empty bucket draws nothing
+        order = list(samples)
         rng.shuffle(order)
         for s in order:
             groups[names[j % len(names)]].append(s)

@@ -345,7 +345,8 @@ def _cells(sweep_dir: Path) -> tuple[dict[tuple[Any, str], Path], list[str]]:
         arm = values.get("arm")
         if arm is None:
             raise DataError(f"{sweep_dir}: a study sweep needs sweep.arms (cell {c['name']})")
-        arms.append(arm) if arm not in arms else None
+        if arm not in arms:
+            arms.append(arm)
         run_dir = sweep_dir / "cells" / c["name"]
         if (run_dir / "summary.csv").is_file() and (run_dir / FILE_NAME).is_file():
             cells[(values.get("seed"), arm)] = run_dir
@@ -379,10 +380,12 @@ def _test_rows(rows: Sequence[Row], values: dict[str, list[float]], seeds: dict[
     tests = [seed_test(values[r.id], decl.margin) for r in rows]
     ps = [_p_of(r, t) if t.n >= 2 else 1.0 for r, t in zip(rows, tests, strict=True)]
     adjusted = holm(ps) if family else ps
+    ps = [p if t.n >= 2 else math.nan for p, t in zip(ps, tests, strict=True)]
+    adjusted = [p if t.n >= 2 else math.nan for p, t in zip(adjusted, tests, strict=True)]
     levels = holm_levels(ps, decl.alpha) if family else [decl.alpha] * len(ps)
     out = []
     for r, t, p, p_adj, level in zip(rows, tests, ps, adjusted, levels, strict=True):
-        rejected = p_adj < decl.alpha
+        rejected = bool(p_adj < decl.alpha)  # NaN (too few seeds): not rejected
         adj = (
             t.interval(1 - level, _sides(r))
             if r.test != "equivalent"
@@ -457,11 +460,15 @@ def analyse_study(sweep_dir: str | Path) -> Study:
 
 
 def _f(x: float) -> str:
-    return "—" if not math.isfinite(x) else f"{x:+.4f}"
+    if math.isinf(x):
+        return "+inf" if x > 0 else "-inf"
+    return "—" if math.isnan(x) else f"{x:+.4f}"
 
 
 def _interval(lo: float, hi: float) -> str:
-    return f"[{_f(lo)}, {_f(hi)}]".replace("[—", "(-inf").replace("—]", "+inf)")
+    if math.isnan(lo) or math.isnan(hi):
+        return "—"
+    return f"{'(' if math.isinf(lo) else '['}{_f(lo)}, {_f(hi)}{')' if math.isinf(hi) else ']'}"
 
 
 def _p(x: float) -> str:
@@ -522,7 +529,7 @@ def study_blocks(study: Study) -> dict[str, str]:
                              "delivered, per client"], lines)  # fmt: skip
     seeds = sorted({s for r in study.results for s in r.seeds}, key=str)
     blocks["header"] = (
-        f"Declared {d.declared_at} (`study.yaml`, frozen before the first cell ran); seeds "
+        f"Declared {d.declared_at} (`study.yaml`: frozen before any cell finished); seeds "
         f"{', '.join(map(str, seeds))}; alpha = {d.alpha:g}; equivalence margin ±{d.margin:g} "
         "nats per token. Effects are arm minus comparison, in nats per token (negative = "
         "better), the mean of the per-seed paired effects on the held-out set."
