@@ -417,7 +417,13 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     base = _deep_update(base, parse_overrides([o for o in overrides or [] if o not in mine]))
     grid: dict[str, list] = spec["grid"]
     _check_grid_keys(grid)
-    probe = config_from_dict(base)
+    # The base alone need not be a valid config: a grid or an arm may supply what it lacks
+    # (partition.method=dirichlet in the file, partition.alpha_len in the grid); each cell's
+    # resolved config is validated below, and out_dir is the only thing read here.
+    out_dir = base.get("out_dir") or Config().out_dir
+    if not isinstance(out_dir, str) or not out_dir.strip():
+        raise ConfigError(f"config key 'out_dir': got {out_dir!r}; give a directory such as runs")
+    probe = dataclasses.replace(Config(), out_dir=out_dir)
     name = spec.get("name")
     root = sweep_root(probe.out_dir, path.stem if name is None or name == "" else name)
     arms: list[tuple[str, dict] | None] = list((spec.get("arms") or {}).items()) or [None]

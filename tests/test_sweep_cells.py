@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -261,3 +262,18 @@ def test_a_cell_claimed_by_another_process_is_passed_over_until_that_process_die
     results = run_sweep(sweep, check=False)
     assert is_done(first)
     assert {r["cell"] for r in csv.DictReader(results.open())} == {first.name, second.name}
+
+
+def test_a_grid_may_supply_what_the_base_file_lacks(tmp_path):
+    """The base file is not validated alone: partition.method=dirichlet with its only
+    parameter in the grid builds; a cell that stays invalid is refused, named."""
+    path = _spec_file(tmp_path, {"partition.alpha_len": [0.1, 100.0]})
+    spec = yaml.safe_load(Path(path).read_text())
+    spec["partition"]["method"] = "dirichlet"
+    Path(path).write_text(yaml.safe_dump(spec))
+    sweep = load_sweep(path)
+    assert [c.cfg.partition.alpha_len for c in sweep.cells] == [0.1, 100.0]
+    spec["sweep"]["grid"] = {"seed": [0, 1]}
+    Path(path).write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=r"sweep cell seed=0: partition\.method=dirichlet needs"):
+        load_sweep(path)
