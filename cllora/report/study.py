@@ -32,7 +32,13 @@ samples in every arm of a seed, at the last round):
 - ``global-minus-local``: ``global`` minus ``local-own-gain``; its contrast between two arms is
   the interaction "moves the global model more than local training".
 - ``worst-client``: the global model's loss on the worst-off client's own distribution (the
-  bucket mix of its training samples), the maximum over clients.
+  bucket mix of its training samples), the maximum over clients. Between arms whose clients hold
+  different mixes this compares different data (under ``pathological`` the worst client holds
+  the hardest bucket alone, under ``iid`` every client holds the mix), so its contrast measures
+  the partition as much as the model; ``worst-client-paired`` is the model effect.
+- ``worst-client-paired``: the global model's loss on the mix of the row's ``arm``'s worst-off
+  client, the same mix for both sides of the contrast: "does this federation serve its worst-off
+  client worse than the other would serve the same data?".
 - ``corrupted-minus-clean`` (one arm): the mean local model of clients with a corruption rate > 0
   minus that of clean clients, on the held-out set.
 - ``own-minus-other`` (one arm): per client, on its own buckets, its local model's loss minus
@@ -186,6 +192,14 @@ def _worst_client(cell: CellData, ids: set[str]) -> float:
     return max(_weighted(share, per_bucket) for share in cell.shares.values())
 
 
+def _worst_client_paired(cell: CellData, ids: set[str], clients: CellData) -> float:
+    """The global model of ``cell`` on the data mix of the worst-off client of ``clients`` (the
+    row's ``arm``): both arms of a contrast are scored on the same client's mix."""
+    own = _by_bucket(clients, clients.global_loss, ids)
+    worst = max(clients.shares.values(), key=lambda share: _weighted(share, own))
+    return _weighted(worst, _by_bucket(cell, cell.global_loss, ids))
+
+
 def _corrupted_minus_clean(cell: CellData, ids: set[str]) -> float:
     ids = _local_ids(cell, ids)
     bad = [_loss(v, ids) for c, v in cell.local.items() if cell.corruption.get(c, 0) > 0]
@@ -213,6 +227,11 @@ ENDPOINTS: dict[str, Callable[[CellData, set[str]], float]] = {
     "worst-client": _worst_client,
     "corrupted-minus-clean": _corrupted_minus_clean,
     "own-minus-other": _own_minus_other,
+}
+# Endpoints that score a cell's models on the clients of the row's arm (its first cell), so that
+# both sides of a contrast read the same data mix.
+ON_ARM_CLIENTS: dict[str, Callable[[CellData, set[str], CellData], float]] = {
+    "worst-client-paired": _worst_client_paired,
 }
 
 
@@ -268,10 +287,9 @@ def _row(role: str, spec: Any, arms: Sequence[str]) -> Row:
               arm=spec.get("arm"), vs=spec.get("vs"), arm2=spec.get("arm2"),
               vs2=spec.get("vs2"), endpoint=spec.get("endpoint"), test=test,
               expect=spec.get("expect"))  # fmt: skip
-    if row.endpoint not in ENDPOINTS:
-        raise DataError(
-            f"study row {row.id}: endpoint {row.endpoint!r}; allowed: {', '.join(ENDPOINTS)}"
-        )
+    if row.endpoint not in ENDPOINTS and row.endpoint not in ON_ARM_CLIENTS:
+        allowed = ", ".join([*ENDPOINTS, *ON_ARM_CLIENTS])
+        raise DataError(f"study row {row.id}: endpoint {row.endpoint!r}; allowed: {allowed}")
     if row.test not in TESTS:
         raise DataError(f"study row {row.id}: test {row.test!r}; allowed: {', '.join(TESTS)}")
     missing = [a for a in row.arms if a not in arms]
@@ -418,6 +436,13 @@ def _skew(cells: dict[tuple[Any, str], Path], arms: Sequence[str]) -> list[dict[
     return out
 
 
+def _endpoint(name: str, arm: CellData) -> Callable[[CellData, set[str]], float]:
+    if name in ON_ARM_CLIENTS:
+        paired = ON_ARM_CLIENTS[name]
+        return lambda cell, ids: paired(cell, ids, arm)
+    return ENDPOINTS[name]
+
+
 def analyse_study(sweep_dir: str | Path) -> Study:
     """Every declared row of a study sweep, from its finished cells (see the module doc)."""
     sweep_dir = Path(sweep_dir)
@@ -436,15 +461,16 @@ def analyse_study(sweep_dir: str | Path) -> Study:
     used: dict[str, list] = {}
     for row in decl.rows:
         values[row.id], used[row.id] = [], []
-        fn = ENDPOINTS[row.endpoint]
         for seed in seeds:
             if any((seed, a) not in cells for a in row.arms):
                 continue
             ids = set.intersection(*(set(cell(seed, a).global_loss) for a in row.arms))
+            fn = _endpoint(row.endpoint, cell(seed, row.arm))
             v = fn(cell(seed, row.arm), ids)
             if row.vs:
                 v -= fn(cell(seed, row.vs), ids)
             if row.arm2:
+                fn = _endpoint(row.endpoint, cell(seed, row.arm2))
                 v2 = fn(cell(seed, row.arm2), ids)
                 v -= v2 - (fn(cell(seed, row.vs2), ids) if row.vs2 else 0.0)
             values[row.id].append(v)

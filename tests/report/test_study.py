@@ -60,6 +60,7 @@ def _study(tmp_path, effects: dict[str, float], noise: float, declaration: dict,
     cells = []
     for seed in range(seeds):
         base = rng.uniform(1.5, 3.0, N)  # sample difficulty, shared by the arms of a seed
+        base[::2] += 0.5  # the long bucket (even samples) is harder
         for arm in arms:
             shift = effects.get(arm, 0.0) + rng.normal(0.0, noise)
             local = [base + shift + 0.2 + rng.normal(0, 0.01, N) for _ in CLIENTS]
@@ -240,3 +241,24 @@ def test_arms_are_checked_before_anything_runs(tmp_path):
     Path(path).write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="not a config key"):
         load_sweep(path)
+
+
+def test_the_paired_worst_client_scores_both_arms_on_the_same_clients_mix(tmp_path):
+    """Under a skewed arm the worst-off client holds the hard bucket alone; `worst-client`
+    compares that with an IID client's mix (a partition effect even when the models are equal),
+    `worst-client-paired` scores both global models on the same mix (no effect here)."""
+    root = _study(tmp_path, {"redraw": 0.0, "big": 0.2, "skew": 0.0}, 0.002, {
+        **DECLARATION,
+        "primary": [],
+        "exploratory": [
+            {"id": "naive", "claim": "c", "arm": "skew", "vs": "iid", "endpoint": "worst-client"},
+            {"id": "paired", "claim": "c", "arm": "skew", "vs": "iid",
+             "endpoint": "worst-client-paired"},
+        ],
+    })  # fmt: skip
+    for cell in (root / "cells").glob("*arm=skew"):  # client k holds bucket k only
+        rows = (cell / "clients.csv").read_text().replace("<50:5 >=50:5", "<50:10 >=50:0", 1)
+        (cell / "clients.csv").write_text(rows.replace("<50:5 >=50:5", "<50:0 >=50:10"))
+    by_id = {r.row.id: r for r in analyse_study(root).results}
+    assert abs(by_id["naive"].test.mean) > 0.1  # the hard bucket alone vs the mix
+    assert abs(by_id["paired"].test.mean) < 0.01
