@@ -16,11 +16,19 @@ A sweep file is a normal config file (the base of every cell) plus a ``sweep:`` 
         partition.alpha_len: [0.1, 100.0]
         seed: [0, 1]
 
-Precedence per cell: defaults < the file's config < ``key=value`` arguments < the cell's grid
-values. Arguments starting with ``sweep.`` change the sweep itself, e.g. ``sweep.grid.seed=[0]``
-or ``sweep.name=small``. ``sweep.name`` is a relative path that stays inside ``out_dir`` (an
-absolute path, a ``..`` part or a link leading out is refused; set ``out_dir`` to write
-elsewhere). Every grid key must be a config key other than ``out_dir`` / ``run_name`` (the sweep
+**Arms and studies.** ``sweep.arms`` (optional) names settings that are crossed with the grid
+(``arms: {iid: {partition.method: iid}, length: {partition.method: pathological}}``): a cell is
+``seed=0__arm=length``, its values hold ``arm``, and a seed's arms run together. Two arms that
+set the same values are refused. ``sweep.study`` (optional) declares a study's endpoints
+(:mod:`cllora.report.study`): checked against the arms when the sweep is loaded, frozen in
+``<sweep>/study.yaml`` when it first runs (:func:`declare_study`), and refused when changed after
+a cell has finished. ``examples/study/crn.yaml`` uses both.
+
+Precedence per cell: defaults < the file's config < ``key=value`` arguments < the cell's arm
+settings < the cell's grid values. Arguments starting with ``sweep.`` change the sweep itself,
+e.g. ``sweep.grid.seed=[0]`` or ``sweep.name=small``. ``sweep.name`` is a relative path that
+stays inside ``out_dir`` (an absolute path, a ``..`` part or a link leading out is refused;
+set ``out_dir`` to write elsewhere). Every grid key must be a config key other than ``out_dir`` / ``run_name`` (the sweep
 sets those), no two grid keys may overlap (``partition`` and ``partition.alpha_len``), and no two
 cells may be the same experiment (``seed: [0, 0]``, or ``train.lr: [1e-3, 0.001]``, which both
 give 0.001). Every cell's config is built and validated, and every cell's data partitioned
@@ -109,6 +117,7 @@ from cllora.config import (
     parse_overrides,
     read_yaml,
 )
+from cllora.data.readers import DataError
 from cllora.report.metrics import read_metrics
 from cllora.report.records import OWN, Kind
 
@@ -434,6 +443,13 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         for arm in arms:  # innermost: a seed's arms run together
             sweep.cells.append(_make_cell(base, root, dict(zip(grid, combo, strict=True)), arm))
     _check_distinct(sweep.cells)
+    if sweep.study is not None:  # a declaration's mistake stops the sweep before any cell runs
+        from cllora.report.study import parse_declaration
+
+        try:
+            parse_declaration(sweep.study, [a[0] for a in arms if a])
+        except DataError as err:
+            raise ConfigError(f"{path}: {err}") from None
     return sweep
 
 
@@ -593,7 +609,6 @@ def check_cell_dirs(sweep: Sweep) -> dict[str, str]:
 def check_cells(sweep: Sweep) -> None:
     """Partition every pending cell's data (tokenizer only) so bad data stops the sweep early."""
     from cllora.data.pipeline import build_clients
-    from cllora.data.readers import DataError
     from cllora.model.load import load_tokenizer
 
     tokenizers: dict[str, Any] = {}
@@ -638,15 +653,14 @@ def _write_spec(sweep: Sweep) -> None:
     tmp.replace(path)
 
 
-STUDY_FILE = "study.yaml"  # <sweep>/study.yaml: the declared endpoints, frozen at the start
-
-
 def declare_study(sweep: Sweep) -> None:
     """Freeze ``sweep.study`` (the declared endpoints) in ``<sweep>/study.yaml`` with the time
     it was declared. Once a cell has finished, a different declaration is refused: endpoints
     chosen after seeing results are not declared (a new declaration is a new sweep.name)."""
     if not sweep.study:
         return
+    from cllora.report.study import STUDY_FILE
+
     path = sweep.root / STUDY_FILE
     if path.is_file():
         frozen = read_yaml(path, "study declaration") or {}

@@ -1,12 +1,15 @@
 """docs/findings.md quotes the study's committed effects: recompute every one of them from the
 committed per-sample losses (docs/findings/study/<sweep>/cells/*/sample_losses.csv, collected by
-examples/study/collect.sh) and check that report/effects.csv holds exactly those rows."""
+examples/study/collect.sh) and check that report/effects.csv holds exactly those rows, that the
+study's tables embedded in the markdown are what the files give, and that no template
+placeholder is left in it."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -14,8 +17,11 @@ import yaml
 
 from cllora.report.effects import write_effects_csv
 from cllora.report.html import sweep_effect_rows
+from cllora.report.study import analyse_study, embedded_blocks, study_blocks, write_study
 
-STUDY = Path(__file__).resolve().parents[1] / "docs" / "findings" / "study"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+FINDINGS = DOCS / "findings.md"
+STUDY = DOCS / "findings" / "study"
 SWEEPS = sorted(p.parent for p in STUDY.glob("*/sweep.yaml"))
 
 
@@ -33,8 +39,33 @@ def _same(a: str, b: str) -> bool:
 
 
 def test_the_study_is_committed():
-    assert {p.name for p in SWEEPS} >= {"length", "quality", "sentences", "sentences-confirm",
-                                        "references"}  # fmt: skip
+    assert {p.name for p in SWEEPS} >= {"crn", "length", "quality", "sentences",
+                                        "sentences-confirm", "references"}  # fmt: skip
+
+
+def test_the_study_tables_in_findings_are_what_the_files_give():
+    fresh = study_blocks(analyse_study(STUDY / "crn"))
+    embedded = embedded_blocks(FINDINGS.read_text(encoding="utf-8"))
+    assert set(embedded) == set(fresh), "embed every block: bash examples/study/collect.sh crn"
+    for name, text in fresh.items():
+        assert embedded[name] == text, f"docs/findings.md block {name!r} is stale: collect.sh"
+
+
+def test_the_committed_study_report_is_recomputed(tmp_path):
+    study = analyse_study(STUDY / "crn")
+    fresh = _rows(write_study(study, tmp_path)[1])
+    committed = _rows(STUDY / "crn" / "report" / "study.csv")
+    assert [r["id"] for r in fresh] == [r["id"] for r in committed]
+    for f, c in zip(fresh, committed, strict=True):
+        assert all(_same(f[k], c[k]) for k in c), (f, c)
+    assert study.instrument_ok == ("The instrument is calibrated" in FINDINGS.read_text())
+
+
+def test_findings_hold_no_template_placeholder():
+    text = FINDINGS.read_text(encoding="utf-8")
+    left = re.findall(r"\{[A-Za-z_]+\}", text)
+    assert not left, f"docs/findings.md has unfilled placeholders {left}"
+    assert "three sweeps" not in (DOCS.parent / "README.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("root", SWEEPS, ids=[p.name for p in SWEEPS])

@@ -306,21 +306,33 @@ class Declaration:
     rows: list[Row]
 
 
+def parse_declaration(spec: Any, arms: Sequence[str], declared_at: str = "") -> Declaration:
+    """A ``sweep.study`` mapping checked against the sweep's arms (:class:`DataError` naming
+    the row on a mistake; ``cllora sweep`` calls it before any cell runs)."""
+    if not isinstance(spec, dict):
+        raise DataError(f"sweep.study must be a mapping, got {spec!r}")
+    unknown = set(spec) - {"alpha", "margin", "controls", "primary", "exploratory"}
+    if unknown:
+        raise DataError(f"sweep.study: unknown key(s) {sorted(map(str, unknown))}")
+    rows = [_row("control", s, arms) for s in spec.get("controls") or []]
+    rows += [_row("primary", s, arms) for s in spec.get("primary") or []]
+    rows += [_row("exploratory", s, arms) for s in spec.get("exploratory") or []]
+    ids = [r.id for r in rows]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"sweep.study: row ids must be distinct, got {ids}")
+    alpha, margin = float(spec.get("alpha", 0.05)), float(spec.get("margin", 0.0))
+    if not 0 < alpha < 1 or margin < 0:
+        raise DataError(f"sweep.study: alpha must be in (0, 1) and margin >= 0 ({alpha}, {margin})")
+    return Declaration(declared_at, alpha, margin, rows)
+
+
 def read_declaration(sweep_dir: Path, arms: Sequence[str]) -> Declaration:
     """The frozen ``study.yaml`` of a sweep, checked against its arms."""
     path = sweep_dir / STUDY_FILE
     if not path.is_file():
         raise DataError(f"{sweep_dir}: no {STUDY_FILE}; a study sweep declares sweep.study")
     frozen = yaml.safe_load(path.read_text()) or {}
-    spec = frozen.get("study") or {}
-    rows = [_row("control", s, arms) for s in spec.get("controls") or []]
-    rows += [_row("primary", s, arms) for s in spec.get("primary") or []]
-    rows += [_row("exploratory", s, arms) for s in spec.get("exploratory") or []]
-    ids = [r.id for r in rows]
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{path}: row ids must be distinct, got {ids}")
-    return Declaration(str(frozen.get("declared_at", "?")), float(spec.get("alpha", 0.05)),
-                       float(spec.get("margin", 0.0)), rows)  # fmt: skip
+    return parse_declaration(frozen.get("study") or {}, arms, str(frozen.get("declared_at", "?")))
 
 
 # --- analysis -----------------------------------------------------------------------------

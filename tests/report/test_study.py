@@ -262,3 +262,14 @@ def test_the_paired_worst_client_scores_both_arms_on_the_same_clients_mix(tmp_pa
     by_id = {r.row.id: r for r in analyse_study(root).results}
     assert abs(by_id["naive"].test.mean) > 0.1  # the hard bucket alone vs the mix
     assert abs(by_id["paired"].test.mean) < 0.01
+
+
+def test_a_declaration_mistake_stops_the_sweep_before_any_cell_runs(tmp_path):
+    bad = {**TINY, "primary": [{"id": "H1", "claim": "c", "arm": "redraw", "vs": "iid",
+                                "endpoint": "global-loss"}]}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"endpoint 'global-loss'; allowed: global"):
+        load_sweep(_sweep_file(tmp_path, bad))
+    bad = {**TINY, "primary": [{"id": "H1", "claim": "c", "arm": "redrawn", "vs": "iid",
+                                "endpoint": "global"}]}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"not in sweep\.arms"):
+        load_sweep(_sweep_file(tmp_path, bad))
