@@ -27,13 +27,14 @@ a cell has finished. ``examples/study/crn.yaml`` uses both.
 Precedence per cell: defaults < the file's config < ``key=value`` arguments < the cell's arm
 settings < the cell's grid values. Arguments starting with ``sweep.`` change the sweep itself,
 e.g. ``sweep.grid.seed=[0]`` or ``sweep.name=small``. ``sweep.name`` is a relative path that
-stays inside ``out_dir`` (an absolute path, a ``..`` part or a link leading out is refused;
-set ``out_dir`` to write elsewhere). Every grid key must be a config key other than ``out_dir`` / ``run_name`` (the sweep
-sets those), no two grid keys may overlap (``partition`` and ``partition.alpha_len``), and no two
-cells may be the same experiment (``seed: [0, 0]``, or ``train.lr: [1e-3, 0.001]``, which both
-give 0.001). Every cell's config is built and validated, and every cell's data partitioned
-(tokenizer only, no model), before the first cell trains: an unknown key, a bad value or a
-partition that cannot be made stops the sweep at once, naming the cell.
+stays inside ``out_dir`` (an absolute path, a ``..`` part or a link leading out is refused; set
+``out_dir`` to write elsewhere). Every grid key must be a config key other than ``out_dir`` /
+``run_name`` (the sweep sets those), no two grid keys may overlap (``partition`` and
+``partition.alpha_len``), and no two cells may be the same experiment (``seed: [0, 0]``, or
+``train.lr: [1e-3, 0.001]``, which both give 0.001). Every cell's config is built and validated,
+and every cell's data partitioned (tokenizer only, no model), before the first cell trains: an
+unknown key, a bad value or a partition that cannot be made stops the sweep at once, naming the
+cell.
 
 **Cell names.** A cell runs as ``cells/<name>``, the name built from the cell's values as the
 config holds them (``train.lr: "1e-3"`` is the number 0.001): ``key=value`` pairs joined by
