@@ -47,14 +47,15 @@ samples in every arm of a seed, at the last round):
 **Inference.** A row's per-seed value is the endpoint of ``arm`` minus that of ``vs`` (minus
 ``arm2 - vs2``) on one seed; over seeds, :func:`cllora.report.stats.seed_test` (t, S - 1 degrees
 of freedom). Primary: Holm over the family at ``alpha``; a row is *resolved* when its Holm test
-rejects, and its Holm interval (the level at which Holm tested it) then excludes 0. A
-not-resolved effect test reads "no effect beyond +-margin" only when its TOST rejects at the
-same Holm level, else "cannot tell"; an ``equivalent`` test reads "equivalent" when its TOST
-survives Holm, "effect" when the two-sided test does, else "cannot tell". Controls are tested
-alone at ``alpha`` (no family): the negative must not be resolved, the positive must be. When a
-control misbehaves the report says so above everything else: a study whose positive control
-is not resolved cannot tell an effect from noise, and says that instead of "cannot tell".
-Exploratory rows: unadjusted 95% intervals, the same verdict words, never a claim.
+rejects, and its Holm interval (the level at which Holm tested it) then excludes 0; the tables
+also give each row's TOST p-value at the margin. A not-resolved effect test reads "no effect
+beyond +-margin" only when its TOST rejects at the same Holm level, else "cannot tell"; an
+``equivalent`` test reads "equivalent" when its TOST survives Holm, "effect" when the two-sided
+test does, else "cannot tell". Controls are tested alone at ``alpha`` (no family): the negative
+must not be resolved, the positive must be. When a control misbehaves the report says so above
+everything else: a study whose positive control is not resolved cannot tell an effect from
+noise, and says that instead of "cannot tell". Exploratory rows: unadjusted 95% intervals, the
+same verdict words, never a claim.
 """
 
 from __future__ import annotations
@@ -416,11 +417,9 @@ def _test_rows(rows: Sequence[Row], values: dict[str, list[float]], seeds: dict[
     out = []
     for r, t, p, p_adj, level in zip(rows, tests, ps, adjusted, levels, strict=True):
         rejected = bool(p_adj < decl.alpha)  # NaN (too few seeds): not rejected
-        adj = (
-            t.interval(1 - level, _sides(r))
-            if r.test != "equivalent"
-            else t.interval(1 - 2 * level)
-        )
+        # the interval at the level the row was tested at (two-sided for `equivalent`: its
+        # TOST verdict reads p_equivalent, so the table's interval keeps one meaning)
+        adj = t.interval(1 - level, _sides(r))
         res = Result(r, t, seeds[r.id], p, p_adj, level, adj,
                      _verdict(r, t, level, decl.margin, rejected))  # fmt: skip
         if r.role == "control":
@@ -523,6 +522,21 @@ def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
+def _failed_controls(failed: Sequence[Result]) -> str:
+    """What a misbehaving control means for the rows below it (the top of the report)."""
+    ids = ", ".join(r.row.id for r in failed)
+    parts = [f"**The instrument failed its control(s) {ids}.**"]
+    if any(r.row.expect == "none" for r in failed):
+        parts.append("A negative control was resolved: false positives are not controlled, so "
+                     "no effect below may be believed.")  # fmt: skip
+    if any(r.row.expect == "effect" for r in failed):
+        parts.append("The positive control was not resolved: the study could not detect an "
+                     "effect known to exist, so its \"cannot tell\" rows say nothing for or "
+                     "against the claims; only rows resolved, or bounded within the margin by "
+                     "their TOST, carry information.")  # fmt: skip
+    return " ".join(parts)
+
+
 def study_blocks(study: Study) -> dict[str, str]:
     """The study's markdown, in named blocks (docs/findings.md embeds them verbatim and
     tests/test_findings.py checks they still equal what the result files give)."""
@@ -532,33 +546,34 @@ def study_blocks(study: Study) -> dict[str, str]:
     for r in controls:
         want = "not resolved" if r.row.expect == "none" else "resolved"
         lines.append([r.row.id, r.row.claim, f"`{r.row.contrast}`", r.row.endpoint,
-                      _f(r.test.mean), _interval(r.test.lo, r.test.hi), _p(r.p), _per_seed(r),
+                      r.row.test, _f(r.test.mean), _interval(*r.adj), _p(r.p), _per_seed(r),
                       want, "**yes**" if r.behaved else "**NO**"])  # fmt: skip
-    head = ["control", "claim", "contrast", "endpoint", "effect", "95% interval", "p",
-            "per seed", "must be", "behaved"]  # fmt: skip
+    head = ["control", "claim", "contrast", "endpoint", "test", "effect",
+            "95% interval (the test's sides)", "p", "per seed", "must be",
+            "behaved"]  # fmt: skip
     if study.instrument_ok:
         status = ("**The instrument is calibrated**: the negative control is not resolved and "
                   "the positive control is.")  # fmt: skip
     else:
-        bad = [r.row.id for r in controls if not r.behaved]
-        status = (f"**The instrument failed its control(s) {', '.join(bad)}: this study cannot "
-                  "tell an effect from noise, so no row below may be read as evidence of "
-                  "either an effect or its absence.**")  # fmt: skip
+        status = _failed_controls([r for r in controls if not r.behaved])
     blocks = {"controls": status + "\n\n" + _table(head, lines)}
     m = len(study.of("primary"))
     lines = [[r.row.id, r.row.claim, f"`{r.row.contrast}`", r.row.endpoint, r.row.test,
               _f(r.test.mean), _interval(r.test.lo, r.test.hi), _interval(*r.adj),
-              _p(r.p_adjusted), _per_seed(r), f"**{r.verdict}**" if "effect:" in r.verdict
-              or "equivalent within" in r.verdict or "no effect" in r.verdict else r.verdict]
+              _p(r.p_adjusted), _p(r.test.p_equivalent), _per_seed(r),
+              f"**{r.verdict}**" if "effect:" in r.verdict or "equivalent within" in r.verdict
+              or "no effect" in r.verdict else r.verdict]
              for r in study.of("primary")]  # fmt: skip
+    tost = f"TOST p (±{study.declaration.margin:g})"
     head = ["id", "claim", "contrast", "endpoint", "test", "effect", "95% interval",
-            f"Holm interval (family of {m})", "Holm p", "per seed", "verdict"]  # fmt: skip
+            f"Holm interval (family of {m})", "Holm p", tost, "per seed", "verdict"]  # fmt: skip
     blocks["primary"] = _table(head, lines)
     lines = [[r.row.id, r.row.claim, f"`{r.row.contrast}`", r.row.endpoint, r.row.test,
-              _f(r.test.mean), _interval(r.test.lo, r.test.hi), _p(r.p), _per_seed(r),
-              r.verdict] for r in study.of("exploratory")]  # fmt: skip
-    head = ["id", "claim", "contrast", "endpoint", "test", "effect", "95% interval", "p",
-            "per seed", "verdict"]  # fmt: skip
+              _f(r.test.mean), _interval(*r.adj), _p(r.p),
+              _p(r.test.p_equivalent), _per_seed(r), r.verdict]
+             for r in study.of("exploratory")]  # fmt: skip
+    head = ["id", "claim", "contrast", "endpoint", "test", "effect",
+            "95% interval (the test's sides)", "p", tost, "per seed", "verdict"]  # fmt: skip
     blocks["exploratory"] = _table(head, lines)
     lines = [[s["arm"], _g(s["asked"]), _g(s["delivered"]),
               f"{s['delivered_min']:.2f}-{s['delivered_max']:.2f}"]
@@ -607,13 +622,13 @@ def write_study(study: Study, out_dir: str | Path) -> list[Path]:
     return [md, path]
 
 
-_BLOCK = re.compile(r"<!-- study:(\w+) -->\n(.*?)\n<!-- /study:\1 -->", re.S)
+_BLOCK = re.compile(r"<!-- study:(\w+) -->\n(.*?)<!-- /study:\1 -->", re.S)
 
 
 def embedded_blocks(markdown: str) -> dict[str, str]:
     """The study blocks a document embeds between ``<!-- study:NAME -->`` and
     ``<!-- /study:NAME -->``."""
-    return {m.group(1): m.group(2) for m in _BLOCK.finditer(markdown)}
+    return {m.group(1): m.group(2).removesuffix("\n") for m in _BLOCK.finditer(markdown)}
 
 
 def fill_blocks(markdown: str, blocks: dict[str, str]) -> str:

@@ -119,6 +119,7 @@ def test_a_study_that_misses_its_positive_control_says_so_first(tmp_path):
     study = analyse_study(root)
     assert not study.instrument_ok
     assert study_blocks(study)["controls"].startswith("**The instrument failed its control(s) pos")
+    assert "could not detect an effect known to exist" in study_blocks(study)["controls"]
 
 
 def test_holm_withholds_what_one_test_alone_would_resolve(tmp_path):
@@ -158,6 +159,9 @@ def test_markdown_blocks_are_refilled_from_the_results(tmp_path):
     doc = "intro\n<!-- study:primary -->\nstale\n<!-- /study:primary -->\nend\n"
     assert embedded_blocks(doc) == {"primary": "stale"}
     assert embedded_blocks(fill_blocks(doc, blocks)) == {"primary": blocks["primary"]}
+    empty = "<!-- study:skew -->\n<!-- /study:skew -->\n"  # a new document's empty block
+    assert embedded_blocks(empty) == {"skew": ""}
+    assert embedded_blocks(fill_blocks(empty, blocks)) == {"skew": blocks["skew"]}
 
 
 # --- a real study sweep -------------------------------------------------------------------
