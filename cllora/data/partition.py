@@ -68,7 +68,7 @@ class Client:
     corruption_rate: float = 0.0  # the rate asked for
     corrupted: dict[str, int] = field(default_factory=dict)  # operator -> samples
     discarded: int = 0  # corrupted training samples dropped (quality.drop)
-    tv_asked: float = float("nan")  # length skew asked for (pool mode; NaN: nothing asked)
+    tv_asked: float | None = None  # length skew asked for (pool mode; None: nothing asked)
 
     @property
     def train_tokens(self) -> int:

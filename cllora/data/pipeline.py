@@ -221,8 +221,9 @@ def _pool_clients(cfg: Config, tokenizer: Any, samples: list[Sample], stats: dic
     skew = skew_report(alloc, pool, edges, part.length_measure)
     clients = [Client(name=n, train=list(g), window=cfg.data.max_length)
                for n, g in alloc.groups.items()]  # fmt: skip
-    for c in clients:
-        c.tv_asked = skew[c.name]["asked"]
+    for c in clients:  # NaN: the allocation asked no mix (field)
+        asked = skew[c.name]["asked"]
+        c.tv_asked = None if math.isnan(asked) else asked
     boiler = tokenizer.encode(BOILERPLATE, add_special_tokens=False)
     _corrupt_clients(cfg, clients, CorruptionContext.from_samples(pool, boiler))
     stats.update(excluded_overlong=excluded, pool=len(pool), global_test=len(held),

@@ -18,7 +18,7 @@ corruption and windows, by :func:`cllora.data.sentences.count_sentences`),
 the responses; empty when not scored), ``tv_len`` (total-variation distance between the client's
 length-bucket histogram and the global one: 0 = same mix, 1 = disjoint) and ``hist`` (the
 client's bucket shares, ``bucket_counts`` its samples per bucket; ``tv_asked`` the skew the
-allocation asked for, NaN when it asked none, :mod:`cllora.data.pool`). ``tv_len`` and
+allocation asked for, only where one was asked, :mod:`cllora.data.pool`). ``tv_len`` and
 ``hist`` use the buckets of ``measure``
 (``partition.length_measure``: token lengths, or the responses' sentence counts as measured
 before corruption and windows; labels ``<3sent``, ...); the ``len_*`` columns are always tokens.
@@ -83,7 +83,7 @@ def client_table(
                 "operators": " ".join(f"{k}:{v}" for k, v in c.corrupted.items() if v),
                 "quality": (quality or {}).get(c.name, float("nan")),
                 "tv_len": float(0.5 * np.abs(hist - global_hist).sum()),
-                "tv_asked": c.tv_asked,
+                **({} if c.tv_asked is None else {"tv_asked": c.tv_asked}),
                 "hist": " ".join(f"{lab}:{h:.2f}" for lab, h in zip(labels, hist, strict=True)),
                 "bucket_counts": " ".join(
                     f"{lab}:{round(h * len(c.train))}" for lab, h in zip(labels, hist, strict=True)
