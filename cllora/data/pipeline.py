@@ -29,6 +29,11 @@ common window ``data.max_length`` to every test set (the global one too), with t
 run, naming its place and its true length, before any corruption). What the windows truncated or
 dropped is counted per client. A client left without a training or test sample is an error before
 any training starts.
+
+With ``partition.pool`` > 0 (a study's common random numbers, :mod:`cllora.data.pool`) the order
+after measuring is instead: leave out what does not fit ``data.max_length``, hold out the test
+set, draw the seed's training pool, cut the buckets from the pool, allocate it, corrupt; no
+window cuts anything and clients have no own test sets.
 """
 
 from __future__ import annotations

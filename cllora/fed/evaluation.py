@@ -16,7 +16,8 @@ sweep cells are compared on the same samples). Every sample is evaluated once pe
 global model's results
 are split by owner (``global_eval``, one record per client plus ``client="__global__"``); a local
 model (the client's adapter after local training, before aggregation) gets two ``local_eval``
-records, ``test="own"`` (its own test set, a slice of the same pass) and ``test="__global__"``
+records, ``test="own"`` (its own test set, a slice of the same pass; none for a client without
+one, as in pool mode, :mod:`cllora.data.pool`) and ``test="__global__"``
 (with ``eval.local_global_samples`` = N > 0: the first N samples of the held-out set only; their
 ``loss_sums`` then cover those N, a prefix of the set in ``test_samples``).
 A non-finite loss is never written: a local model's raises
