@@ -382,7 +382,8 @@ def _make_cell(
     """The cell of grid values ``raw`` (and of ``arm``: its name and settings, which come
     before the grid values): its config, values as the config holds them, name."""
     cells_dir = str(root / "cells")
-    label = _label({**raw, **({ARM_KEY: arm[0]} if arm else {})})
+    written = {**raw, **({ARM_KEY: arm[0]} if arm else {})}  # the cell as the file names it
+    label = _label(written)
     settings = _nest(arm[1]) if arm else {}
     try:
         base = _deep_update(base, settings)
@@ -397,7 +398,7 @@ def _make_cell(
             cfg.eval.base_cache = str(root / "base_cache")
     except ConfigError as err:
         raise ConfigError(f"sweep cell {label}: {err}") from None
-    return Cell(name, values, cfg, {**raw, **({ARM_KEY: arm[0]} if arm else {})})
+    return Cell(name, values, cfg, written)
 
 
 def _check_distinct(cells: list[Cell]) -> None:
@@ -433,12 +434,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     out_dir = base.get("out_dir") or Config().out_dir
     if not isinstance(out_dir, str) or not out_dir.strip():
         raise ConfigError(f"config key 'out_dir': got {out_dir!r}; give a directory such as runs")
-    probe = dataclasses.replace(Config(), out_dir=out_dir)
     name = spec.get("name")
-    root = sweep_root(probe.out_dir, path.stem if name is None or name == "" else name)
+    root = sweep_root(out_dir, path.stem if name is None or name == "" else name)
     arms: list[tuple[str, dict] | None] = list((spec.get("arms") or {}).items()) or [None]
     keys = [*grid, *([ARM_KEY] if arms[0] else [])]
-    sweep = Sweep(name=root.name, root=root, keys=keys, out_dir=Path(probe.out_dir),
+    sweep = Sweep(name=root.name, root=root, keys=keys, out_dir=Path(out_dir),
                   study=spec.get("study"))  # fmt: skip
     for combo in itertools.product(*grid.values()):
         for arm in arms:  # innermost: a seed's arms run together

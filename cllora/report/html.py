@@ -335,34 +335,35 @@ def _headline(spec: dict[str, Any], n_done: int) -> str:
     return f"<p class='lead'><b>{done}</b> Grid: {grid}.</p>"
 
 
-def _md_rows(block: str) -> list[dict[str, Any]]:
-    """The rows of a markdown table (the study's blocks) as dicts for :func:`_table`."""
-    lines = [ln.strip().strip("|").split(" | ") for ln in block.splitlines() if ln.startswith("|")]
-    head, body = lines[0], lines[2:]
-
-    def clean(v: str) -> str:
-        return v.strip().replace("**", "").replace("`", "")
-
-    return [{h.strip(): clean(v) for h, v in zip(head, row, strict=True)} for row in body]
-
-
 def _study_section(root: Path, out: Path) -> list[str]:
     """A study sweep (``study.yaml``): its controls, primary and exploratory endpoints, apart
     (:mod:`cllora.report.study`; also ``report/study.md`` and ``report/study.csv``)."""
     if not (root / "study.yaml").is_file():
         return []
-    from cllora.report.study import analyse_study, study_blocks, write_study
+    from cllora.report.study import (
+        analyse_study,
+        instrument_status,
+        study_header,
+        study_tables,
+        write_study,
+    )  # fmt: skip
+
+    def plain(text: str) -> str:  # the tables' markdown emphasis, dropped
+        return text.replace("**", "").replace("`", "")
+
+    def table(name: str) -> str:
+        head, lines = tables[name]
+        return _table([{h: plain(v) for h, v in zip(head, ln, strict=True)} for ln in lines])
 
     study = analyse_study(root)
     write_study(study, out)
-    b = study_blocks(study)
-    status = b["controls"].split("\n\n", 1)[0].replace("**", "")
+    tables = study_tables(study)
     return [
-        "<h2>Study: the instrument (controls)</h2>", f"<p>{html.escape(b['header'])}</p>",
-        f"<p><b>{html.escape(status)}</b></p>", _table(_md_rows(b["controls"].split("\n\n", 1)[1])),
-        "<h2>Study: primary endpoints (Holm over the family)</h2>", _table(_md_rows(b["primary"])),
-        "<h2>Study: exploratory (no correction)</h2>", _table(_md_rows(b["exploratory"])),
-        "<h2>Study: length skew asked and delivered</h2>", _table(_md_rows(b["skew"])),
+        "<h2>Study: the instrument (controls)</h2>", f"<p>{html.escape(study_header(study))}</p>",
+        f"<p><b>{html.escape(plain(instrument_status(study)))}</b></p>", table("controls"),
+        "<h2>Study: primary endpoints (Holm over the family)</h2>", table("primary"),
+        "<h2>Study: exploratory (no correction)</h2>", table("exploratory"),
+        "<h2>Study: length skew asked and delivered</h2>", table("skew"),
     ]  # fmt: skip
 
 

@@ -537,26 +537,29 @@ def _failed_controls(failed: Sequence[Result]) -> str:
     return " ".join(parts)
 
 
-def study_blocks(study: Study) -> dict[str, str]:
-    """The study's markdown, in named blocks (docs/findings.md embeds them verbatim and
-    tests/test_findings.py checks they still equal what the result files give)."""
-    d = study.declaration
-    controls = study.of("control")
-    lines = []
-    for r in controls:
-        want = "not resolved" if r.row.expect == "none" else "resolved"
-        lines.append([r.row.id, r.row.claim, f"`{r.row.contrast}`", r.row.endpoint,
-                      r.row.test, _f(r.test.mean), _interval(*r.adj), _p(r.p), _per_seed(r),
-                      want, "**yes**" if r.behaved else "**NO**"])  # fmt: skip
-    head = ["control", "claim", "contrast", "endpoint", "test", "effect",
-            "95% interval (the test's sides)", "p", "per seed", "must be",
-            "behaved"]  # fmt: skip
+Table = tuple[list[str], list[list[str]]]  # header, rows (markdown emphasis in the cells)
+
+
+def instrument_status(study: Study) -> str:
+    """The sentence above every other result: calibrated, or what the failed control means."""
     if study.instrument_ok:
-        status = ("**The instrument is calibrated**: the negative control is not resolved and "
-                  "the positive control is.")  # fmt: skip
-    else:
-        status = _failed_controls([r for r in controls if not r.behaved])
-    blocks = {"controls": status + "\n\n" + _table(head, lines)}
+        return ("**The instrument is calibrated**: the negative control is not resolved and the "
+                "positive control is.")  # fmt: skip
+    return _failed_controls([r for r in study.of("control") if not r.behaved])
+
+
+def study_tables(study: Study) -> dict[str, Table]:
+    """The study's tables (controls, primary, exploratory, skew) as header and rows; the
+    markdown blocks and the HTML report are both made from them."""
+    tables: dict[str, Table] = {}
+    lines = [[r.row.id, r.row.claim, f"`{r.row.contrast}`", r.row.endpoint, r.row.test,
+              _f(r.test.mean), _interval(*r.adj), _p(r.p), _per_seed(r),
+              "not resolved" if r.row.expect == "none" else "resolved",
+              "**yes**" if r.behaved else "**NO**"]
+             for r in study.of("control")]  # fmt: skip
+    tables["controls"] = (["control", "claim", "contrast", "endpoint", "test", "effect",
+                           "95% interval (the test's sides)", "p", "per seed", "must be",
+                           "behaved"], lines)  # fmt: skip
     m = len(study.of("primary"))
     lines = [[r.row.id, r.row.claim, f"`{r.row.contrast}`", r.row.endpoint, r.row.test,
               _f(r.test.mean), _interval(r.test.lo, r.test.hi), _interval(*r.adj),
@@ -565,28 +568,42 @@ def study_blocks(study: Study) -> dict[str, str]:
               or "no effect" in r.verdict else r.verdict]
              for r in study.of("primary")]  # fmt: skip
     tost = f"TOST p (±{study.declaration.margin:g})"
-    head = ["id", "claim", "contrast", "endpoint", "test", "effect", "95% interval",
-            f"Holm interval (family of {m})", "Holm p", tost, "per seed", "verdict"]  # fmt: skip
-    blocks["primary"] = _table(head, lines)
+    tables["primary"] = (["id", "claim", "contrast", "endpoint", "test", "effect", "95% interval",
+                          f"Holm interval (family of {m})", "Holm p", tost, "per seed",
+                          "verdict"], lines)  # fmt: skip
     lines = [[r.row.id, r.row.claim, f"`{r.row.contrast}`", r.row.endpoint, r.row.test,
               _f(r.test.mean), _interval(*r.adj), _p(r.p),
               _p(r.test.p_equivalent), _per_seed(r), r.verdict]
              for r in study.of("exploratory")]  # fmt: skip
-    head = ["id", "claim", "contrast", "endpoint", "test", "effect",
-            "95% interval (the test's sides)", "p", tost, "per seed", "verdict"]  # fmt: skip
-    blocks["exploratory"] = _table(head, lines)
+    tables["exploratory"] = (["id", "claim", "contrast", "endpoint", "test", "effect",
+                              "95% interval (the test's sides)", "p", tost, "per seed",
+                              "verdict"], lines)  # fmt: skip
     lines = [[s["arm"], _g(s["asked"]), _g(s["delivered"]),
               f"{s['delivered_min']:.2f}-{s['delivered_max']:.2f}"]
              for s in study.skew]  # fmt: skip
-    blocks["skew"] = _table(["arm", "skew asked (mean TV)", "delivered (mean TV)",
-                             "delivered, per client"], lines)  # fmt: skip
+    tables["skew"] = (["arm", "skew asked (mean TV)", "delivered (mean TV)",
+                       "delivered, per client"], lines)  # fmt: skip
+    return tables
+
+
+def study_header(study: Study) -> str:
+    """When and how the study was declared, and how to read its effects."""
+    d = study.declaration
     seeds = sorted({s for r in study.results for s in r.seeds}, key=str)
-    blocks["header"] = (
+    return (
         f"Declared {d.declared_at} (`study.yaml`: frozen before any cell finished); seeds "
         f"{', '.join(map(str, seeds))}; alpha = {d.alpha:g}; equivalence margin ±{d.margin:g} "
         "nats per token. Effects are arm minus comparison, in nats per token (negative = "
         "better), the mean of the per-seed paired effects on the held-out set."
     )
+
+
+def study_blocks(study: Study) -> dict[str, str]:
+    """The study's markdown, in named blocks (docs/findings.md embeds them verbatim and
+    tests/test_findings.py checks they still equal what the result files give)."""
+    blocks = {name: _table(*table) for name, table in study_tables(study).items()}
+    blocks["controls"] = instrument_status(study) + "\n\n" + blocks["controls"]
+    blocks["header"] = study_header(study)
     return blocks
 
 
