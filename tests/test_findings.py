@@ -17,7 +17,7 @@ import yaml
 
 from cllora.report.effects import write_effects_csv
 from cllora.report.html import sweep_effect_rows
-from cllora.report.study import analyse_study, embedded_blocks, study_blocks, write_study
+from cllora.report.study import analyse_study, embedded_blocks, named_blocks, write_study
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 FINDINGS = DOCS / "findings.md"
@@ -38,27 +38,33 @@ def _same(a: str, b: str) -> bool:
     return math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-7) or (math.isnan(x) and math.isnan(y))
 
 
+STUDIES = sorted(p.parent for p in STUDY.glob("*/study.yaml"))  # declared studies
+
+
 def test_the_study_is_committed():
-    assert {p.name for p in SWEEPS} >= {"crn", "length", "quality", "sentences",
+    assert {p.name for p in SWEEPS} >= {"confirm", "crn", "length", "quality", "sentences",
                                         "sentences-confirm", "references"}  # fmt: skip
+    assert {p.name for p in STUDIES} == {"confirm", "crn"}
 
 
 def test_the_study_tables_in_findings_are_what_the_files_give():
-    fresh = study_blocks(analyse_study(STUDY / "crn"))
+    fresh = named_blocks(*(analyse_study(p) for p in STUDIES))
     embedded = embedded_blocks(FINDINGS.read_text(encoding="utf-8"))
-    assert set(embedded) == set(fresh), "embed every block: bash examples/study/collect.sh crn"
+    assert set(embedded) == set(fresh), "embed every block: bash examples/study/collect.sh"
     for name, text in fresh.items():
         assert embedded[name] == text, f"docs/findings.md block {name!r} is stale: collect.sh"
 
 
-def test_the_committed_study_report_is_recomputed(tmp_path):
-    study = analyse_study(STUDY / "crn")
+@pytest.mark.parametrize("root", STUDIES, ids=[p.name for p in STUDIES])
+def test_the_committed_study_report_is_recomputed(root, tmp_path):
+    study = analyse_study(root)
     fresh = _rows(write_study(study, tmp_path)[1])
-    committed = _rows(STUDY / "crn" / "report" / "study.csv")
+    committed = _rows(root / "report" / "study.csv")
     assert [r["id"] for r in fresh] == [r["id"] for r in committed]
     for f, c in zip(fresh, committed, strict=True):
         assert all(_same(f[k], c[k]) for k in c), (f, c)
-    assert study.instrument_ok == ("The instrument is calibrated" in FINDINGS.read_text())
+    controls = embedded_blocks(FINDINGS.read_text(encoding="utf-8"))[f"{root.name}:controls"]
+    assert study.instrument_ok == ("The instrument is calibrated" in controls)
 
 
 def test_findings_hold_no_template_placeholder():

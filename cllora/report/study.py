@@ -607,6 +607,12 @@ def study_blocks(study: Study) -> dict[str, str]:
     return blocks
 
 
+def named_blocks(*studies: Study) -> dict[str, str]:
+    """The blocks of several studies, each named ``SWEEP:NAME`` (``crn:controls``): what a
+    document that reports more than one study embeds."""
+    return {f"{s.name}:{k}": v for s in studies for k, v in study_blocks(s).items()}
+
+
 def _g(x: float) -> str:
     return "—" if not math.isfinite(x) else f"{x:.2f}"
 
@@ -639,7 +645,7 @@ def write_study(study: Study, out_dir: str | Path) -> list[Path]:
     return [md, path]
 
 
-_BLOCK = re.compile(r"<!-- study:(\w+) -->\n(.*?)<!-- /study:\1 -->", re.S)
+_BLOCK = re.compile(r"<!-- study:([\w:.-]+) -->\n(.*?)<!-- /study:\1 -->", re.S)
 
 
 def embedded_blocks(markdown: str) -> dict[str, str]:
