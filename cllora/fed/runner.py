@@ -326,7 +326,8 @@ def _checkpoint(run: Run, r: int, rng: list) -> None:
     """Round ``r``'s checkpoint (main process only)."""
     if not run.main:
         return
-    extra = {"rng": rng, "config": config_to_dict(run.cfg), "data": run.fingerprint}
+    extra = {"rng": rng, "config": config_to_dict(run.cfg), "data": run.fingerprint,
+             "metrics_records": run.metrics.records}  # fmt: skip
     with run.timer.phase("checkpoint"):
         save_checkpoint(run.run_dir / "checkpoint", r, run.global_state,
                         run.algorithm.state_dict(), run.result.rows, extra=extra)  # fmt: skip

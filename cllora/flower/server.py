@@ -310,6 +310,9 @@ def _start(run: FlowerRun, ckpt: Checkpoint | None) -> int:
             f"cannot resume {run.run_dir} with other privacy settings (it ran with "
             f"{saved['privacy']}); give the same dp-* and secagg* run-config keys"
         )
+    if not (run.run_dir / "clients.csv").exists():
+        log.warning("clients.csv was missing from %s: rewritten (recomputed)", run.run_dir)
+        write_csv(run.run_dir / "clients.csv", _site_rows(run))
     run.result.global_state = ckpt.global_state
     run.algorithm.load_state_dict(ckpt.server_state, run.model)
     run.result.rows = list(ckpt.rows)
@@ -318,14 +321,19 @@ def _start(run: FlowerRun, ckpt: Checkpoint | None) -> int:
     return ckpt.round + 1
 
 
-def _write_sites(run: FlowerRun) -> None:
-    """``clients.csv``, the ``partition`` / ``client_stats`` / ``test_samples`` records, from
-    what the nodes told (``tv_len``: each client's length mix against the federation's)."""
+def _site_rows(run: FlowerRun) -> list[dict[str, Any]]:
+    """The rows of ``clients.csv``, from what the nodes told (``tv_len``: each client's length
+    mix against the federation's)."""
     counts = np.array([s.length_counts for s in run.sites], dtype=float)  # (clients, buckets)
     mix = counts.sum(axis=0) / max(1.0, counts.sum())
     for s, c in zip(run.sites, counts, strict=True):
         s.row["tv_len"] = float(0.5 * np.abs(c / max(1.0, c.sum()) - mix).sum())
-    rows = [s.row for s in run.sites]
+    return [s.row for s in run.sites]
+
+
+def _write_sites(run: FlowerRun) -> None:
+    """``clients.csv``, the ``partition`` / ``client_stats`` / ``test_samples`` records."""
+    rows = _site_rows(run)
     write_csv(run.run_dir / "clients.csv", rows)
     summary = {**heterogeneity_summary(rows), **_data_stats([s.data_stats for s in run.sites])}
     run.metrics.write(FreeRecord(Kind.PARTITION, summary))
@@ -574,6 +582,7 @@ def combine_evals(records: list[GlobalEval], r: int) -> GlobalEval:
 
 def _checkpoint(run: FlowerRun, r: int, rng: list | None = None) -> None:
     extra = {"rng": rng or _rng_states(run.rng, run.rng_fail), "config": config_to_dict(run.cfg),
+             "metrics_records": run.metrics.records,
              "flower": {"sites": [s.name for s in run.sites],
                         "privacy": _privacy(run.settings)}}  # fmt: skip
     save_checkpoint(run.run_dir / "checkpoint", r, run.global_state, run.algorithm.state_dict(),
