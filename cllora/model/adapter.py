@@ -5,7 +5,8 @@ Usage::
     from cllora.model.adapter import save_adapter, load_adapter
 
     save_adapter(model, "runs/x/adapter", base_model="smollm2-135m")   # cllora -> PEFT dir
-    load_adapter(model, "some/peft_adapter_dir")                       # PEFT dir -> cllora
+    load_adapter(model, "some/peft_adapter_dir")                       # PEFT dir -> cllora, eval
+    load_adapter(model, "some/peft_adapter_dir", is_trainable=True)    # ... to train on
 
     # and with PEFT itself (base model and adapter in one call, offline):
     peft.AutoPeftModelForCausalLM.from_pretrained("runs/x/adapter")
@@ -43,7 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cllora.model.lora import inject_lora, lora_modules, set_lora_state
+from cllora.model.lora import inject_lora, lora_modules, lora_parameters, set_lora_state
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -231,11 +232,16 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, from_peft_keys(load_file(str(weights_path)))
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
+def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> list[str]:
     """Load a PEFT LoRA adapter into the model, injecting LoRA first if it has none.
 
     Returns the names of the LoRA modules. Shapes or module names that do not match the model are
     refused with the offending tensor names.
+
+    The model is left ready for inference, as PEFT's ``from_pretrained`` leaves it by default
+    (``is_trainable=False``): the whole model in eval mode (LoRA dropout off) and A and B frozen.
+    ``is_trainable=True`` leaves it ready to train instead: the whole model in training mode
+    (LoRA dropout on) and A and B requiring gradients; the base stays frozen either way.
     """
     cfg, state = read_adapter(directory)
     if not lora_modules(model):
@@ -249,4 +255,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
             what=f"the modules of adapter {directory}",
         )
     set_lora_state(model, state)
+    model.train(is_trainable)
+    for p in lora_parameters(model):
+        p.requires_grad_(is_trainable)
     return list(lora_modules(model))

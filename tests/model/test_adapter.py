@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from cllora.config import ModelConfig, load_config
 from cllora.model.adapter import CONFIG_NAME, README_NAME, load_adapter, save_adapter
 from cllora.model.load import load_model, peft_base_path
-from cllora.model.lora import inject_lora, lora_parameters
+from cllora.model.lora import inject_lora, lora_modules, lora_parameters
 from tests.conftest import tiny_run_overrides
 
 peft = pytest.importorskip("peft")
@@ -129,3 +130,39 @@ def test_embedded_smollm2_adapter_loads_with_auto_peft(tmp_path):
     torch.testing.assert_close(
         _peft_logits(tmp_path / "adapter", x), expected, rtol=1e-4, atol=1e-4
     )
+
+
+def _tiny(seed: int = 0, dtype: str = "fp32"):
+    return load_model(ModelConfig(name="tiny-llama", dtype=dtype), seed=seed)[0]
+
+
+def _peft_adapter(directory, seed: int = 0, **lora) -> torch.Tensor:
+    """Save a PEFT adapter with random A and B on tiny-llama(seed); PEFT's logits on _ids(4)."""
+    cfg = peft.LoraConfig(init_lora_weights=False, **lora)
+    theirs = peft.get_peft_model(_tiny(seed), cfg).eval()
+    with torch.no_grad():
+        logits = theirs(_ids(4)).logits
+    theirs.save_pretrained(directory)
+    return logits
+
+
+def test_loaded_adapter_is_in_eval_mode_unless_trainable(tmp_path):
+    """The README's recipe (load_model, then load_adapter) infers without LoRA dropout: two
+    forwards agree, and agree with PEFT; is_trainable=True gives a model to train."""
+    expected = _peft_adapter(
+        tmp_path, r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj"]
+    )
+    model = _tiny()
+    load_adapter(model, tmp_path)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        first, second = model(_ids(4)).logits, model(_ids(4)).logits
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in lora_parameters(model))
+    trainable = _tiny()
+    load_adapter(trainable, tmp_path, is_trainable=True)
+    assert all(m.training for m in lora_modules(trainable).values())
+    assert all(p.requires_grad for p in lora_parameters(trainable))
+    with torch.no_grad():
+        assert not torch.equal(trainable(_ids(4)).logits, trainable(_ids(4)).logits)  # dropout
