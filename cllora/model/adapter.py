@@ -28,8 +28,10 @@ and the ``README.md`` written beside the adapter says so and how to rebuild the 
 ``adapter_config.json`` holds PEFT's keys only, so any PEFT version reads it.
 
 Key mapping: our ``<module>.lora_A`` is PEFT's ``base_model.model.<module>.lora_A.weight`` (PEFT
-drops the adapter name ``default`` when saving; we accept it on load too). ``load_adapter`` injects
-LoRA with the file's rank, alpha, dropout and target modules when the model has none yet. Files are
+drops the adapter name ``default`` when saving; we accept it on load too). ``load_adapter`` uses
+the file's rank, alpha and dropout always: it injects LoRA into the adapter's modules when the
+model has none yet, and re-configures the model's LoRA modules when it has (a model whose LoRA
+modules are others is refused; see :func:`load_adapter`). Files are
 read with safetensors only (never pickle). Adapters that use PEFT features cllora does not
 implement (rsLoRA, DoRA, per-module rank/alpha patterns, trained biases, modules_to_save) are
 refused with a message naming the feature rather than loaded wrongly.
@@ -233,10 +235,16 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> list[str]:
-    """Load a PEFT LoRA adapter into the model, injecting LoRA first if it has none.
+    """Load a PEFT LoRA adapter into the model with the adapter's own rank, alpha and dropout.
 
-    Returns the names of the LoRA modules. Shapes or module names that do not match the model are
-    refused with the offending tensor names.
+    Returns the names of the LoRA modules. A model without LoRA gets LoRA injected into exactly
+    the modules the adapter holds. Decision for a model that already carries LoRA (e.g. built
+    for training at the run's ``lora.r`` / ``lora.alpha``): the adapter's config wins, as in
+    PEFT, where an adapter always brings its own. Its modules are re-configured to the adapter's
+    rank, alpha and dropout (a rank change re-allocates A and B: build optimizers after loading);
+    only a model whose LoRA modules are not the adapter's is refused (load it onto a model
+    without LoRA), and it is left untouched. Module names or shapes that do not match the model
+    are refused with the offending names.
 
     The model is left ready for inference, as PEFT's ``from_pretrained`` leaves it by default
     (``is_trainable=False``): the whole model in eval mode (LoRA dropout off) and A and B frozen.
@@ -244,18 +252,62 @@ def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = F
     (LoRA dropout on) and A and B requiring gradients; the base stays frozen either way.
     """
     cfg, state = read_adapter(directory)
-    if not lora_modules(model):
-        targets = sorted({k.rsplit(".", 2)[-2] for k in state})
-        inject_lora(
-            model,
-            int(cfg["r"]),
-            float(cfg["lora_alpha"]),
-            float(cfg.get("lora_dropout", 0.0)),
-            targets,
-            what=f"the modules of adapter {directory}",
-        )
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    dropout = float(cfg.get("lora_dropout") or 0.0)
+    names = sorted({k.rsplit(".", 1)[0] for k in state})
+    modules = lora_modules(model)
+    if not modules:
+        _check_linears(model, names, directory)
+        inject_lora(model, r, alpha, dropout, names, what=f"the modules of adapter {directory}")
+    else:
+        _check_modules(modules, names, directory)
+        _check_shapes(modules, state, r)
+        for m in modules.values():
+            m.reconfigure(r, alpha, dropout)
     set_lora_state(model, state)
     model.train(is_trainable)
     for p in lora_parameters(model):
         p.requires_grad_(is_trainable)
     return list(lora_modules(model))
+
+
+def _check_modules(modules: dict[str, nn.Module], names: list[str], directory) -> None:
+    """The model's LoRA modules must be the adapter's (else one line: which differ, the fix)."""
+    differ = []
+    for where, diff in (
+        ("adapter", set(names) - set(modules)),
+        ("model", set(modules) - set(names)),
+    ):
+        if diff:
+            differ.append(f"{len(diff)} only in the {where} (e.g. {min(diff)})")
+    if differ:
+        raise ValueError(
+            f"adapter {directory} adapts other modules than the model's LoRA: "
+            f"{'; '.join(differ)}; load it onto a model without LoRA (a fresh load_model), "
+            "where load_adapter injects the adapter's own modules"
+        )
+
+
+def _check_linears(model: nn.Module, names: list[str], directory) -> None:
+    """Every module the adapter adapts must be a linear module of the model (one line if not)."""
+    modules = dict(model.named_modules())
+    lacking = [n for n in names if not isinstance(modules.get(n), nn.Linear)]
+    if lacking:
+        raise ValueError(
+            f"adapter {directory} adapts {len(lacking)} modules that are not linear modules of "
+            f"the model (e.g. {lacking[0]}): it was trained on another architecture"
+        )
+
+
+def _check_shapes(modules: dict[str, nn.Module], state: dict[str, torch.Tensor], r: int) -> None:
+    """Each module's A must be (r, in) and B (out, r), checked before any module changes."""
+    bad = []
+    for name, m in modules.items():
+        want = {"lora_A": (r, m.in_features), "lora_B": (m.out_features, r)}
+        for part, shape in want.items():
+            tensor = state.get(f"{name}.{part}")
+            if tensor is None or tuple(tensor.shape) != shape:
+                got = "missing" if tensor is None else tuple(tensor.shape)
+                bad.append(f"{name}.{part}: adapter {got} vs model {shape}")
+    if bad:
+        raise ValueError("adapter tensor shapes do not match the model: " + "; ".join(bad[:5]))

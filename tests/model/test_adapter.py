@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
@@ -166,3 +165,30 @@ def test_loaded_adapter_is_in_eval_mode_unless_trainable(tmp_path):
     assert all(p.requires_grad for p in lora_parameters(trainable))
     with torch.no_grad():
         assert not torch.equal(trainable(_ids(4)).logits, trainable(_ids(4)).logits)  # dropout
+
+
+@pytest.mark.parametrize("r, alpha, dropout", [(4, 4.0, 0.0), (8, 16.0, 0.3)])
+def test_adapter_onto_lora_of_another_config_takes_the_adapters_config(tmp_path, r, alpha, dropout):
+    """A model that already carries LoRA (same modules, another alpha, rank or dropout) takes the
+    adapter's rank, alpha and dropout: PEFT's logits, not the model's scaling."""
+    targets = ["q_proj", "down_proj"]
+    expected = _peft_adapter(tmp_path, r=4, lora_alpha=12, lora_dropout=0.1, target_modules=targets)
+    model = _tiny()
+    inject_lora(model, r=r, alpha=alpha, dropout=dropout, target_modules=targets)
+    names = load_adapter(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids(4)).logits, expected, rtol=1e-5, atol=1e-5)
+    module = model.get_submodule(names[0])
+    assert (module.r, module.alpha, module.dropout.p) == (4, 12.0, 0.1)
+
+
+def test_adapter_onto_lora_of_other_modules_is_refused_in_one_line(tmp_path):
+    _peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    model = _tiny()
+    inject_lora(model, r=4, alpha=8, target_modules=["q_proj"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="onto a model without LoRA") as info:
+        load_adapter(model, tmp_path)
+    assert "\n" not in str(info.value) and "down_proj" in str(info.value)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the model is left as it was
