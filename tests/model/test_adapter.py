@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -192,3 +193,40 @@ def test_adapter_onto_lora_of_other_modules_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(info.value) and "down_proj" in str(info.value)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the model is left as it was
+
+
+def _cllora_adapter(directory, seed: int = 0) -> None:
+    model = _tiny(seed)
+    inject_lora(model, r=2, alpha=4, target_modules=["q_proj"])
+    _randomize(model)
+    save_adapter(model, directory, base_model="tiny-llama")
+
+
+def test_adapter_onto_another_base_of_the_same_shapes_is_refused(tmp_path, caplog):
+    """tiny-llama built with seed 1 is not the base an adapter trained on seed 0 is for."""
+    _cllora_adapter(tmp_path)
+    with pytest.raises(ValueError, match=r"trained on base 'tiny-llama'.*check_base=False") as info:
+        load_adapter(_tiny(seed=1), tmp_path)
+    assert "\n" not in str(info.value)
+    assert load_adapter(_tiny(seed=1), tmp_path, check_base=False)  # the opt-out loads it
+    with caplog.at_level(logging.WARNING, logger="cllora"):
+        load_adapter(_tiny(seed=0), tmp_path)  # its own base,
+        load_adapter(_tiny(seed=0, dtype="bf16"), tmp_path)  # in another dtype too
+    assert not caplog.records
+
+
+def test_peft_adapter_naming_another_base_warns(tmp_path, model_dir, smol_tokenizer, caplog):
+    """A PEFT adapter (no cllora record of its base) whose base_model_name_or_path names another
+    model directory than the model's: one warning line naming both."""
+    other = tmp_path / "other-model"
+    _tiny(seed=4).save_pretrained(other)
+    smol_tokenizer.save_pretrained(other)
+    base, _ = load_model(ModelConfig(name=str(model_dir), dtype="fp32"))
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])
+    peft.get_peft_model(base, cfg).save_pretrained(tmp_path / "adapter")
+    model, _ = load_model(ModelConfig(name=str(other), dtype="fp32"))
+    with caplog.at_level(logging.WARNING, logger="cllora"):
+        load_adapter(model, tmp_path / "adapter")
+    [record] = caplog.records
+    assert str(model_dir) in record.getMessage() and str(other) in record.getMessage()
+    assert "\n" not in record.getMessage()
