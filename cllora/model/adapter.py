@@ -25,7 +25,11 @@ seed, so no directory holds them and their cllora name is kept. Saving them besi
 was rejected: a preset's base is gigabytes, and the test models would put a base copy in every
 run directory. ``AutoPeftModelForCausalLM`` then fails for these (the name is not on the hub),
 and the ``README.md`` written beside the adapter says so and how to rebuild the base in cllora.
-``adapter_config.json`` holds PEFT's keys only, so any PEFT version reads it.
+``adapter_config.json`` holds PEFT's keys only, so any PEFT version reads it. What cllora records
+beyond it, in the safetensors metadata of the weights file (PEFT ignores it): ``cllora_base``, the
+cllora model name, and ``cllora_base_fingerprint``, 16 input-embedding values of the base
+(:func:`base_fingerprint`), which tell apart bases a name does not (tiny-llama of two seeds);
+``load_adapter`` refuses an adapter whose base the model is not (see its docstring).
 
 Key mapping: our ``<module>.lora_A`` is PEFT's ``base_model.model.<module>.lora_A.weight`` (PEFT
 drops the adapter name ``default`` when saving; we accept it on load too). ``load_adapter`` uses
@@ -202,7 +206,7 @@ def _rebuild_lines(kind: str, base_model: str) -> list[str]:
         "",
         f'model, tokenizer = load_model(ModelConfig(name="{base_model}"), seed=SEED)'
         "  # SEED: the run's seed (config.yaml)",
-        'load_adapter(model, "<this directory>")',
+        'load_adapter(model, "<this directory>")  # eval mode; a base of another seed is refused',
         "```",
     ]
 
