@@ -38,3 +38,16 @@ def test_algorithm_table_lists_every_algorithm():
     root = Path(__file__).resolve().parents[1]
     documented = _documented((root / "README.md").read_text(), "### Algorithms")
     assert documented == set(algorithm_names())
+
+
+def test_every_test_the_readme_names_exists():
+    """The Reliability section backs each guarantee by a test file or test name: both must
+    exist (a renamed test would leave a guarantee without its test)."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    files = set(re.findall(r"`(tests/[\w/]+\.py)", text))
+    names = set(re.findall(r"::(test_\w+)", text))
+    assert files and names
+    assert [f for f in files if not (root / f).is_file()] == []
+    defined = "\n".join(p.read_text() for p in (root / "tests").rglob("test_*.py"))
+    assert [n for n in sorted(names) if f"def {n}(" not in defined] == []
