@@ -607,9 +607,52 @@ def plot(csv_path: Path) -> Path:
     return png
 
 
-def _parse(argv: list[str] | None, ap: argparse.ArgumentParser | None = None) -> argparse.Namespace:
-    """Parse the benchmark's options (added to ``ap`` if given: ``profile_e2e`` adds its own)."""
-    ap = ap or argparse.ArgumentParser(prog="cllora bench", description=__doc__.split("\n\n")[0])
+_HELP = {
+    "providers": f"comma-separated providers to compare, of: {', '.join(PROVIDERS)}",
+    "workloads": "comma-separated: fixed (random tokens, exactly the context) and/or real "
+    "(MedQuAD records cut at the context)",
+    "contexts": "comma-separated context lengths in tokens, one cell each",
+    "batch": "sequences per step of the fixed workload",
+    "real_batch": "samples per step of the real workload (one packed row for cllora)",
+    "steps": "timed steps per cell, after one warm-up step (0: the warm-up step only)",
+    "probe_steps": "timed steps of each --find-max-context probe on the CPU (0: one step)",
+    "seed": "seed of the model's LoRA init and of the data",
+    "threads": "torch CPU threads (0: torch's default)",
+    "max_context_hi": "--find-max-context: the longest context tried",
+    "max_context_step": "--find-max-context: the search's granularity, in tokens",
+    "model": "model.name of the cells: the embedded model, tiny-*, a preset (cllora list "
+    "models) or a model directory",
+    "dtype": "base weights: fp32 or bf16",
+    "device": "cpu or cuda",
+    "data": "MedQuAD directory of the real workload",
+    "out_dir": "where the CSV and its PNG are written",
+    "note": "free text kept in the CSV's rows (default: none)",
+    "budget_gb": "memory budget in GiB: a cell past it is recorded as status=oom (CPU: killed "
+    "past this peak RSS; CUDA: the allocator capped)",
+    "lora_dropout": "LoRA dropout (0: the fused LoRA kernel's path)",
+    "find_max_context": "binary-search, per provider, the longest fixed context whose step fits "
+    "--budget-gb",
+}
+_EXAMPLES = (
+    "cllora bench --contexts 256,512,1024 --steps 2                  # CPU, small scale",
+    "cllora bench --providers cllora,hf-peft --workloads fixed --contexts 1024,4096 \\\n"
+    "      --dtype bf16 --device cuda --find-max-context --budget-gb 8",
+)
+
+
+def _parse(
+    argv: list[str] | None, ap: argparse.ArgumentParser | None = None, skip: tuple[str, ...] = ()
+) -> argparse.Namespace:
+    """Parse the benchmark's options (added to ``ap`` if given: ``profile_e2e`` adds its own and
+    ``skip``s those it does not read)."""
+    from cllora.helptext import HelpFormatter, examples
+
+    ap = ap or argparse.ArgumentParser(
+        prog="cllora bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+        epilog=examples(*_EXAMPLES),
+    )
     d = BenchSpec()
 
     def ints(s: str) -> list[int]:
@@ -618,19 +661,23 @@ def _parse(argv: list[str] | None, ap: argparse.ArgumentParser | None = None) ->
     def strs(s: str) -> list[str]:
         return [x for x in s.split(",") if x]
 
+    def option(name: str, **kwargs: object) -> None:
+        if name not in skip:
+            ap.add_argument("--" + name.replace("_", "-"), help=_HELP[name], **kwargs)
+
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--max-context-cell", help=argparse.SUPPRESS)
-    ap.add_argument("--providers", type=strs, default=d.providers)
-    ap.add_argument("--workloads", type=strs, default=d.workloads)
-    ap.add_argument("--contexts", type=ints, default=d.contexts)
+    option("providers", type=strs, default=d.providers)
+    option("workloads", type=strs, default=d.workloads)
+    option("contexts", type=ints, default=d.contexts)
     for name in ("batch", "real_batch", "steps", "probe_steps", "seed", "threads",
                  "max_context_hi", "max_context_step"):  # fmt: skip
-        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+        option(name, type=int, default=getattr(d, name))
     for name in ("model", "dtype", "device", "data", "out_dir", "note"):
-        ap.add_argument("--" + name.replace("_", "-"), default=getattr(d, name))
-    ap.add_argument("--budget-gb", type=float, default=d.budget_gb)
-    ap.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    ap.add_argument("--find-max-context", action="store_true")
+        option(name, default=getattr(d, name))
+    option("budget_gb", type=float, default=d.budget_gb)
+    option("lora_dropout", type=float, default=d.lora_dropout)
+    option("find_max_context", action="store_true")
     return ap.parse_args(argv)
 
 

@@ -127,6 +127,21 @@ def load_samples(cfg: Config, tokenizer: Any) -> tuple[list[Sample], dict[str, A
     return samples, {**stats, **malformed.stats()}
 
 
+def count_clients(cfg: Config) -> int:
+    """The clients :func:`build_clients` makes, counted without tokenizing (what a Flower
+    simulation needs before it starts one virtual node per client): ``partition.num_clients``,
+    or under ``partition.method=field`` (not in pool mode) the distinct values of the field in
+    the records as the run reads them (``data.max_records`` included). A value whose every record
+    is later skipped as malformed is still counted."""
+    part = cfg.partition
+    if part.method != "field" or part.pool:
+        return part.num_clients
+    records = load_records(cfg.data.path, cfg.data.format, malformed=Malformed("skip"))
+    if cfg.data.max_records and len(records) > cfg.data.max_records:
+        records = random.Random(cfg.seed).sample(records, cfg.data.max_records)
+    return len({str(r[part.field]) for r in records if part.field in r})
+
+
 def check_model_window(cfg: Config, max_positions: int | None) -> None:
     """Every window (``data.max_length``, ``data.client_max_length``) fits the model's
     ``max_position_embeddings`` (None: the model states no limit)."""
