@@ -194,3 +194,12 @@ def test_the_quality_score_shows_progress(tmp_path, capsys):
                                                progress=True))  # fmt: skip
     run_experiment(cfg)
     assert "quality score" in capsys.readouterr().err
+
+
+def test_every_output_has_the_mode_the_umask_gives(finished):
+    """safetensors writes 0600: the adapter and checkpoints are readable like every other file."""
+    from cllora.files import umask
+
+    for path in [finished, *finished.rglob("*")]:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask()
+        assert path.stat().st_mode & 0o777 == want, path
