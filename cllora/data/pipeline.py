@@ -50,6 +50,7 @@ from cllora.data.partition import Client, apply_window, bucket_edges, make_clien
 from cllora.data.pool import allocate, draw_pool, fitting, skew_report
 from cllora.data.quality import BOILERPLATE, CorruptionContext, client_rates, corrupt
 from cllora.data.readers import DataError, Malformed, load_records
+from cllora.text import counts_line, fields_line
 
 log = logging.getLogger("cllora")
 MEASURE_LENGTH = 16384  # tokens kept when measuring lengths (longer samples are cut here)
@@ -249,11 +250,12 @@ def _pool_clients(cfg: Config, tokenizer: Any, samples: list[Sample], stats: dic
     stats.update(excluded_overlong=excluded, pool=len(pool), global_test=len(held),
                  length_buckets=edges, length_measure=part.length_measure,
                  allocation=part.method, draw=part.draw)  # fmt: skip
-    log.info("data %s: %s", cfg.data.path, stats)
+    log.info("data %s: %s", cfg.data.path, fields_line(stats))
     for c in clients:
-        log.info("client %s: %d train (skew asked %.2f, delivered %.2f), corrupted %s%s",
+        dropped = f", {c.discarded} dropped" if c.discarded else ""
+        log.info("client %s: %d train (length skew asked %.2f, delivered %.2f), corrupted %s%s",
                  c.name, len(c.train), skew[c.name]["asked"], skew[c.name]["delivered"],
-                 c.corrupted, f", {c.discarded} dropped" if c.discarded else "")  # fmt: skip
+                 counts_line(c.corrupted), dropped)  # fmt: skip
     return ClientData(clients, edges, stats, held)
 
 
@@ -287,10 +289,11 @@ def build_clients(cfg: Config, tokenizer: Any) -> ClientData:
         stats.update(global_test=len(held), global_test_truncated=cut, global_test_dropped=dropped)
     stats["length_buckets"] = edges
     stats["length_measure"] = part.length_measure
-    log.info("data %s: %s", cfg.data.path, stats)
+    log.info("data %s: %s", cfg.data.path, fields_line(stats))
     for c in clients:
         log.info(
             "client %s: %d train (%d truncated, %d dropped at %d tokens), %d test; corrupted %s",
-            c.name, len(c.train), c.truncated, c.dropped, c.window, len(c.test), c.corrupted,
+            c.name, len(c.train), c.truncated, c.dropped, c.window, len(c.test),
+            counts_line(c.corrupted),
         )  # fmt: skip
     return ClientData(clients, edges, stats, held)

@@ -18,6 +18,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from cllora.config import Config, ConfigError
 from cllora.data.partition import Client, sample_length
 from cllora.data.pipeline import ClientData, build_clients, check_model_window
@@ -98,6 +100,8 @@ def client_stats(
     """
     pad_id, n = tokenizer.pad_token_id, cfg.quality.score_samples
     quality, scored = {}, []
+    total = sum(len(c.train[:n]) for c in data.clients) if n else 0
+    bar = tqdm(total=total, desc="quality score", unit="sample", disable=not cfg.progress)
     for c in data.clients if n else []:
         losses, quality[c.name] = quality_score(
             model, c.train[:n], pad_id, cfg.train.eval_batch_size,
@@ -108,6 +112,8 @@ def client_stats(
                 {"client": c.name, "where": s.meta.get("where", ""), "length": sample_length(s),
                  "corruption": s.meta.get("corruption", ""), "loss": loss}
             )  # fmt: skip
+        bar.update(len(c.train[:n]))
+    bar.close()
     rows = client_table(data.clients, data.edges, tokenizer, quality, cfg.partition.length_measure)
     for name, table in (("clients.csv", rows), ("samples.csv", scored)):
         if table and (write or not (run_dir / name).exists()):

