@@ -67,10 +67,12 @@ Presets (``--model llama-3.1-8b`` etc., :mod:`cllora.model.presets`) are random-
 real shapes built on the device; ``hf-peft-4bit`` on a preset quantizes the same bitsandbytes
 ``Linear4bit`` layers that transformers' ``BitsAndBytesConfig`` loading makes (nothing to load).
 
-Output: ``benchmarks/results/e2e-<device>-<timestamp>.csv`` in long format (provider, workload,
+Output: a line as each cell starts (provider, context, batch) and one as it ends;
+``benchmarks/results/e2e-<device>-<timestamp>.csv`` in long format (provider, workload,
 context, batch, metric, value, unit, device, dtype, commit, timestamp) and a PNG next to it
-(tokens/s and peak memory against context length, one line per provider, one column per
-workload).
+(tokens/s and peak memory against context length in tokens, one line per provider, one column
+per workload; a cell that failed is a cross marked ``OOM`` / ``error`` / ``timeout``, its
+one-line error printed under the panels).
 """
 
 from __future__ import annotations
@@ -542,6 +544,7 @@ def run_benchmark(spec: BenchSpec, log=print) -> Path:
         for context in spec.contexts:
             for provider in spec.providers:  # side by side: providers interleaved per context
                 cell = Cell(provider, workload, context, batch, asdict(spec))
+                log(f"{workload:5s} {context:6d} {provider:14s} started (batch {batch})")
                 res = run_cell_isolated(cell, spec.budget_gb)
                 if res["status"] == "ok":
                     what = f"{res['tokens_per_s']:.1f} tok/s {res['peak_mem']:.2f} GiB"
@@ -570,18 +573,34 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def plot(csv_path: Path) -> Path:
-    """Tokens/s and peak memory against context length, one line per provider (PNG)."""
+    """The CSV's :func:`figure` as a PNG next to it."""
+    import matplotlib.pyplot as plt
+
+    with open(csv_path) as f:
+        fig = figure(list(csv.DictReader(f)))
+    png = csv_path.with_suffix(".png")
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def figure(rows: list[dict]):
+    """Tokens/s and peak memory against context length (ticks at the contexts measured, in
+    tokens), one line per provider, one column per workload. A cell that did not finish is a
+    cross at the foot of each panel, marked ``OOM``, ``error`` or ``timeout``; every failed
+    cell's one-line error is printed under the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(csv_path) as f:
-        rows = [r for r in csv.DictReader(f) if r["workload"] in WORKLOADS]
+    rows = [r for r in rows if r["workload"] in WORKLOADS and r["context"]]
     workloads = [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]
+    fails = _failures(rows)
     fig, axes = plt.subplots(2, max(len(workloads), 1), figsize=(6 * max(len(workloads), 1), 8),
                              squeeze=False)  # fmt: skip
     for j, w in enumerate(workloads):
+        contexts = sorted({int(r["context"]) for r in rows if r["workload"] == w})
         for i, (metric, label) in enumerate((("tokens_per_s", "tokens/s"),
                                              ("peak_mem", "peak memory (GiB)"))):  # fmt: skip
             ax = axes[i][j]
@@ -593,18 +612,47 @@ def plot(csv_path: Path) -> Path:
                 )
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker="o", label=p)
+            _mark_failures(ax, [f for f in fails if f["workload"] == w])
             ax.set_xscale("log", base=2)
+            ax.set_xticks(contexts, [str(c) for c in contexts])
+            ax.minorticks_off()
             ax.set_xlabel("context length (tokens)")
             ax.set_ylabel(label)
             ax.set_title(f"{w}: {label}")
             ax.grid(alpha=0.3)
-            if ax.get_lines():
+            if ax.get_legend_handles_labels()[0]:
                 ax.legend()
-    fig.tight_layout()
-    png = csv_path.with_suffix(".png")
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    notes = [f"{f['provider']} {f['workload']} {f['context']}: {f['status']}"
+             + (f": {f['error']}" if f["error"] else "") for f in fails]  # fmt: skip
+    if notes:
+        fig.text(0.01, 0.005, "\n".join(n[:160] for n in notes), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.03 * len(notes), 1, 1))
+    return fig
+
+
+def _failures(rows: list[dict]) -> list[dict]:
+    """The cells whose status is not ok: provider, workload, context, status, error (or "")."""
+    key = lambda r: (r["provider"], r["workload"], r["context"])  # noqa: E731
+    errors = {key(r): r["value"] for r in rows if r["metric"] == "error"}
+    return [
+        {"provider": r["provider"], "workload": r["workload"], "context": int(r["context"]),
+         "status": r["value"], "error": errors.get(key(r), "")}
+        for r in rows
+        if r["metric"] == "status" and r["value"] != "ok"
+    ]  # fmt: skip
+
+
+def _mark_failures(ax, fails: list[dict]) -> None:
+    """A cross at each failed cell's context, at the foot of the panel, with the providers that
+    failed there and how (one line each)."""
+    at: dict[int, list[str]] = {}
+    for f in fails:
+        status = "OOM" if f["status"] == "oom" else f["status"]
+        at.setdefault(f["context"], []).append(f"{f['provider']}: {status}")
+    for context, lines in at.items():
+        ax.plot([context], [0.04], "x", color="tab:red", ms=9, transform=ax.get_xaxis_transform())
+        ax.annotate("\n".join(lines), (context, 0.08), xycoords=ax.get_xaxis_transform(),
+                    fontsize=7, color="tab:red", ha="center", va="bottom")  # fmt: skip
 
 
 _HELP = {
