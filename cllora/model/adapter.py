@@ -26,10 +26,12 @@ was rejected: a preset's base is gigabytes, and the test models would put a base
 run directory. ``AutoPeftModelForCausalLM`` then fails for these (the name is not on the hub),
 and the ``README.md`` written beside the adapter says so and how to rebuild the base in cllora.
 ``adapter_config.json`` holds PEFT's keys only, so any PEFT version reads it. What cllora records
-beyond it, in the safetensors metadata of the weights file (PEFT ignores it): ``cllora_base``, the
-cllora model name, and ``cllora_base_fingerprint``, 16 input-embedding values of the base
-(:func:`base_fingerprint`), which tell apart bases a name does not (tiny-llama of two seeds);
-``load_adapter`` refuses an adapter whose base the model is not (see its docstring).
+beyond it is in ``cllora_base.json`` beside it (PEFT ignores the file): ``base``, the cllora model
+name, and ``fingerprint``, 16 input-embedding values of the base (:func:`base_fingerprint`),
+which tell apart bases a name does not (tiny-llama of two seeds); ``load_adapter`` refuses an
+adapter whose base the model is not (see its docstring). A file of its own, not the safetensors
+metadata: safetensors writes metadata keys in a random order, so the weights file would differ
+byte for byte between two identical runs.
 
 Key mapping: our ``<module>.lora_A`` is PEFT's ``base_model.model.<module>.lora_A.weight`` (PEFT
 drops the adapter name ``default`` when saving; we accept it on load too). ``load_adapter`` uses
@@ -49,7 +51,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -59,6 +60,7 @@ from cllora.model.lora import inject_lora, lora_modules, lora_parameters, set_lo
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 README_NAME = "README.md"
+BASE_NAME = "cllora_base.json"  # what cllora records about the base (see the module doc)
 _PREFIX = "base_model.model."
 log = logging.getLogger("cllora")
 
@@ -127,9 +129,10 @@ def save_adapter(
     directory.mkdir(parents=True, exist_ok=True)
     state = lora_state_dict(model) if state is None else state
     tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(to_peft_keys(state), str(tmp), metadata=_base_metadata(model, base_model))
+    save_file(to_peft_keys(state), str(tmp), metadata={"format": "pt"})
     as_umask(tmp)  # safetensors writes 0600
     tmp.replace(directory / WEIGHTS_NAME)
+    (directory / BASE_NAME).write_text(json.dumps(_base_record(model, base_model)) + "\n")
     base_path = peft_base_path(base_model)
     cfg = adapter_config(model, base_path)
     (directory / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
@@ -336,7 +339,6 @@ def _check_shapes(modules: dict[str, nn.Module], state: dict[str, torch.Tensor],
         raise ValueError("adapter tensor shapes do not match the model: " + "; ".join(bad[:5]))
 
 
-_BASE_KEY, _FINGERPRINT_KEY = "cllora_base", "cllora_base_fingerprint"
 _SAMPLE = 16  # embedding values a fingerprint records
 _SAMPLE_ROWS = 4096  # taken from the first rows only: tokens added to a vocabulary keep them
 
@@ -363,13 +365,9 @@ def _input_embedding(model: nn.Module) -> torch.Tensor | None:
     return weight if ok else None
 
 
-def _base_metadata(model: nn.Module, base_model: str) -> dict[str, str]:
-    """The safetensors metadata of a saved adapter: PEFT ignores it, travels with the weights."""
-    meta = {"format": "pt", _BASE_KEY: base_model}
-    fingerprint = base_fingerprint(model)
-    if fingerprint is not None:
-        meta[_FINGERPRINT_KEY] = json.dumps(fingerprint)
-    return meta
+def _base_record(model: nn.Module, base_model: str) -> dict:
+    """``cllora_base.json``: the base's cllora name and fingerprint (None without embeddings)."""
+    return {"base": base_model, "fingerprint": base_fingerprint(model)}
 
 
 def _same_base(recorded: dict, model: nn.Module) -> bool:
@@ -387,13 +385,18 @@ def _same_base(recorded: dict, model: nn.Module) -> bool:
 def _check_base(model: nn.Module, directory: Path, cfg: dict) -> None:
     """Refuse an adapter recorded on other base weights; warn if only the base's name differs
     (see :func:`load_adapter`)."""
-    with safe_open(str(directory / WEIGHTS_NAME), "pt") as f:
-        meta = f.metadata() or {}
+    path = directory / BASE_NAME
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(
+            f"{path} cannot be read ({type(err).__name__}); restore it, or pass check_base=False"
+        ) from None
     named = cfg.get("base_model_name_or_path") or ""
     model_name = getattr(model, "name_or_path", "") or ""
-    if _FINGERPRINT_KEY in meta:
-        if not _same_base(json.loads(meta[_FINGERPRINT_KEY]), model):
-            theirs = meta.get(_BASE_KEY) or named or "unrecorded"
+    if record.get("fingerprint"):
+        if not _same_base(record["fingerprint"], model):
+            theirs = record.get("base") or named or "unrecorded"
             ours = model_name or f"a {type(model).__name__}"
             raise ValueError(
                 f"adapter {directory} was trained on base {theirs!r} but the model ({ours}) has "
