@@ -71,9 +71,10 @@ def _texts(fig) -> list[str]:
 def test_a_failing_cell_is_recorded_and_the_exit_status_says_so(tmp_path, capsys, command):
     """A cell whose process fails (here: a model that does not exist) keeps its error in the CSV,
     prints the exception's own line and makes the command exit 1; the other cells still run."""
-    argv = [command, *TINY, "--model", "no-such-model", "--workloads", "fixed", "--contexts",
-            "32", "--out-dir", str(tmp_path)]  # fmt: skip
-    argv += ["--providers", "hf-peft"] if command == "bench" else ["--provider", "hf-peft"]
+    argv = [command, *TINY, "--model", "no-such-model", "--contexts", "32", "--out-dir",
+            str(tmp_path)]  # fmt: skip
+    argv += (["--providers", "hf-peft", "--workloads", "fixed"] if command == "bench"
+             else ["--provider", "hf-peft"])  # fmt: skip
     assert main(argv) == 1
     out, err = capsys.readouterr()
     assert "no-such-model" in out and "failed with an error" in err
