@@ -67,10 +67,12 @@ Presets (``--model llama-3.1-8b`` etc., :mod:`cllora.model.presets`) are random-
 real shapes built on the device; ``hf-peft-4bit`` on a preset quantizes the same bitsandbytes
 ``Linear4bit`` layers that transformers' ``BitsAndBytesConfig`` loading makes (nothing to load).
 
-Output: ``benchmarks/results/e2e-<device>-<timestamp>.csv`` in long format (provider, workload,
+Output: a line as each cell starts (provider, context, batch) and one as it ends;
+``benchmarks/results/e2e-<device>-<timestamp>.csv`` in long format (provider, workload,
 context, batch, metric, value, unit, device, dtype, commit, timestamp) and a PNG next to it
-(tokens/s and peak memory against context length, one line per provider, one column per
-workload).
+(tokens/s and peak memory against context length in tokens, one line per provider, one column
+per workload; a cell that failed is a cross marked ``OOM`` / ``error`` / ``timeout``, its
+one-line error printed under the panels).
 """
 
 from __future__ import annotations
@@ -542,6 +544,7 @@ def run_benchmark(spec: BenchSpec, log=print) -> Path:
         for context in spec.contexts:
             for provider in spec.providers:  # side by side: providers interleaved per context
                 cell = Cell(provider, workload, context, batch, asdict(spec))
+                log(f"{workload:5s} {context:6d} {provider:14s} started (batch {batch})")
                 res = run_cell_isolated(cell, spec.budget_gb)
                 if res["status"] == "ok":
                     what = f"{res['tokens_per_s']:.1f} tok/s {res['peak_mem']:.2f} GiB"
@@ -570,18 +573,34 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def plot(csv_path: Path) -> Path:
-    """Tokens/s and peak memory against context length, one line per provider (PNG)."""
+    """The CSV's :func:`figure` as a PNG next to it."""
+    import matplotlib.pyplot as plt
+
+    with open(csv_path) as f:
+        fig = figure(list(csv.DictReader(f)))
+    png = csv_path.with_suffix(".png")
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def figure(rows: list[dict]):
+    """Tokens/s and peak memory against context length (ticks at the contexts measured, in
+    tokens), one line per provider, one column per workload. A cell that did not finish is a
+    cross at the foot of each panel, marked ``OOM``, ``error`` or ``timeout``; every failed
+    cell's one-line error is printed under the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(csv_path) as f:
-        rows = [r for r in csv.DictReader(f) if r["workload"] in WORKLOADS]
+    rows = [r for r in rows if r["workload"] in WORKLOADS and r["context"]]
     workloads = [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]
+    fails = _failures(rows)
     fig, axes = plt.subplots(2, max(len(workloads), 1), figsize=(6 * max(len(workloads), 1), 8),
                              squeeze=False)  # fmt: skip
     for j, w in enumerate(workloads):
+        contexts = sorted({int(r["context"]) for r in rows if r["workload"] == w})
         for i, (metric, label) in enumerate((("tokens_per_s", "tokens/s"),
                                              ("peak_mem", "peak memory (GiB)"))):  # fmt: skip
             ax = axes[i][j]
@@ -593,23 +612,95 @@ def plot(csv_path: Path) -> Path:
                 )
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker="o", label=p)
+            _mark_failures(ax, [f for f in fails if f["workload"] == w])
             ax.set_xscale("log", base=2)
+            ax.set_xticks(contexts, [str(c) for c in contexts])
+            ax.minorticks_off()
             ax.set_xlabel("context length (tokens)")
             ax.set_ylabel(label)
             ax.set_title(f"{w}: {label}")
             ax.grid(alpha=0.3)
-            if ax.get_lines():
+            if ax.get_legend_handles_labels()[0]:
                 ax.legend()
-    fig.tight_layout()
-    png = csv_path.with_suffix(".png")
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    notes = [f"{f['provider']} {f['workload']} {f['context']}: {f['status']}"
+             + (f": {f['error']}" if f["error"] else "") for f in fails]  # fmt: skip
+    if notes:
+        fig.text(0.01, 0.005, "\n".join(n[:160] for n in notes), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.03 * len(notes), 1, 1))
+    return fig
 
 
-def _parse(argv: list[str] | None, ap: argparse.ArgumentParser | None = None) -> argparse.Namespace:
-    """Parse the benchmark's options (added to ``ap`` if given: ``profile_e2e`` adds its own)."""
-    ap = ap or argparse.ArgumentParser(prog="cllora bench", description=__doc__.split("\n\n")[0])
+def _failures(rows: list[dict]) -> list[dict]:
+    """The cells whose status is not ok: provider, workload, context, status, error (or "")."""
+    key = lambda r: (r["provider"], r["workload"], r["context"])  # noqa: E731
+    errors = {key(r): r["value"] for r in rows if r["metric"] == "error"}
+    return [
+        {"provider": r["provider"], "workload": r["workload"], "context": int(r["context"]),
+         "status": r["value"], "error": errors.get(key(r), "")}
+        for r in rows
+        if r["metric"] == "status" and r["value"] != "ok"
+    ]  # fmt: skip
+
+
+def _mark_failures(ax, fails: list[dict]) -> None:
+    """A cross at each failed cell's context, at the foot of the panel, with the providers that
+    failed there and how (one line each)."""
+    at: dict[int, list[str]] = {}
+    for f in fails:
+        status = "OOM" if f["status"] == "oom" else f["status"]
+        at.setdefault(f["context"], []).append(f"{f['provider']}: {status}")
+    for context, lines in at.items():
+        ax.plot([context], [0.04], "x", color="tab:red", ms=9, transform=ax.get_xaxis_transform())
+        ax.annotate("\n".join(lines), (context, 0.08), xycoords=ax.get_xaxis_transform(),
+                    fontsize=7, color="tab:red", ha="center", va="bottom")  # fmt: skip
+
+
+_HELP = {
+    "providers": f"comma-separated providers to compare, of: {', '.join(PROVIDERS)}",
+    "workloads": "comma-separated: fixed (random tokens, exactly the context) and/or real "
+    "(MedQuAD records cut at the context)",
+    "contexts": "comma-separated context lengths in tokens, one cell each",
+    "batch": "sequences per step of the fixed workload",
+    "real_batch": "samples per step of the real workload (one packed row for cllora)",
+    "steps": "timed steps per cell, after one warm-up step (0: the warm-up step only)",
+    "probe_steps": "timed steps of each --find-max-context probe on the CPU (0: one step)",
+    "seed": "seed of the model's LoRA init and of the data",
+    "threads": "torch CPU threads (0: torch's default)",
+    "max_context_hi": "--find-max-context: the longest context tried",
+    "max_context_step": "--find-max-context: the search's granularity, in tokens",
+    "model": "model.name of the cells: the embedded model, tiny-*, a preset (cllora list "
+    "models) or a model directory",
+    "dtype": "base weights: fp32 or bf16",
+    "device": "cpu or cuda",
+    "data": "MedQuAD directory of the real workload",
+    "out_dir": "where the CSV and its PNG are written",
+    "note": "free text kept in the CSV's rows (default: none)",
+    "budget_gb": "memory budget in GiB: a cell past it is recorded as status=oom (CPU: killed "
+    "past this peak RSS; CUDA: the allocator capped)",
+    "lora_dropout": "LoRA dropout (0: the fused LoRA kernel's path)",
+    "find_max_context": "binary-search, per provider, the longest fixed context whose step fits "
+    "--budget-gb",
+}
+_EXAMPLES = (
+    "cllora bench --contexts 256,512,1024 --steps 2                  # CPU, small scale",
+    "cllora bench --providers cllora,hf-peft --workloads fixed --contexts 1024,4096 \\\n"
+    "      --dtype bf16 --device cuda --find-max-context --budget-gb 8",
+)
+
+
+def _parse(
+    argv: list[str] | None, ap: argparse.ArgumentParser | None = None, skip: tuple[str, ...] = ()
+) -> argparse.Namespace:
+    """Parse the benchmark's options (added to ``ap`` if given: ``profile_e2e`` adds its own and
+    ``skip``s those it does not read)."""
+    from cllora.helptext import HelpFormatter, examples
+
+    ap = ap or argparse.ArgumentParser(
+        prog="cllora bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+        epilog=examples(*_EXAMPLES),
+    )
     d = BenchSpec()
 
     def ints(s: str) -> list[int]:
@@ -618,19 +709,23 @@ def _parse(argv: list[str] | None, ap: argparse.ArgumentParser | None = None) ->
     def strs(s: str) -> list[str]:
         return [x for x in s.split(",") if x]
 
+    def option(name: str, **kwargs: object) -> None:
+        if name not in skip:
+            ap.add_argument("--" + name.replace("_", "-"), help=_HELP[name], **kwargs)
+
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--max-context-cell", help=argparse.SUPPRESS)
-    ap.add_argument("--providers", type=strs, default=d.providers)
-    ap.add_argument("--workloads", type=strs, default=d.workloads)
-    ap.add_argument("--contexts", type=ints, default=d.contexts)
+    option("providers", type=strs, default=d.providers)
+    option("workloads", type=strs, default=d.workloads)
+    option("contexts", type=ints, default=d.contexts)
     for name in ("batch", "real_batch", "steps", "probe_steps", "seed", "threads",
                  "max_context_hi", "max_context_step"):  # fmt: skip
-        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+        option(name, type=int, default=getattr(d, name))
     for name in ("model", "dtype", "device", "data", "out_dir", "note"):
-        ap.add_argument("--" + name.replace("_", "-"), default=getattr(d, name))
-    ap.add_argument("--budget-gb", type=float, default=d.budget_gb)
-    ap.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    ap.add_argument("--find-max-context", action="store_true")
+        option(name, default=getattr(d, name))
+    option("budget_gb", type=float, default=d.budget_gb)
+    option("lora_dropout", type=float, default=d.lora_dropout)
+    option("find_max_context", action="store_true")
     return ap.parse_args(argv)
 
 

@@ -321,15 +321,42 @@ def plot_profile(csv_path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.bench_e2e import _parse
+    from cllora.helptext import HelpFormatter, examples
 
-    ap = argparse.ArgumentParser(prog="cllora profile", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="cllora profile",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+        formatter_class=HelpFormatter,
+        epilog=examples(
+            "cllora profile --contexts 512,1024,2048                       # CPU, SmolLM2-135M",
+            "cllora profile --device cuda --dtype bf16 --model llama-3.1-8b \\\n"
+            "      --provider cllora-4bit --contexts 1024,2048,4096,8192",
+        ),
+    )
     ap.add_argument("--trace", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--provider", default="cllora", choices=PROVIDERS)
-    args = _parse(argv, ap)
+    ap.add_argument(
+        "--provider",
+        default="cllora",
+        choices=PROVIDERS,
+        metavar="PROVIDER",
+        help=f"the provider profiled, of: {', '.join(PROVIDERS)}",
+    )
+    unread = (
+        "providers",
+        "workloads",
+        "real_batch",
+        "probe_steps",
+        "data",
+        "budget_gb",
+        "find_max_context",
+        "max_context_hi",
+        "max_context_step",
+    )  # the fixed workload only
+    args = _parse(argv, ap, skip=unread)
     if args.cell:
         print(json.dumps(profile_cell(Cell(**json.loads(args.cell)), args.trace)), flush=True)
         return 0
-    internal = ("cell", "max_context_cell", "trace", "provider", "find_max_context", "providers")
+    internal = ("cell", "max_context_cell", "trace", "provider")
     spec = BenchSpec(**{k: v for k, v in vars(args).items() if k not in internal})
     path = run_profile(spec, args.provider)
     print(f"results: {path}, {path.with_suffix('.png')} and traces in {path.with_suffix('')}")

@@ -13,7 +13,9 @@ Every (workload, context, batch) cell gets one row per provider (with the commit
 tokens/s, peak memory and
 both as a ratio to the baseline provider measured in the same CSV (the same invocation, so the
 same machine state as far as a shared machine allows). The default baseline ``auto`` is
-``hf-peft-4bit`` for 4-bit providers and ``hf-peft`` for the others. ``max_context`` rows form a
+``hf-peft-4bit`` for 4-bit providers and ``hf-peft`` for the others. A cell that did not finish
+shows its status (``oom``, ``timeout``, or ``error: `` and the one-line error) in place of its
+numbers. ``max_context`` rows form a
 second table. ``--readme FILE`` writes the tables between the lines
 ``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->`` of FILE instead of printing them.
 """
@@ -62,7 +64,8 @@ def markdown_tables(paths: list[Path], baseline: str = "auto") -> str:
         lead = f"| {device} | {commits[file]} | {workload} | {context} | {batch} |"
         for provider, m in cells[key].items():
             if m.get("status") != "ok":
-                out.append(f"{lead} {provider} | {m.get('status')} | | | |")
+                why = m.get("status", "") + (f": {m['error']}" if m.get("error") else "")
+                out.append(f"{lead} {provider} | {why.replace('|', '/')} | | | |")
                 continue
             tps, mem = float(m["tokens_per_s"]), float(m["peak_mem"])
             name = _baseline(provider, baseline)

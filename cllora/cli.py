@@ -1,4 +1,6 @@
-"""Command line: ``cllora run``, ``config``, ``sweep``, ``report``, ``bench``, ``profile``.
+"""Command line: ``cllora run``, ``config``, ``sweep``, ``report``, ``list``, ``bench``,
+``profile``, ``plan``, ``flower`` (``cllora --help`` lists them, ``cllora COMMAND --help``
+describes each option with its default and ends with examples: :mod:`cllora.helptext`).
 
 Usage::
 
@@ -6,18 +8,22 @@ Usage::
     cllora run examples/medquad.yaml fed.rounds=5 train.lr=5e-4
     cllora run --resume runs/20261126-101500     # continue a killed run where it stopped
     cllora config examples/demo.yaml seed=3      # print the resolved config, run nothing
+    cllora config --keys                         # every config key: default, allowed, meaning
+    cllora list models                           # or: cllora list algorithms
+    cllora --version
     cllora sweep examples/length_heterogeneity.yaml [key=value ...]   # a grid of runs, resumable
     cllora report runs/length                    # plots + report.html of a run or a sweep
     cllora bench --contexts 512,1024,2048        # training-step speed and memory per context
     cllora profile --contexts 512,1024,2048      # where the step's time goes, traces, cost model
     cllora plan --providers cllora-4bit --contexts 4096,32768 --gpu h100   # GPU cost, on the CPU
-    cllora flower simulate examples/demo.yaml --nodes 4   # on Flower (extra: cllora[flower])
+    cllora flower simulate examples/demo.yaml    # on Flower (extra: cllora[flower])
     python -m cllora run ...                     # same thing
 
-Arguments after the optional config file are ``key=value`` overrides (see README's config
-reference). ``bench`` and ``profile`` pass their options to ``benchmarks/bench_e2e.py`` and
-``benchmarks/profile_e2e.py`` of the source checkout (``cllora bench --help`` lists them); they
-are not part of an installed wheel.
+Arguments after the optional config file are ``key=value`` overrides (``cllora config --keys``),
+in any order with the options (each command's parser reads them intermixed). ``bench`` and
+``profile`` pass their options to ``benchmarks/bench_e2e.py`` and ``benchmarks/profile_e2e.py``
+of the source checkout (``cllora bench --help`` lists them); they are not part of an installed
+wheel.
 
 Errors: one line on stderr naming the cause and the fix, never a traceback unless ``--debug``
 is given (before or after the subcommand). Exit status: 0 on success; 2 on a bad config or bad
@@ -40,6 +46,7 @@ from pathlib import Path
 import yaml
 
 from cllora.config import ConfigError, config_to_dict, load_config
+from cllora.helptext import HelpFormatter, examples
 from cllora.model.cpu_memory import align_large_buffers, wants_aligned_buffers
 
 
@@ -50,7 +57,61 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
     return None, items
 
 
-def _parser() -> argparse.ArgumentParser:
+_DESCRIPTION = (
+    "cllora: federated LoRA / QLoRA fine-tuning that measures how each client's context length\n"
+    "and quality shape the local and the global model."
+)
+_EPILOG = (
+    examples(
+        "cllora run                          # the demo: embedded SmolLM2-135M, builtin corpus",
+        "cllora run examples/medquad.yaml fed.rounds=5 train.lr=5e-4",
+        "cllora config --keys                # every config key, default and meaning",
+        "cllora sweep examples/length_heterogeneity.yaml && cllora report runs/length",
+        "cllora flower simulate examples/demo.yaml fed.rounds=1",
+    )
+    + "\n\n'cllora COMMAND --help' describes a command's options. A bad config or bad input is "
+    "one line on\nstderr naming the key, file or line, and exit status 2; 1 when a run stops or "
+    "fails; 130 on\nCtrl-C and 143 on SIGTERM, after printing the command that resumes the run."
+)
+
+
+_COMMANDS = (
+    ("run", "run a federated LoRA experiment"),
+    ("config", "print the resolved config (or every config key: --keys) and exit"),
+    ("sweep", "run a grid of experiments (resumable), one results CSV"),
+    ("report", "plots and an HTML report of a run or sweep directory"),
+    ("list", "list the models or the federated algorithms cllora knows"),
+    ("bench", "training-step speed and memory per context length (source checkout)"),
+    ("profile", "where a training step's time goes, per context length (source checkout)"),
+    ("plan", "predicted GPU memory, FLOPs, bytes and time of a step, on the CPU"),
+    ("flower", "simulate on Flower, or prepare a Flower deployment (extra: cllora[flower])"),
+)
+# their own parsers read their options (`cllora bench --help` shows them)
+_PASS_THROUGH = ("bench", "profile", "plan", "flower")
+_OVERRIDES = (
+    "a config file (YAML; default: the demo settings), then key=value overrides, in any order "
+    "with the options (cllora config --keys lists the keys)"
+)
+
+
+def _version() -> str:
+    """``cllora <version>``, with the torch and transformers installed (read without importing)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from cllora import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{n} {installed(n)}" for n in ("torch", "transformers"))
+    return f"cllora {__version__} ({deps}, Python {sys.version.split()[0]})"
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``cllora`` parser and each command's own (which :func:`_parse` reads intermixed)."""
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument(
         "--debug",
@@ -58,42 +119,115 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="show the traceback of an error (and debug logging)",
     )
-    p = argparse.ArgumentParser(prog="cllora", description=__doc__.split("\n")[0], parents=[debug])
-    sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a federated LoRA experiment", parents=[debug])
-    run.add_argument(
-        "args", nargs="*", metavar="[CONFIG] key=value", help="config file, then overrides"
+    p = argparse.ArgumentParser(
+        prog="cllora",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        parents=[debug],
+        formatter_class=HelpFormatter,
     )
+    p.add_argument(
+        "--version",
+        action="version",
+        version=_version(),
+        help="print cllora's version (and torch's, transformers') and exit",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    what = dict(_COMMANDS)
+
+    def command(name: str, description: str, *example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=what[name],
+            description=description,
+            epilog=examples(*example),
+            parents=[debug],
+            formatter_class=HelpFormatter,
+        )
+
+    run = command(
+        "run",
+        "Run a federated LoRA experiment: the config (file, then overrides) decides the model, "
+        "data,\nclients and algorithm; the run directory holds its config, metrics and adapter.",
+        "cllora run                                   # the demo: embedded SmolLM2-135M",
+        "cllora run examples/medquad.yaml fed.rounds=5 train.lr=5e-4",
+        "cllora run --resume runs/20261126-101500     # continue a killed run",
+        "cllora run fed.rounds=1 --resume runs/x progress=false   # options and overrides mix",
+    )
+    run.add_argument("args", nargs="*", metavar="[CONFIG] key=value", help=_OVERRIDES)
     run.add_argument(
         "--resume",
         metavar="RUN_DIR",
         help="continue a killed run from its last complete round (a config or overrides given "
-        "too must not change the experiment)",
+        "too must not change the experiment; default: a new run)",
     )
-    cfg = sub.add_parser("config", help="print the resolved config and exit", parents=[debug])
-    cfg.add_argument("args", nargs="*", metavar="[CONFIG] key=value")
-    sweep = sub.add_parser(
-        "sweep", help="run a grid of experiments (resumable), one results CSV", parents=[debug]
+    cfg = command(
+        "config",
+        "Print the resolved config (defaults < file < overrides) as YAML, and run nothing; or,\n"
+        "with --keys, every config key with its default, allowed values and meaning.",
+        "cllora config examples/demo.yaml seed=3",
+        "cllora config --keys                # the reference of every key",
+        "cllora config --keys --markdown     # the same as README's table",
     )
-    sweep.add_argument("sweep_file", metavar="SWEEP.yaml")
-    sweep.add_argument("args", nargs="*", metavar="key=value", help="overrides of every cell")
-    report = sub.add_parser(
-        "report", help="plots and an HTML report of a run or sweep directory", parents=[debug]
+    cfg.add_argument("args", nargs="*", metavar="[CONFIG] key=value", help=_OVERRIDES)
+    cfg.add_argument(
+        "--keys",
+        action="store_true",
+        help="print every config key: default, allowed values, meaning",
     )
-    report.add_argument("directory", metavar="RUN_OR_SWEEP_DIR")
-    tools = (
-        ("bench", "training-step speed and memory per context length"),
-        ("profile", "step time by category per context length, traces"),
-        ("plan", "predicted GPU memory, FLOPs, bytes and roofline time of a step, on the CPU"),
+    cfg.add_argument(
+        "--markdown", action="store_true", help="with --keys: as README's Markdown table"
     )
-    for name, what in tools:
-        tool = sub.add_parser(name, help=what, add_help=False)
-        tool.add_argument("args", nargs="*", help="options of the benchmark")
-    flower = sub.add_parser(
-        "flower", help="simulate on Flower, or prepare a Flower deployment", add_help=False
+    sweep = command(
+        "sweep",
+        "Run every cell of a sweep file (a grid over config keys, seeds), one run directory "
+        "each;\nrunning it again skips the finished cells.",
+        "cllora sweep examples/length_heterogeneity.yaml",
+        "cllora sweep examples/length_heterogeneity.yaml fed.rounds=1 progress=false",
     )
-    flower.add_argument("args", nargs="*", help="simulate | app | certs | keys, and options")
-    return p
+    sweep.add_argument("sweep_file", metavar="SWEEP.yaml", help="the sweep file")
+    sweep.add_argument(
+        "args",
+        nargs="*",
+        metavar="key=value",
+        help="overrides of every cell, in any order with the options",
+    )
+    report = command(
+        "report",
+        "Plots and report/report.html of a run or sweep directory (and a study's tables).",
+        "cllora report runs/20261126-101500",
+        "cllora report runs/length            # a sweep: one figure per setting",
+    )
+    report.add_argument(
+        "directory", metavar="RUN_OR_SWEEP_DIR", help="a run directory or a sweep directory"
+    )
+    listing = command(
+        "list",
+        "List what cllora knows: models (embedded, tiny test models, random-weight presets with\n"
+        "their sizes) or federated algorithms (fed.strategy values, from cllora/fed/algorithms).",
+        "cllora list models",
+        "cllora list algorithms",
+    )
+    listing.add_argument("what", choices=("models", "algorithms"), help="what to list")
+    for name in _PASS_THROUGH:  # their own parsers describe their options
+        tool = sub.add_parser(name, help=what[name], add_help=False)
+        tool.add_argument("args", nargs="*")
+    commands = {n: sub.choices[n] for n, _ in _COMMANDS if n not in _PASS_THROUGH}
+    return p, commands
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The command and its arguments; options and ``key=value`` overrides in any order."""
+    parser, commands = _parser()
+    args, _ = parser.parse_known_args(argv)
+    if args.command in _PASS_THROUGH:
+        return args
+    rest = argv[argv.index(args.command) + 1 :]
+    parsed = commands[args.command].parse_intermixed_args(rest)
+    parsed.command = args.command
+    if getattr(args, "debug", False):  # given before the command
+        parsed.debug = True
+    return parsed
 
 
 def _benchmark_main(name: str):
@@ -169,10 +303,7 @@ def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cllora`` console script."""
-    parser = _parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command not in ("bench", "profile", "plan", "flower"):
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = _parse(list(argv if argv is not None else sys.argv[1:]))
     debug = getattr(args, "debug", False)
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr
@@ -251,6 +382,13 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
         if (Path(args.directory) / "study.yaml").is_file() and study.is_file():
             print(f"\n{study.read_text(encoding='utf-8')}")  # controls, primary, exploratory
         return 0
+    if args.command == "list":
+        from cllora.catalog import algorithms_text, models_text
+
+        print(models_text() if args.what == "models" else algorithms_text(), end="")
+        return 0
+    if args.command == "config" and (args.keys or args.markdown):
+        return _config_keys(args)
     path, overrides = _split_args(args.args)
     if args.command == "run" and args.resume:
         saved = Path(args.resume) / "config.yaml"
@@ -262,6 +400,21 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
     return _run(cfg)
+
+
+def _config_keys(args: argparse.Namespace) -> int:
+    """``cllora config --keys [--markdown]``: the reference of every key (README's table)."""
+    from cllora.config_reference import reference_markdown, reference_text
+
+    if not args.keys:
+        raise ConfigError("--markdown goes with --keys: cllora config --keys --markdown")
+    if args.args:
+        raise ConfigError(
+            f"config --keys lists the keys and their defaults; it takes no config or overrides "
+            f"(got {' '.join(args.args)}): drop them, or leave out --keys to see their values"
+        )
+    print(reference_markdown() if args.markdown else reference_text(), end="")
+    return 0
 
 
 def _run(cfg, resume: Path | None = None) -> int:

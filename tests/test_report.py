@@ -76,3 +76,62 @@ def test_column_names_read_as_words():
 def test_markdown_tables_keep_text_as_it_is():
     text = markdown_table([{"comparison": "length <128 | a", "effect": 0.0123456}])
     assert "| length <128 \\| a | 0.01235 |" in text
+
+
+def test_bucket_labels_sort_by_length_not_as_text():
+    from cllora.data.partition import bucket_labels, bucket_sort_key
+
+    labels = bucket_labels([128, 256, 512])
+    assert sorted(labels) != labels  # as text: "128-255", "256-511", "<128", ">=512"
+    assert sorted(reversed(labels), key=bucket_sort_key) == ["<128", "128-255", "256-511", ">=512"]
+    sent = bucket_labels([3, 6, 12], "sentences")
+    assert sorted(sent[::-1], key=bucket_sort_key) == sent == ["<3sent", "3-5sent", "6-11sent",
+                                                                ">=12sent"]  # fmt: skip
+    assert sorted(["92-129", "all", ">=220", "<92"], key=bucket_sort_key)[0] == "all"
+
+
+def test_sweep_legends_list_buckets_by_length():
+    from cllora.report.plots import knob_figure
+
+    points = {0.1: {f"global, {b}": [1.0] for b in ("128-255", "256-511", "<128", ">=512")}}
+    fig = knob_figure(points, "alpha_len")
+    legend = [t.get_text().split(" (n=")[0] for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["global, <128", "global, 128-255", "global, 256-511", "global, >=512"]
+
+
+def test_table_values_read_as_words():
+    from cllora.report.html import readable
+
+    assert readable("malformed_examples", []) == "—"
+    assert readable("length_buckets", [92, 130, 220]) == "92, 130, 220"
+    shares = "92-129:0.08 <92:0.25 >=220:0.42 130-219:0.25"
+    assert readable("hist", shares) == "<92: 25%, 92-129: 8%, 130-219: 25%, >=220: 42%"
+    assert readable("bucket_counts", "<3sent:4 >=3sent:2") == "<3sent: 4, >=3sent: 2"
+    assert readable("operators", "swap:3 noise:1") == "swap: 3, noise: 1"
+    assert readable("operators", "") == "—" and readable("client", "a:b") == "a:b"
+
+
+def _effect(scope: str, effect: float):
+    from cllora.report.effects import EffectRow
+
+    return EffectRow("train.lr", 0.01, 0.001, "global", scope, 1, effect, effect - 0.01,
+                     effect + 0.01, 3, 20, "t", True)  # fmt: skip
+
+
+def test_forest_plot_axis_text_is_true_for_every_row_on_it():
+    """Score rows (higher = better) sit on their own panel, under an axis that says positive =
+    better; the loss rows' axis says negative = better and holds no score row."""
+    import matplotlib.pyplot as plt
+
+    from cllora.report.plots import forest_figure
+
+    rows = [_effect("all", -0.05), _effect("rouge-l", 0.04), _effect("length <128", 0.01)]
+    fig = forest_figure(rows)
+    (loss, score) = fig.axes
+    assert "negative = better" in loss.get_xlabel() and "positive" not in loss.get_xlabel()
+    assert "positive = better" in score.get_xlabel() and "negative" not in score.get_xlabel()
+    assert ["ROUGE-L" in t.get_text() for t in loss.get_yticklabels()] == [False, False]
+    assert ["ROUGE-L" in t.get_text() for t in score.get_yticklabels()] == [True]
+    plt.close(fig)
+    (only,) = forest_figure(rows[:1]).axes
+    assert "negative = better" in only.get_xlabel()

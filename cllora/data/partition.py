@@ -11,6 +11,7 @@ Usage::
     counts = [sample_length(s, "sentences") for s in samples]   # meta["sentences"]
     edges = bucket_edges(counts, cfg.partition.length_buckets, "sentences")
     bucket_labels(edges, "sentences")     # ["<3sent", "3-5sent", ">=6sent"]
+    sorted(labels, key=bucket_sort_key)   # buckets by value: "<128" first, ">=512" last
 
 Methods (``partition.method``):
 
@@ -145,6 +146,20 @@ def bucket_label(i: int, edges: Sequence[int], measure: str = "tokens") -> str:
 
 def bucket_labels(edges: Sequence[int], measure: str = "tokens") -> list[str]:
     return [bucket_label(i, edges, measure) for i in range(len(edges) + 1)]
+
+
+def bucket_sort_key(label: str) -> tuple[int, float]:
+    """Where a bucket label (:func:`bucket_label`) sits among its buckets, by value: ``all``
+    first, then ``<x`` (the lowest), then ``a-b`` by its lower edge ``a``, ``>=x`` last; other
+    text after them. ``sorted(labels, key=bucket_sort_key)`` orders legends, columns and bars."""
+    text = label.strip().removesuffix(_UNITS["sentences"])
+    for prefix, rank in ((">=", 3), ("<", 1)):
+        if text.startswith(prefix) and text[len(prefix) :].isdigit():
+            return rank, float(text[len(prefix) :])
+    low, dash, _ = text.partition("-")
+    if dash and low.isdigit():
+        return 2, float(low)
+    return (0, 0.0) if text == "all" else (4, 0.0)
 
 
 # ---------------------------------------------------------------- partitioners

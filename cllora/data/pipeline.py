@@ -27,8 +27,11 @@ to its training samples (``data.client_max_length[i % len]``, else ``data.max_le
 common window ``data.max_length`` to every test set (the global one too), with the
 ``data.overlong`` policy (with ``data.overlong=error`` a record longer than its window stops the
 run, naming its place and its true length, before any corruption). What the windows truncated or
-dropped is counted per client. A client left without a training or test sample is an error before
-any training starts.
+dropped is counted per client (``truncated``, ``dropped``) and summed in the stats
+(``train_truncated``, ``train_dropped``; ``measure_truncated`` counts the samples cut at the
+measuring cap, before any window). A client left without a training or test sample is an error
+before any training starts; one with a single test sample gets a warning (its own test loss is
+one sample's).
 
 With ``partition.pool`` > 0 (a study's common random numbers, :mod:`cllora.data.pool`) the order
 after measuring is instead: leave out what does not fit ``data.max_length``, hold out the test
@@ -50,9 +53,11 @@ from cllora.data.partition import Client, apply_window, bucket_edges, make_clien
 from cllora.data.pool import allocate, draw_pool, fitting, skew_report
 from cllora.data.quality import BOILERPLATE, CorruptionContext, client_rates, corrupt
 from cllora.data.readers import DataError, Malformed, load_records
+from cllora.text import counts_line, fields_line
 
 log = logging.getLogger("cllora")
 MEASURE_LENGTH = 16384  # tokens kept when measuring lengths (longer samples are cut here)
+FEW_TEST = 2  # a client's own test set smaller than this gets a warning (one sample's loss)
 
 
 @dataclass
@@ -127,6 +132,21 @@ def load_samples(cfg: Config, tokenizer: Any) -> tuple[list[Sample], dict[str, A
     return samples, {**stats, **malformed.stats()}
 
 
+def count_clients(cfg: Config) -> int:
+    """The clients :func:`build_clients` makes, counted without tokenizing (what a Flower
+    simulation needs before it starts one virtual node per client): ``partition.num_clients``,
+    or under ``partition.method=field`` (not in pool mode) the distinct values of the field in
+    the records as the run reads them (``data.max_records`` included). A value whose every record
+    is later skipped as malformed is still counted."""
+    part = cfg.partition
+    if part.method != "field" or part.pool:
+        return part.num_clients
+    records = load_records(cfg.data.path, cfg.data.format, malformed=Malformed("skip"))
+    if cfg.data.max_records and len(records) > cfg.data.max_records:
+        records = random.Random(cfg.seed).sample(records, cfg.data.max_records)
+    return len({str(r[part.field]) for r in records if part.field in r})
+
+
 def check_model_window(cfg: Config, max_positions: int | None) -> None:
     """Every window (``data.max_length``, ``data.client_max_length``) fits the model's
     ``max_position_embeddings`` (None: the model states no limit)."""
@@ -184,12 +204,29 @@ def _corrupt_clients(cfg: Config, clients: list[Client], ctx: CorruptionContext)
                 c.train = clean
 
 
+def _warn_few_test(clients: list[Client]) -> None:
+    """One warning per client whose own test set has fewer than :data:`FEW_TEST` samples: its
+    own test loss (global and local models) is then one sample's."""
+    for c in clients:
+        if len(c.test) < FEW_TEST:
+            log.warning(
+                "client %s has %d test sample(s): its own test loss is one sample's, not an "
+                "estimate (raise partition.test_fraction or partition.max_test_per_client)",
+                c.name, len(c.test),
+            )  # fmt: skip
+
+
 def _window_clients(cfg: Config, clients: list[Client]) -> dict[str, int]:
-    counts = {"test_truncated": 0, "test_dropped": 0}
+    """Each client's windows applied; the counts: training samples cut / dropped at their
+    client's window (``train_truncated`` / ``train_dropped``: the clients' ``truncated`` /
+    ``dropped`` summed) and test samples cut / dropped at ``data.max_length``."""
+    counts = {"train_truncated": 0, "train_dropped": 0, "test_truncated": 0, "test_dropped": 0}
     for i, c in enumerate(clients):
         c.window = client_window(cfg, i)
         c.train, c.truncated, c.dropped = apply_window(c.train, c.window, cfg.data.overlong)
         c.test, t_cut, t_drop = apply_window(c.test, cfg.data.max_length, cfg.data.overlong)
+        counts["train_truncated"] += c.truncated
+        counts["train_dropped"] += c.dropped
         counts["test_truncated"] += t_cut
         counts["test_dropped"] += t_drop
         for part, kept, lost in (("training", c.train, c.dropped), ("test", c.test, t_drop)):
@@ -234,17 +271,20 @@ def _pool_clients(cfg: Config, tokenizer: Any, samples: list[Sample], stats: dic
     stats.update(excluded_overlong=excluded, pool=len(pool), global_test=len(held),
                  length_buckets=edges, length_measure=part.length_measure,
                  allocation=part.method, draw=part.draw)  # fmt: skip
-    log.info("data %s: %s", cfg.data.path, stats)
+    log.info("data %s: %s", cfg.data.path, fields_line(stats))
     for c in clients:
-        log.info("client %s: %d train (skew asked %.2f, delivered %.2f), corrupted %s%s",
+        dropped = f", {c.discarded} dropped" if c.discarded else ""
+        log.info("client %s: %d train (length skew asked %.2f, delivered %.2f), corrupted %s%s",
                  c.name, len(c.train), skew[c.name]["asked"], skew[c.name]["delivered"],
-                 c.corrupted, f", {c.discarded} dropped" if c.discarded else "")  # fmt: skip
+                 counts_line(c.corrupted), dropped)  # fmt: skip
     return ClientData(clients, edges, stats, held)
 
 
 def build_clients(cfg: Config, tokenizer: Any) -> ClientData:
     """The clients of a run, measured, partitioned, corrupted and windowed (see module doc)."""
     samples, stats = load_samples(cfg, tokenizer)
+    # the loader's "truncated": samples cut at the measuring cap, not at any window
+    stats["measure_truncated"] = stats.pop("truncated")
     for s in samples:
         s.meta["length"] = s.true_length  # the measured length, kept through corruption/windows
     part = cfg.partition
@@ -261,6 +301,7 @@ def build_clients(cfg: Config, tokenizer: Any) -> ClientData:
     # noise tokens come from the training pool's vocabulary: nothing of the held-out set
     _corrupt_clients(cfg, clients, CorruptionContext.from_samples(pool, boiler))
     stats.update(_window_clients(cfg, clients))
+    _warn_few_test(clients)
     if held:
         held, cut, dropped = apply_window(held, cfg.data.max_length, cfg.data.overlong)
         if not held:
@@ -272,10 +313,11 @@ def build_clients(cfg: Config, tokenizer: Any) -> ClientData:
         stats.update(global_test=len(held), global_test_truncated=cut, global_test_dropped=dropped)
     stats["length_buckets"] = edges
     stats["length_measure"] = part.length_measure
-    log.info("data %s: %s", cfg.data.path, stats)
+    log.info("data %s: %s", cfg.data.path, fields_line(stats))
     for c in clients:
         log.info(
             "client %s: %d train (%d truncated, %d dropped at %d tokens), %d test; corrupted %s",
-            c.name, len(c.train), c.truncated, c.dropped, c.window, len(c.test), c.corrupted,
+            c.name, len(c.train), c.truncated, c.dropped, c.window, len(c.test),
+            counts_line(c.corrupted),
         )  # fmt: skip
     return ClientData(clients, edges, stats, held)

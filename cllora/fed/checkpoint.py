@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cllora.data.fingerprint import sha256_file
+from cllora.files import as_umask
 
 log = logging.getLogger("cllora")
 _SEP = "/"
@@ -110,6 +111,7 @@ def save_checkpoint(
     meta = json.loads(json.dumps(meta))  # the digest is of what a reader gets back
     meta["self_sha256"] = _meta_digest(meta)
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    as_umask(tmp)  # safetensors writes 0600
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in round_dirs(directory)[KEEP:]:

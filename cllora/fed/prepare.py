@@ -18,6 +18,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from cllora.config import Config, ConfigError
 from cllora.data.partition import Client, sample_length
 from cllora.data.pipeline import ClientData, build_clients, check_model_window
@@ -92,11 +94,14 @@ def client_stats(
     global model, i.e. the base model since LoRA starts at zero, on the client's first
     ``quality.score_samples`` training responses) needs no labels; it also weights clients under
     ``fed.weighting=quality``. Returns per client: samples, tokens and (when scored) quality.
-    ``write=False`` (a resumed run, whose files and records exist) only returns them.
+    ``write=False`` (a resumed run, whose records exist) writes no record, and rewrites
+    ``clients.csv`` / ``samples.csv`` only where one was deleted (the same numbers, recomputed).
     ``cache``: the quality score's losses through it (the base model's, shared by runs).
     """
     pad_id, n = tokenizer.pad_token_id, cfg.quality.score_samples
     quality, scored = {}, []
+    total = sum(len(c.train[:n]) for c in data.clients) if n else 0
+    bar = tqdm(total=total, desc="quality score", unit="sample", disable=not cfg.progress)
     for c in data.clients if n else []:
         losses, quality[c.name] = quality_score(
             model, c.train[:n], pad_id, cfg.train.eval_batch_size,
@@ -107,11 +112,15 @@ def client_stats(
                 {"client": c.name, "where": s.meta.get("where", ""), "length": sample_length(s),
                  "corruption": s.meta.get("corruption", ""), "loss": loss}
             )  # fmt: skip
+        bar.update(len(c.train[:n]))
+    bar.close()
     rows = client_table(data.clients, data.edges, tokenizer, quality, cfg.partition.length_measure)
+    for name, table in (("clients.csv", rows), ("samples.csv", scored)):
+        if table and (write or not (run_dir / name).exists()):
+            if not write:
+                log.warning("%s was missing from %s: rewritten (recomputed)", name, run_dir)
+            write_csv(run_dir / name, table)
     if write:
-        write_csv(run_dir / "clients.csv", rows)
-        if scored:
-            write_csv(run_dir / "samples.csv", scored)
         summary = heterogeneity_summary(rows)
         metrics.write(FreeRecord(Kind.PARTITION, {**summary, **json_safe(data.stats)}))
     stats = {}

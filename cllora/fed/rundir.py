@@ -7,10 +7,11 @@ Usage::
     handler = attach_log_file(run_dir)   # run.log
     remove_unstarted(run_dir)            # a start that failed before its first checkpoint
 
-The rules (README, "Reliability"): a named directory holding a run (a round checkpoint) is never
-reused; one left by a start that failed or was killed before its first checkpoint is reused;
-one holding files cllora did not write is refused. ``out_dir`` must be a writable directory
-(created when missing).
+The rules (README, "Reliability"): a named directory holding a run (a round checkpoint) or any
+result of one (:func:`cllora.fed.resume.held_results`, e.g. a finished run whose ``checkpoint/``
+was deleted) is never reused; one that cllora created (its marker
+:data:`cllora.fed.resume.MARKER`) and that a start left before its first checkpoint is reused;
+anything else is refused. ``out_dir`` must be a writable directory (created when missing).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 from cllora.config import Config, ConfigError
-from cllora.fed.resume import has_checkpoint, start_over
+from cllora.fed.resume import check_restartable, has_checkpoint, mark_run_dir, start_over
 
 log = logging.getLogger("cllora")
 
@@ -45,12 +46,12 @@ def out_root(cfg: Config) -> Path:
 
 
 def make_run_dir(cfg: Config) -> Path:
-    """``out_dir/run_name`` or ``out_dir/<timestamp>``, created empty.
+    """``out_dir/run_name`` or ``out_dir/<timestamp>``, created empty and marked.
 
-    A named directory that holds a run (a round checkpoint) is refused; one left by a start
-    that failed or was killed before its first checkpoint (a ``config.yaml``, no checkpoint)
-    holds no results and is reused, so a failed start never blocks a retry; one that holds
-    other files is refused (cllora deletes nothing it did not write)."""
+    A named directory that holds a run (a round checkpoint) is refused; one cllora created that
+    a start left before its first checkpoint holds no results and is reused, so a failed start
+    never blocks a retry; one that holds results, or that cllora did not create, is refused
+    (cllora deletes nothing it did not write)."""
     root = out_root(cfg)
     name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = root / name
@@ -62,11 +63,11 @@ def make_run_dir(cfg: Config) -> Path:
                 f"run directory {run_dir} already holds a run; choose another run_name, remove "
                 f"it, or continue it with: cllora run --resume {run_dir}"
             )
-        if cfg.run_name and not (run_dir / "config.yaml").is_file():
-            raise FileExistsError(
-                f"{run_dir} holds files that are not a cllora run; choose another run_name"
-            )
         if cfg.run_name:
+            try:
+                check_restartable(run_dir)
+            except ConfigError as err:
+                raise FileExistsError(str(err)) from None
             log.info("run directory %s holds an unstarted run (no checkpoint): reusing it", run_dir)
             start_over(run_dir, keep_config=False)
         else:
@@ -75,6 +76,7 @@ def make_run_dir(cfg: Config) -> Path:
                 suffix += 1
             run_dir = root / f"{name}-{suffix}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    mark_run_dir(run_dir)
     return run_dir
 
 

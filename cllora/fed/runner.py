@@ -290,9 +290,18 @@ def run_round(run: Run, r: int) -> dict[str, Any]:
     if r == run.cfg.fed.rounds:  # after the round record: its seconds leave generation out
         _generate(run, r)
     _checkpoint(run, r, _rng_states(run.rng, run.rng_fail))
-    if not math.isnan(row["global_loss"]):
-        log.info("round %d: global loss %.4f (ppl %.2f)", r, row["global_loss"], row["global_ppl"])
+    log.info("%s", _round_line(run, r, out, row, time.perf_counter() - start))
     return row
+
+
+def _round_line(run: Run, r: int, out: Any, row: dict[str, Any], seconds: float) -> str:
+    """The round in ``run.log``: who trained, how long, the global model (or why not)."""
+    trained = f"{len(out.uplinks)} of {len(out.trainees)} trainees sent an update"
+    if math.isnan(row["global_loss"]):
+        model = "global model not evaluated this round (eval.global_rounds=last)"
+    else:
+        model = f"global loss {row['global_loss']:.4f} (ppl {row['global_ppl']:.2f})"
+    return f"round {r} of {run.cfg.fed.rounds}: {trained} in {seconds:.0f} s; {model}"
 
 
 def _generate(run: Run, r: int) -> None:
@@ -326,7 +335,8 @@ def _checkpoint(run: Run, r: int, rng: list) -> None:
     """Round ``r``'s checkpoint (main process only)."""
     if not run.main:
         return
-    extra = {"rng": rng, "config": config_to_dict(run.cfg), "data": run.fingerprint}
+    extra = {"rng": rng, "config": config_to_dict(run.cfg), "data": run.fingerprint,
+             "metrics_records": run.metrics.records}  # fmt: skip
     with run.timer.phase("checkpoint"):
         save_checkpoint(run.run_dir / "checkpoint", r, run.global_state,
                         run.algorithm.state_dict(), run.result.rows, extra=extra)  # fmt: skip

@@ -26,49 +26,145 @@ from pathlib import Path
 
 from cllora.config import load_config
 from cllora.flower import require_flower
+from cllora.helptext import HelpFormatter, examples
 
 
-def _settings_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nodes", type=int, default=0, help="SuperNodes (default: the clients)")
-    p.add_argument("--dp-clipping-norm", type=float, default=0.0,
-                   help="differential privacy: clip each update to this L2 norm")  # fmt: skip
-    p.add_argument("--dp-noise-multiplier", type=float, default=0.0,
-                   help="differential privacy: noise std = multiplier*norm/clients")  # fmt: skip
-    p.add_argument("--round-timeout", type=float, default=3600.0,
-                   help="seconds the server waits for a round's replies")  # fmt: skip
-    p.add_argument("--dp-delta", type=float, default=1e-5,
-                   help="differential privacy: the delta epsilon is recorded at")  # fmt: skip
-    p.add_argument("--secagg", action="store_true",
-                   help="secure aggregation (Flower's SecAgg+): the server sees sums")  # fmt: skip
-    p.add_argument("--secagg-num-shares", type=float, default=1.0,
-                   help="SecAgg+ shares per client (<= 1: of the trainees)")  # fmt: skip
-    p.add_argument("--secagg-reconstruction-threshold", type=float, default=0.75,
-                   help="SecAgg+ shares that rebuild a secret (<= 1: of the shares)")  # fmt: skip
+def _settings_args(p: argparse.ArgumentParser, nodes: str) -> None:
+    p.add_argument("--nodes", type=int, default=0, help=nodes)
+    p.add_argument(
+        "--dp-clipping-norm",
+        type=float,
+        default=0.0,
+        help="differential privacy: clip each update to this L2 norm (0: off)",
+    )
+    p.add_argument(
+        "--dp-noise-multiplier",
+        type=float,
+        default=0.0,
+        help="differential privacy: noise std = multiplier*norm/clients",
+    )
+    p.add_argument(
+        "--round-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds the server waits for a round's replies",
+    )
+    p.add_argument(
+        "--dp-delta",
+        type=float,
+        default=1e-5,
+        help="differential privacy: the delta epsilon is recorded at",
+    )
+    p.add_argument(
+        "--secagg",
+        action="store_true",
+        help="secure aggregation (Flower's SecAgg+): the server sees sums",
+    )
+    p.add_argument(
+        "--secagg-num-shares",
+        type=float,
+        default=1.0,
+        help="SecAgg+ shares per client (<= 1: of the trainees)",
+    )
+    p.add_argument(
+        "--secagg-reconstruction-threshold",
+        type=float,
+        default=0.75,
+        help="SecAgg+ shares that rebuild a secret (<= 1: of the shares)",
+    )
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cllora flower", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="action", required=True)
-    sim = sub.add_parser("simulate", help="virtual clients on Flower's simulation engine")
-    sim.add_argument("args", nargs="*", metavar="[CONFIG] key=value")
-    sim.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped simulation")
-    sim.add_argument("--cpus", type=int, default=1, help="CPUs Ray may use (default 1)")
+_CONFIG = (
+    "a config file (YAML; default: the built-in defaults), then key=value overrides, in any "
+    "order with the options"
+)
+_SIM_NODES = (
+    "virtual SuperNodes, one per client: must equal the partition's clients (default: the "
+    "config's clients, counted before anything starts)"
+)
+_APP_NODES = (
+    "SuperNodes the server waits for before round 0; each holds one client, its own data "
+    "(default: partition.num_clients)"
+)
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``cllora flower`` parser and each action's own (read intermixed by :func:`main`)."""
+    p = argparse.ArgumentParser(
+        prog="cllora flower",
+        formatter_class=HelpFormatter,
+        description="Run cllora on Flower: a simulation on this machine, or the pieces of a "
+        "deployment\n(the Flower App for `flwr run`, TLS certificates, SuperNode keys).",
+        epilog=examples(
+            "cllora flower simulate examples/demo.yaml fed.rounds=2",
+            "cllora flower app flower-app run.yaml --nodes 3",
+        )
+        + "\n\n'cllora flower ACTION --help' describes an action's options; README, "
+        '"Deploying across organisations",\nshows a whole deployment.',
+    )
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, what: str, description: str, *example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=what,
+            description=description,
+            epilog=examples(*example),
+            formatter_class=HelpFormatter,
+        )
+
+    sim = action(
+        "simulate",
+        "virtual clients on Flower's simulation engine",
+        "Run the experiment on Flower's simulation engine (Ray): one virtual SuperNode per "
+        "client;\nthe same records as cllora run.",
+        "cllora flower simulate examples/demo.yaml fed.rounds=2",
+        "cllora flower simulate run.yaml --cpus 32 --gpus 4 --client-cpus 8 --client-gpus 1",
+        "cllora flower simulate --resume runs/20261201-101500",
+        "cllora flower simulate run.yaml --secagg --dp-clipping-norm 1 --dp-noise-multiplier 1",
+    )
+    sim.add_argument("args", nargs="*", metavar="[CONFIG] key=value", help=_CONFIG)
+    sim.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a stopped simulation (default: a new run)"
+    )
+    sim.add_argument("--cpus", type=int, default=1, help="CPUs Ray may use")
     sim.add_argument("--gpus", type=int, default=0, help="GPUs Ray may use")
     sim.add_argument("--client-cpus", type=float, default=1.0, help="CPUs per ClientApp")
     sim.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per ClientApp")
-    _settings_args(sim)
-    app = sub.add_parser("app", help="write the Flower App directory for `flwr run`")
-    app.add_argument("directory")
-    app.add_argument("args", nargs="*", metavar="[CONFIG] key=value")
-    _settings_args(app)
-    certs = sub.add_parser("certs", help="a CA and the SuperLink's TLS certificate")
-    certs.add_argument("directory")
-    certs.add_argument("--host", action="append", required=True,
-                       help="an address the SuperNodes dial (repeat for several)")  # fmt: skip
-    keys = sub.add_parser("keys", help="SuperNode authentication key pairs")
-    keys.add_argument("directory")
-    keys.add_argument("names", nargs="+")
-    return p
+    _settings_args(sim, _SIM_NODES)
+    app = action(
+        "app",
+        "write the Flower App directory for `flwr run`",
+        "Write the Flower App (pyproject.toml naming cllora's ServerApp and ClientApp, and the "
+        "run\nconfig) that `flwr run` starts on a SuperLink.",
+        "cllora flower app flower-app run.yaml --nodes 3",
+        "flwr run flower-app <superlink connection> --stream",
+    )
+    app.add_argument("directory", help="the Flower App directory to write")
+    app.add_argument("args", nargs="*", metavar="[CONFIG] key=value", help=_CONFIG)
+    _settings_args(app, _APP_NODES)
+    certs = action(
+        "certs",
+        "a CA and the SuperLink's TLS certificate",
+        "Write a certificate authority and the SuperLink's TLS certificate and key.",
+        "cllora flower certs certs --host link.example.org",
+    )
+    certs.add_argument("directory", help="where the certificates are written")
+    certs.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        help="an address the SuperNodes dial (repeat for several; required)",
+    )
+    keys = action(
+        "keys",
+        "SuperNode authentication key pairs",
+        "Write one authentication key pair per SuperNode (the private key stays on its node).",
+        "cllora flower keys keys hospital-a hospital-b",
+    )
+    keys.add_argument("directory", help="where the key pairs are written")
+    keys.add_argument("names", nargs="+", help="one name per SuperNode")
+    return p, dict(sub.choices)
 
 
 def _config_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -79,7 +175,10 @@ def _config_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 def main(argv: list[str]) -> int:
     """Entry point of ``cllora flower`` (errors go up to :func:`cllora.cli.main`)."""
-    args = _parser().parse_args(argv)
+    parser, actions = _parser()
+    args, _ = parser.parse_known_args(argv)
+    rest = argv[argv.index(args.action) + 1 :]
+    args = actions[args.action].parse_intermixed_args(rest, argparse.Namespace(action=args.action))
     require_flower(simulation=args.action == "simulate")  # certs and keys: its cryptography
     if args.action == "certs":
         from cllora.flower.credentials import write_tls

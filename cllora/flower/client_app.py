@@ -21,11 +21,18 @@ With secure aggregation (:mod:`cllora.flower.secagg`) the server's SecAgg+ workf
 ``train`` messages holding its protocol's config record: those go through Flower's
 ``secaggplus_mod``, which answers three of its four stages itself and, in the fourth, runs the
 same training (from a legacy ``FitIns``) and masks the update before it leaves the node.
+
+A handler that fails replies an error naming the node (:func:`_named_errors`, around every
+handler and mod): cllora's one-line errors (a malformed record at file:line, a missing
+``data-path``, a bad setting) as that line, anything else with its traceback, which also goes to
+the SuperNode's log. The server treats either as a failed node.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import traceback
 from typing import Any
 
 from flwr.app import Context, Message
@@ -37,14 +44,16 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 from cllora.flower.messages import (
     config_content,
     config_of,
+    error_reply,
     from_arrays,
     read_downlink,
     uplink_content,
 )
-from cllora.flower.node import Node, node_for
+from cllora.flower.node import USER_ERRORS, Node, node_for, node_name
 from cllora.flower.secagg import is_secagg, read_fitins, secure_fitres
 
 CONFIG_KEY = "cllora-config"  # the run's resolved config, as YAML, in every message
+log = logging.getLogger("cllora")
 
 
 def _node(msg: Message, context: Context) -> tuple[Node, dict[str, Any]]:
@@ -89,12 +98,29 @@ def _evaluate(msg: Message, context: Context) -> Message:
     return Message(config_content({"record": json.dumps(record)}), reply_to=msg)
 
 
+def _named_errors(msg: Message, context: Context, call_next: Any) -> Message:
+    """A mod: an exception of the handler (or of the mods inside) becomes an error reply naming
+    this node, one line for cllora's own errors, the traceback too for any other."""
+    try:
+        return call_next(msg, context)
+    except USER_ERRORS as err:
+        name = node_name(dict(context.node_config), context.node_id)
+        log.error("%s: %s", name, err)
+        return error_reply(msg, name, str(err))
+    except Exception as err:
+        name = node_name(dict(context.node_config), context.node_id)
+        log.exception("%s: unexpected error", name)
+        text = str(err).strip().splitlines()
+        line = f"unexpected {type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+        return error_reply(msg, name, line, traceback.format_exc())
+
+
 DP_ACTION = "dp"  # message type "train.dp": training with Flower's fixed clipping mod
 
 
 def make_client_app() -> ClientApp:
     """A ClientApp answering cllora's messages (see the module doc)."""
-    client = ClientApp()
+    client = ClientApp(mods=[_named_errors])
     client.query()(_query)
     client.evaluate()(_evaluate)
     client.train(mods=[_secagg])(_train)

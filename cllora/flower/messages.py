@@ -13,6 +13,11 @@ Only the tensors are what an algorithm sends; ``bytes_down`` / ``bytes_up`` stil
 :meth:`~cllora.fed.algorithms.base.Downlink.nbytes` does (the config, a few hundred bytes of
 settings, is not counted, as in ``cllora run``). Tensors travel as they are, except bf16, which
 NumPy cannot hold: it travels as fp32 (exact) and is cast back where it is set into a model.
+
+A node that cannot answer replies with a Flower ``Error`` whose reason names it
+(:func:`error_reply`, :func:`read_error`): code :data:`USER_ERROR` for cllora's own one-line
+errors (bad data or config on the node: the line says the cause, the file:line and the fix),
+Flower's ``CLIENT_APP_RAISED_EXCEPTION`` for anything else (a bug: its traceback follows).
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ import json
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 from cllora.fed.algorithms.base import Downlink, Uplink
 from cllora.report.records import Record, record_from_dict
 
 ADAPTER, CONFIG, EXTRA = "adapter", "config", "extra."
+USER_ERROR = 1001  # the Error code of cllora's one-line errors (Flower's own codes are < 100)
+_NODE = "SuperNode "  # an error's reason: "SuperNode <name>: <line>[\n<traceback>]"
 State = dict[str, torch.Tensor]
 
 
@@ -104,3 +112,23 @@ def dump_records(records: list[Record]) -> str:
 
 def load_records(text: str) -> list[Record]:
     return [record_from_dict(d) for d in json.loads(text)]
+
+
+def error_reply(msg: Message, node: str, line: str, trace: str = "") -> Message:
+    """The reply of node ``node`` that could not answer ``msg``: ``line`` (one line: cause,
+    file:line, fix) and, for an unexpected exception, its ``trace`` (the reply is then a Flower
+    ``CLIENT_APP_RAISED_EXCEPTION``)."""
+    code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION if trace else USER_ERROR
+    reason = f"{_NODE}{node}: {line}" + (f"\n{trace.rstrip()}" if trace else "")
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def read_error(error: Error) -> tuple[str | None, str, str]:
+    """An error reply's node name (None: not a cllora node's, e.g. the SuperLink's
+    ``Node Unavailable``), its line, and the traceback that follows it ("" for cllora's one-line
+    errors)."""
+    first, _, trace = str(error.reason or f"error code {error.code}").partition("\n")
+    if not first.startswith(_NODE) or ": " not in first:
+        return None, first, trace
+    node, line = first[len(_NODE) :].split(": ", 1)
+    return node, line, trace

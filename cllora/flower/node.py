@@ -38,6 +38,7 @@ import yaml
 from cllora.config import Config, ConfigError, config_from_dict
 from cllora.data.partition import Client, bucket_index, sample_length
 from cllora.data.pipeline import ClientData
+from cllora.data.readers import DataError
 from cllora.fed.algorithms import make_algorithm
 from cllora.fed.algorithms.base import Algorithm, Downlink, Trainee
 from cllora.fed.evaluation import Evaluator
@@ -45,10 +46,15 @@ from cllora.fed.guards import NonFiniteModelError
 from cllora.fed.prepare import client_stats, json_safe, prepare_run
 from cllora.fed.rounds import TraineeOutcome, train_trainee
 from cllora.fed.timing import PhaseTimer
+from cllora.model.load import ModelNotFoundError
 from cllora.report.metrics import MetricsLog
 from cllora.report.records import GLOBAL, GlobalEval, Kind, Record, TestSamples
 
 log = logging.getLogger("cllora")
+
+#: errors whose message is one line for the user (cause, file:line, fix): a node replies them
+#: as such (:func:`cllora.flower.messages.error_reply`), without a traceback
+USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, FileNotFoundError)
 
 
 class RecordSink(MetricsLog):
@@ -170,11 +176,26 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
+def node_name(node_config: dict[str, Any], node_id: int) -> str:
+    """The node as the user knows it, before its data loads: its client's name in a deployment,
+    its partition in a simulation, else Flower's node id."""
+    if "data-path" in node_config:
+        return str(node_config.get("name") or Path(str(node_config["data-path"])).stem)
+    if "partition-id" in node_config:
+        return f"partition-id {node_config['partition-id']}"
+    return f"node id {node_id}"
+
+
 def node_config_of(cfg: Config, node_config: dict[str, Any]) -> tuple[Config, str | None]:
     """The config this node builds its data with, and its client's name (None: the
     partition's own names)."""
     if "data-path" in node_config:
         path = Path(str(node_config["data-path"]))
+        if not path.exists():
+            raise ConfigError(
+                f"data-path {path} not found on this SuperNode: restart it with --node-config "
+                f"\"data-path='/path/to/its/data' name='{node_config.get('name') or path.stem}'\""
+            )
         mine = copy.deepcopy(cfg)
         mine.data.path = str(path)
         mine.partition.method, mine.partition.num_clients = "iid", 1

@@ -24,7 +24,13 @@ export the final one.
 ``round_timeout`` seconds is left out of the round (a ``client_failed`` record); fewer than
 ``fed.min_clients`` successes stop the run with its last good checkpoint, from which
 ``FlowerSettings(resume=run_dir)`` continues. A node missing at an evaluation has no
-``global_eval`` record that round (its column of the summary is empty).
+``global_eval`` record that round (its column of the summary is empty). A node that cannot load
+its client at the start (a malformed record, a missing ``data-path``) is left out of the run,
+one line naming it in ``run.log`` (``flower.json``: ``"left_out"``); fewer than
+``fed.min_clients`` nodes left stop the run before round 0 with one line naming each failed node
+(its name, the error's file:line and the fix). Errors that are the user's to fix are logged as
+one line (``run.log`` and, under ``flwr run``, the coordinator's output), then raised; a node's
+unexpected exception (a bug) is logged with its traceback, still naming the node.
 
 **Differential privacy** (``dp_clipping_norm`` > 0): central DP with client-side fixed
 clipping, Flower's scheme: each node clips its update with Flower's ``fixedclipping_mod``, the
@@ -60,7 +66,7 @@ from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, comp
 from cllora.config import Config, ConfigError, config_to_dict, save_config
 from cllora.fed.algorithms import make_algorithm
 from cllora.fed.algorithms.base import Algorithm, Trainee
-from cllora.fed.checkpoint import Checkpoint, save_checkpoint
+from cllora.fed.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from cllora.fed.evaluation import add_local_means
 from cllora.fed.guards import NonFiniteModelError, RunStopped, TooFewClientsError, non_finite
 from cllora.fed.prepare import check_combination, global_rank, json_safe
@@ -74,9 +80,11 @@ from cllora.flower.messages import (
     config_content,
     config_of,
     downlink_content,
+    read_error,
     read_uplink,
     state_content,
 )
+from cllora.flower.node import USER_ERRORS
 from cllora.flower.privacy import privacy_info
 from cllora.flower.secagg import SecureOutcome, check_secagg, secure_train
 from cllora.model.lora import lora_state_dict
@@ -107,6 +115,8 @@ SUPPORTED = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
 #: clipped updates plus noise is what central DP protects
 MEAN_ONLY = ("fedavg", "fedprox")
 POLL = 0.5  # seconds between two pulls of replies
+#: errors that end a run with one line (its cause and fix), no traceback
+STOPS = (*USER_ERRORS, CheckpointError, RunStopped)
 
 
 @dataclass
@@ -200,19 +210,14 @@ def check_flower_config(cfg: Config, settings: FlowerSettings) -> None:
 
 
 def run_federation(grid: Grid, cfg: Config | None, settings: FlowerSettings) -> RunResult:
-    """Run (or, with ``settings.resume``, continue) a whole experiment over ``grid``."""
-    ckpt = None
-    if settings.resume:
-        cfg, ckpt = open_resume(Path(settings.resume), cfg)
-        run_dir = Path(settings.resume)
-    elif cfg is None:
-        raise ValueError("run_federation needs a config or a run directory to resume")
-    check_combination(cfg)
-    check_flower_config(cfg, settings)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    if not settings.resume:
-        run_dir = make_run_dir(cfg)
+    """Run (or, with ``settings.resume``, continue) a whole experiment over ``grid``; an error
+    of :data:`STOPS` is logged as one line (in ``run.log`` once the run directory exists) and
+    raised."""
+    try:
+        cfg, ckpt, run_dir = _open(cfg, settings)
+    except STOPS as err:
+        log.error("error: %s", err)
+        raise
     handler = attach_log_file(run_dir)
     if ckpt is None:
         save_config(cfg, run_dir / "config.yaml")
@@ -227,10 +232,27 @@ def run_federation(grid: Grid, cfg: Config | None, settings: FlowerSettings) -> 
     except RunStopped as err:  # the coordinator's run.log says why, and how to go on
         log.error("stopped: %s; continue with the run config resume='%s'", err, run_dir)
         raise
+    except STOPS as err:
+        log.error("error: %s", err)
+        raise
     finally:
         metrics.close()
         logging.getLogger("cllora").removeHandler(handler)
         handler.close()
+
+
+def _open(cfg: Config | None, settings: FlowerSettings) -> tuple[Config, Checkpoint | None, Path]:
+    """The run's config, checkpoint (None: a new run) and directory, after the checks."""
+    ckpt = None
+    if settings.resume:
+        cfg, ckpt = open_resume(Path(settings.resume), cfg)
+    elif cfg is None:
+        raise ValueError("run_federation needs a config or a run directory to resume")
+    check_combination(cfg)
+    check_flower_config(cfg, settings)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    return cfg, ckpt, Path(settings.resume) if settings.resume else make_run_dir(cfg)
 
 
 def _setup(
@@ -238,11 +260,21 @@ def _setup(
 ) -> FlowerRun:
     model, _, _ = build_model(cfg, global_rank(cfg))  # the seeded initial adapter, the export
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    sites = discover(grid, config_yaml, settings.nodes or cfg.partition.num_clients,
-                     settings.node_wait)  # fmt: skip
+    nodes = settings.nodes or cfg.partition.num_clients
+    sites, failed = discover(grid, config_yaml, nodes, settings.node_wait)
+    lines = _failure_lines(failed)
+    if failed and len(sites) < max(1, cfg.fed.min_clients):
+        raise ConfigError(
+            f"{' | '.join(lines)} ({len(sites)} of {len(sites) + len(failed)} SuperNodes loaded "
+            f"their client, fewer than fed.min_clients={cfg.fed.min_clients})"
+        )
     if len(sites) < cfg.fed.min_clients:
         raise ConfigError(f"fed.min_clients={cfg.fed.min_clients} exceeds the {len(sites)} nodes")
+    for line in lines:
+        log.warning("left out of the run: %s", line)
     info = {"settings": asdict(settings), "sites": {s.name: s.node_id for s in sites}}
+    if failed:
+        info["left_out"] = lines
     _write_info(run_dir, info)
     return FlowerRun(
         cfg=cfg, settings=settings, grid=grid, run_dir=run_dir, metrics=metrics,
@@ -257,9 +289,12 @@ def _write_info(run_dir: Path, info: dict[str, Any]) -> None:
     (run_dir / "flower.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
 
-def discover(grid: Grid, config_yaml: str, nodes: int, wait: float) -> list[Site]:
-    """Wait for ``nodes`` SuperNodes, ask each for its client; sites in the run's client order
-    (the partition's, in a simulation; by name, in a deployment)."""
+def discover(
+    grid: Grid, config_yaml: str, nodes: int, wait: float
+) -> tuple[list[Site], dict[int, tuple[str, str]]]:
+    """Wait for ``nodes`` SuperNodes, ask each for its client; the sites in the run's client
+    order (the partition's, in a simulation; by name, in a deployment), and the nodes that
+    could not load theirs (by node id: its name and the one-line error)."""
     deadline = time.monotonic() + wait
     ids = sorted(grid.get_node_ids())
     while len(ids) < nodes:
@@ -272,11 +307,16 @@ def discover(grid: Grid, config_yaml: str, nodes: int, wait: float) -> list[Site
         ids = sorted(grid.get_node_ids())
     msgs = {n: Message(config_content({CONFIG_KEY: config_yaml}), dst_node_id=n,
                        message_type=MessageType.QUERY) for n in ids}  # fmt: skip
-    sites = []
-    for node, reply in exchange(grid, msgs, wait).items():
+    sites, failed = [], {}
+    replies = exchange(grid, msgs, wait)
+    for node in ids:
+        if node not in replies:
+            failed[node] = (str(node), f"no answer to the query within {wait:.0f} s")
+            continue
+        reply = replies[node]
         if reply.has_error():
-            raise RuntimeError(f"SuperNode {node} could not load its client: "
-                               f"{reply.error.reason}")  # fmt: skip
+            failed[node] = _node_error(node, reply)
+            continue
         got = json.loads(str(config_of(reply.content)["info"]))
         sites.append(Site(got["name"], node, got["partition"],
                           got["stats"], got["row"], got["test_set"], got["length_counts"],
@@ -286,7 +326,26 @@ def discover(grid: Grid, config_yaml: str, nodes: int, wait: float) -> list[Site
     if len(set(names)) != len(names):
         raise ConfigError(f"two SuperNodes hold a client of the same name ({names}): rename one")
     log.info("flower: %d SuperNodes: %s", len(sites), ", ".join(names))
-    return sites
+    return sites, failed
+
+
+def _node_error(node_id: int, reply: Message) -> tuple[str, str]:
+    """The name (as the node gave it, else its node id) and the one-line error of an error
+    reply; an unexpected exception's traceback is logged here."""
+    name, line, trace = read_error(reply.error)
+    if trace:
+        log.error("SuperNode %s: %s\n%s", name or node_id, line, trace)
+    return name or str(node_id), line
+
+
+def _failure_lines(failed: dict[int, tuple[str, str]]) -> list[str]:
+    """One line per distinct error, naming its nodes (a simulation's virtual nodes read the same
+    data, so they fail alike)."""
+    by_error: dict[str, list[str]] = {}
+    for name, line in failed.values():
+        by_error.setdefault(line, []).append(name)
+    return [f"SuperNode{'s' if len(names) > 1 else ''} {', '.join(names)}: {line}"
+            for line, names in by_error.items()]  # fmt: skip
 
 
 def _start(run: FlowerRun, ckpt: Checkpoint | None) -> int:
@@ -310,6 +369,9 @@ def _start(run: FlowerRun, ckpt: Checkpoint | None) -> int:
             f"cannot resume {run.run_dir} with other privacy settings (it ran with "
             f"{saved['privacy']}); give the same dp-* and secagg* run-config keys"
         )
+    if not (run.run_dir / "clients.csv").exists():
+        log.warning("clients.csv was missing from %s: rewritten (recomputed)", run.run_dir)
+        write_csv(run.run_dir / "clients.csv", _site_rows(run))
     run.result.global_state = ckpt.global_state
     run.algorithm.load_state_dict(ckpt.server_state, run.model)
     run.result.rows = list(ckpt.rows)
@@ -318,14 +380,19 @@ def _start(run: FlowerRun, ckpt: Checkpoint | None) -> int:
     return ckpt.round + 1
 
 
-def _write_sites(run: FlowerRun) -> None:
-    """``clients.csv``, the ``partition`` / ``client_stats`` / ``test_samples`` records, from
-    what the nodes told (``tv_len``: each client's length mix against the federation's)."""
+def _site_rows(run: FlowerRun) -> list[dict[str, Any]]:
+    """The rows of ``clients.csv``, from what the nodes told (``tv_len``: each client's length
+    mix against the federation's)."""
     counts = np.array([s.length_counts for s in run.sites], dtype=float)  # (clients, buckets)
     mix = counts.sum(axis=0) / max(1.0, counts.sum())
     for s, c in zip(run.sites, counts, strict=True):
         s.row["tv_len"] = float(0.5 * np.abs(c / max(1.0, c.sum()) - mix).sum())
-    rows = [s.row for s in run.sites]
+    return [s.row for s in run.sites]
+
+
+def _write_sites(run: FlowerRun) -> None:
+    """``clients.csv``, the ``partition`` / ``client_stats`` / ``test_samples`` records."""
+    rows = _site_rows(run)
     write_csv(run.run_dir / "clients.csv", rows)
     summary = {**heterogeneity_summary(rows), **_data_stats([s.data_stats for s in run.sites])}
     run.metrics.write(FreeRecord(Kind.PARTITION, summary))
@@ -495,7 +562,8 @@ def _reply(
     elif reply is None:
         why = f"no reply from its SuperNode within {run.settings.round_timeout:.0f} s"
     elif reply.has_error():
-        why = f"its SuperNode replied with an error: {reply.error.reason}"
+        why = _node_error(run.sites[t.index].node_id, reply)[1]
+        why = f"its SuperNode replied with an error: {why}"
     else:
         up, records, _ = read_uplink(reply.content)
         return up, records
@@ -536,7 +604,8 @@ def evaluate_global(run: FlowerRun, r: int, state: dict[str, torch.Tensor]) -> d
     for s in run.sites:
         reply = replies.get(s.node_id)
         if reply is None or reply.has_error():
-            log.warning("round %d: no evaluation from client %s's SuperNode", r, s.name)
+            why = _node_error(s.node_id, reply)[1] if reply is not None else "no reply"
+            log.warning("round %d: no evaluation from client %s's SuperNode: %s", r, s.name, why)
             continue
         rec = json.loads(str(config_of(reply.content)["record"]))
         if "nonfinite" in rec:
@@ -574,6 +643,7 @@ def combine_evals(records: list[GlobalEval], r: int) -> GlobalEval:
 
 def _checkpoint(run: FlowerRun, r: int, rng: list | None = None) -> None:
     extra = {"rng": rng or _rng_states(run.rng, run.rng_fail), "config": config_to_dict(run.cfg),
+             "metrics_records": run.metrics.records,
              "flower": {"sites": [s.name for s in run.sites],
                         "privacy": _privacy(run.settings)}}  # fmt: skip
     save_checkpoint(run.run_dir / "checkpoint", r, run.global_state, run.algorithm.state_dict(),

@@ -13,11 +13,22 @@ reads its run config (``[tool.flwr.app.config]`` of the app, overridden by ``flw
 ``secagg-num-shares``, ``secagg-reconstruction-threshold``, ``secagg-clipping-range``,
 ``secagg-quantization-range`` and ``resume`` (the fields of
 :class:`~cllora.flower.server.FlowerSettings`, dashes for underscores).
+
+Under ``flwr run``, cllora's log lines go to the ServerApp's output (which ``flwr run --stream``
+shows) as well as to the run's ``run.log``. An error that is the user's to fix (a node's
+malformed data, a bad setting, too few clients: :data:`~cllora.flower.server.STOPS`) ends the
+ServerApp with its one line there, and no traceback; Flower then records the run as finished,
+not failed (any exception out of a ServerApp is logged by Flower with its traceback). Any other
+exception (a bug) is raised to Flower, traceback and all.
 """
 
 from __future__ import annotations
 
+import logging
 import shlex
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from typing import Any
 
@@ -25,7 +36,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from cllora.config import Config, load_config
-from cllora.flower.server import FlowerSettings, run_federation
+from cllora.flower.server import STOPS, FlowerSettings, run_federation
+
+log = logging.getLogger("cllora")
 
 
 def settings_from_run_config(run_config: dict[str, Any]) -> tuple[Config | None, FlowerSettings]:
@@ -52,21 +65,45 @@ def make_server_app(
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        try:
-            if cfg is not None or settings is not None:
-                run_cfg, run_settings = cfg, settings or FlowerSettings()
-            else:
-                run_cfg, run_settings = settings_from_run_config(dict(context.run_config))
-            result = run_federation(grid, run_cfg, run_settings)
-        except BaseException as err:
-            if outcome is None:
+        with _log_to_stderr(outcome is None):  # under `flwr run`: where the user reads it
+            try:
+                result = run_federation(grid, *_config(context))
+            except BaseException as err:
+                if outcome is not None:
+                    outcome["error"] = err
+                    return
+                if isinstance(err, STOPS):  # its one line is logged
+                    return
                 raise
-            outcome["error"] = err
-            return
         if outcome is not None:
             outcome["result"] = result
 
+    def _config(context: Context) -> tuple[Config | None, FlowerSettings]:
+        if cfg is not None or settings is not None:
+            return cfg, settings or FlowerSettings()
+        try:
+            return settings_from_run_config(dict(context.run_config))
+        except STOPS as err:
+            log.error("error: %s", err)
+            raise
+
     return server
+
+
+@contextmanager
+def _log_to_stderr(on: bool) -> Iterator[None]:
+    """The ``cllora`` logger also on stderr (``cllora: <message>``) within the block."""
+    if not on:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("cllora: %(message)s"))
+    logging.getLogger("cllora").addHandler(handler)
+    logging.getLogger("cllora").setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.getLogger("cllora").removeHandler(handler)
 
 
 app = make_server_app()

@@ -31,15 +31,31 @@ log = logging.getLogger("cllora")
 
 
 def simulation_nodes(cfg: Config, nodes: int = 0) -> int:
-    """Virtual SuperNodes of a simulation: one per client (``nodes`` when given)."""
-    if nodes:
-        return nodes
-    if cfg.partition.method == "field":
+    """Virtual SuperNodes of a simulation: one per client of the run's partition. ``nodes``,
+    when given, must be that number: fewer would leave a client out of every round, more would
+    start nodes that hold no client (:class:`ConfigError`, one line naming both numbers)."""
+    from cllora.data.pipeline import count_clients
+
+    clients = count_clients(cfg)
+    part = cfg.partition
+    how = (
+        f"one per value of {part.field!r} in {cfg.data.path}"
+        if part.method == "field" and not part.pool
+        else "partition.num_clients"
+    )
+    if not clients:
         raise ConfigError(
-            "partition.method=field makes one client per value of the data's field, unknown "
-            "before the data loads: give the number of clients (--nodes N)"
+            f"no record of {cfg.data.path} has the field {part.field!r}: set partition.field, or "
+            "partition.method=iid with partition.num_clients"
         )
-    return cfg.partition.num_clients
+    if nodes and nodes != clients:
+        cost = "a client would never train" if nodes < clients else "a node would hold no client"
+        raise ConfigError(
+            f"--nodes {nodes} but the partition has {clients} clients ({how}): a simulation "
+            f"runs one virtual SuperNode per client ({cost}); give --nodes {clients} or leave "
+            "--nodes out"
+        )
+    return clients
 
 
 def backend_config(cpus: int, gpus: int, client_cpus: float, client_gpus: float) -> dict:
@@ -61,6 +77,16 @@ def simulate(
 ) -> RunResult:
     """Run ``cfg`` (or continue ``settings.resume``) on Flower's simulation engine."""
     require_flower(simulation=True)
+    settings = settings or FlowerSettings()
+    run_cfg = cfg
+    if run_cfg is None:
+        from cllora.fed.resume import open_resume
+
+        run_cfg, _ = open_resume(Path(settings.resume), None, truncate=False)
+    check_combination(run_cfg)  # a bad config fails here, before Flower and Ray start
+    n = simulation_nodes(run_cfg, settings.nodes)
+    settings.nodes = n
+    check_flower_config(run_cfg, settings)
     from flwr.simulation import run_simulation
 
     from cllora.flower.client_app import app as client_app
@@ -68,16 +94,6 @@ def simulate(
 
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines once
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's database set-up
-    settings = settings or FlowerSettings()
-    run_cfg = cfg
-    if run_cfg is None:
-        from cllora.fed.resume import open_resume
-
-        run_cfg, _ = open_resume(Path(settings.resume), None, truncate=False)
-    check_combination(run_cfg)  # a bad config fails here, before Ray starts
-    check_flower_config(run_cfg, settings)
-    n = simulation_nodes(run_cfg, settings.nodes)
-    settings.nodes = n
     outcome: dict[str, Any] = {}
     server = make_server_app(cfg, settings, outcome)  # cfg None: the resumed run's own
     run_simulation(

@@ -51,6 +51,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from cllora.config import ModelConfig
 from cllora.model.embedded import (
     EMBEDDED_NAME,
+    CacheError,
     embedded_cache_dir,
     embedded_model_dir,
     embedded_tokenizer_dir,
@@ -375,9 +376,15 @@ def _from_pretrained(name: str, directory: Path | None, dtype: torch.dtype, attn
 def _load_tokenizer_checked(name: str, directory: Path | None = None) -> Any:
     try:
         return load_tokenizer(name)
-    except ModelNotFoundError:
+    except (ModelNotFoundError, CacheError):
         raise
     except (OSError, ValueError) as err:
+        if model_kind(name) in ("embedded", "tiny", "preset"):
+            cache = embedded_cache_dir()
+            raise ModelNotFoundError(
+                f"the embedded tokenizer in cllora's cache {cache} cannot be read "
+                f"({one_line(err, 200)}); delete {cache} and run again (cllora converts it anew)"
+            ) from err
         if directory is None:
             raise _not_found(name) from err
         where = name if str(directory) == name else f"{name} ({directory})"

@@ -91,6 +91,14 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
         self.r, self.scaling = r, self.alpha / r
 
+    def reconfigure(self, r: int, alpha: float, dropout: float) -> None:
+        """Take another adapter's rank, alpha and dropout (scaling alpha / r); A and B are
+        re-allocated (zero; load values next) only if the rank changes."""
+        self.set_rank(r)
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
     @property
     def in_features(self) -> int:
         return self.base.in_features

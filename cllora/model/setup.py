@@ -36,6 +36,7 @@ import torch
 from cllora.config import Config, ConfigError
 from cllora.model.load import load_model, resolve_device, resolve_dtype
 from cllora.model.lora import inject_lora
+from cllora.text import fields_line
 
 log = logging.getLogger("cllora")
 
@@ -137,5 +138,5 @@ def build_model(cfg: Config, global_rank: int | None = None) -> tuple[Any, Any, 
         # "On a GPU"), so it is used only when asked for (model.kernels=true).
         swapped = enable_kernels(model, lora=kernels is True)
         engine["kernels"] = {k: len(v) for k, v in swapped.items() if v}
-    log.info("engine: %s", engine)
+    log.info("engine: %s", fields_line(engine))
     return model, tokenizer, engine

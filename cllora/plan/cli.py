@@ -37,6 +37,7 @@ import json
 import sys
 from pathlib import Path
 
+from cllora.helptext import HelpFormatter, examples
 from cllora.plan.allocator import segment_ranker
 from cllora.plan.gpus import GPUS, gpu
 from cllora.plan.report import csv_rows, find_max_context, kinds_table, plot, table, write_csv
@@ -56,17 +57,38 @@ def _strs(s: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cllora plan", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="cllora plan",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+        formatter_class=HelpFormatter,
+        epilog=examples(
+            "cllora plan --providers cllora-4bit,hf-peft-4bit --contexts 4096,32768 --gpu h100",
+            "cllora plan --model path/to/model_dir --contexts 8192 --gpu l40s --find-max-context",
+        ),
+    )
     ap.add_argument("--model", default="llama-3.1-8b", help="preset, tiny-*, or a model directory")
     ap.add_argument("--providers", type=_strs, default=["cllora-4bit", "hf-peft-4bit"],
                     help=f"comma-separated: {', '.join(PROVIDERS)}")  # fmt: skip
-    ap.add_argument("--contexts", type=_ints, default=[4096])
+    ap.add_argument("--contexts", type=_ints, default=[4096],
+                    help="comma-separated context lengths in tokens")  # fmt: skip
     ap.add_argument("--batch", type=int, default=1, help="sequences per step")
     ap.add_argument("--gpu", default="h200", help=f"one of {', '.join(GPUS)}")
-    ap.add_argument("--budget-gb", type=float, default=None, help="GiB (default: the GPU's)")
-    ap.add_argument("--find-max-context", action="store_true")
-    ap.add_argument("--max-context-step", type=int, default=256)
-    ap.add_argument("--max-context-hi", type=int, default=131072)
+    ap.add_argument(
+        "--budget-gb", type=float, default=None, help="memory budget in GiB (default: the GPU's)"
+    )
+    ap.add_argument(
+        "--find-max-context",
+        action="store_true",
+        help="binary-search the longest context whose predicted peak fits the budget",
+    )
+    ap.add_argument(
+        "--max-context-step",
+        type=int,
+        default=256,
+        help="--find-max-context: the search's granularity, in tokens",
+    )
+    ap.add_argument("--max-context-hi", type=int, default=131072,
+                    help="--find-max-context: the longest context tried")  # fmt: skip
     ap.add_argument("--replay-allocator", action="store_true",
                     help="with --find-max-context: also replay the benchmark's search in one "
                          "process through the capped caching-allocator model (full depth, "
@@ -77,16 +99,37 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--compare-layouts", default=None, metavar="JSON",
                     help="with --replay-allocator: set the replay's allocator segments, stage "
                          "by stage, against the alloc-layout-*.json bench_e2e.py wrote on CUDA "
-                         "(one provider)")  # fmt: skip
-    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
-    ap.add_argument("--lora-r", type=int, default=16)
+                         "(one provider; default: no comparison)")  # fmt: skip
+    ap.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=("bf16", "fp32"),
+        help="dtype of the base weights and activations",
+    )
+    ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
     ap.add_argument("--quant", default=None, choices=("none", "nf4", "fp4"),
-                    help="override the provider's base precision")  # fmt: skip
+                    help="the provider's base precision (default: the provider's)")  # fmt: skip
     ap.add_argument("--checkpointing", default=None, choices=("true", "false"),
-                    help="override the provider's checkpointing (cllora providers)")  # fmt: skip
-    ap.add_argument("--checkpoint-policy", default=None, choices=("full", "keep_attention"))
-    ap.add_argument("--kernels", default="auto", choices=("auto", "false"))
-    ap.add_argument("--loss", default="auto", choices=("auto", "plain", "chunked", "fused"))
+                    help="override the provider's checkpointing (cllora providers; default: the "
+                         "provider's)")  # fmt: skip
+    ap.add_argument(
+        "--checkpoint-policy",
+        default=None,
+        choices=("full", "keep_attention"),
+        help="train.checkpoint_policy of cllora providers (default: the provider's)",
+    )
+    ap.add_argument(
+        "--kernels",
+        default="auto",
+        choices=("auto", "false"),
+        help="model.kernels of cllora providers",
+    )
+    ap.add_argument(
+        "--loss",
+        default="auto",
+        choices=("auto", "plain", "chunked", "fused"),
+        help="train.loss of cllora providers",
+    )
     ap.add_argument("--gqa", default="auto", choices=("auto", *GQA_MODES),
                     help="varlen K/V heads: repeat (torch <= 2.11), native (>= 2.12), auto: "
                          "what this torch does")  # fmt: skip
@@ -108,7 +151,11 @@ def _parser() -> argparse.ArgumentParser:
         help="trace every decoder layer instead of 2 and 3 (slower, same result)",
     )
     ap.add_argument("--kinds", action="store_true", help="also print bytes/launches per kind")
-    ap.add_argument("--out", default=None, help="CSV path (a PNG is written next to it)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="CSV path, a PNG written next to it (default: none, the table only)",
+    )
     return ap
 
 

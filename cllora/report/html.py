@@ -27,6 +27,7 @@ import base64
 import contextlib
 import csv
 import html
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -34,6 +35,8 @@ from typing import Any
 
 import yaml
 
+from cllora.data.partition import bucket_sort_key
+from cllora.data.pipeline import FEW_TEST
 from cllora.report.metrics import read_metrics
 from cllora.report.plots import forest_plot, plot_buckets, plot_knob, plot_rounds, plot_train_loss
 from cllora.report.records import GLOBAL, OWN, Kind
@@ -71,15 +74,25 @@ WORDS = {
     "test_truncated": "test samples cut", "test_dropped": "test samples dropped",
     "global_test": "held-out test samples", "global_test_truncated": "held-out samples cut",
     "global_test_dropped": "held-out samples dropped", "length_buckets": "length bucket edges",
-    "length_measure": "length measured in",
+    "length_measure": "length measured in", "bucket_counts": "training samples per length bucket",
+    "tv_asked": "length skew asked (TV distance)", "discarded": "corrupted samples dropped",
+    "measure_truncated": "cut when measured (longer than the measuring cap)",
+    "train_truncated": "training samples cut to their window (all clients)",
+    "train_dropped": "training samples dropped at their window (all clients)",
+    "excluded_overlong": "left out (longer than the window)", "pool": "training pool (samples)",
+    "allocation": "allocation", "draw": "pool draw",
 }  # fmt: skip
+# The data table's names where a field means something else there than in the clients' table:
+# runs before the data-level count was named measure_truncated called it "truncated".
+DATA_WORDS = {**WORDS, "truncated": WORDS["measure_truncated"]}
+SHARES, COUNTS = "hist", "bucket_counts"  # clients.csv's per-bucket columns ("<92:0.25 ...")
 
 
-def words(name: str) -> str:
-    """A column name in words: ``WORDS``, ``loss[c]`` = the global model on client c's test,
+def words(name: str, table: dict[str, str] = WORDS) -> str:
+    """A column name in words: ``table``, ``loss[c]`` = the global model on client c's test,
     ``global[b]`` = on length bucket b; other names with spaces for underscores."""
-    if name in WORDS:
-        return WORDS[name]
+    if name in table:
+        return table[name]
     for prefix, text in (("loss[", "global model, test of "), ("global[", "global model, ")):
         if name.startswith(prefix) and name.endswith("]"):
             return text + name[len(prefix) : -1]
@@ -101,6 +114,23 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.4g}"
     return html.escape(str(v))
+
+
+def readable(column: str, value: Any) -> Any:
+    """A table cell's value in words: a list as its items (an empty one as "—"), a client's
+    bucket shares (``hist``: ``"<92:0.25 92-129:0.08"``) as ``"<92: 25%, 92-129: 8%"`` and its
+    bucket counts the same way, its corruption operators (``"swap:3 noise:1"``) as
+    ``"swap: 3, noise: 1"`` (none: "—"), buckets in order of length; anything else as it is."""
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "—"
+    if column not in (SHARES, COUNTS, "operators") or not isinstance(value, str):
+        return value
+    pairs = [item.rpartition(":")[::2] for item in value.split()]
+    if column != "operators":
+        pairs.sort(key=lambda p: bucket_sort_key(p[0]))
+    if column == SHARES:
+        pairs = [(label, f"{float(share):.0%}") for label, share in pairs]
+    return ", ".join(f"{label}: {v}" for label, v in pairs) or "—"
 
 
 def _table(rows: list[dict[str, Any]], key: str | None = None) -> str:
@@ -162,35 +192,133 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
 def run_report(run_dir: Path) -> Path:
     """Plots and ``report/report.html`` of one run directory."""
     records = read_metrics(run_dir / "metrics.jsonl")
+    cfg = _config(run_dir)
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
-    pngs = [
-        plot_rounds(records, out / "rounds.png"),
-        plot_train_loss(records, out / "train_loss.png"),
-        plot_buckets(records, out / "buckets.png"),
-    ]
     part = next((r for r in records if r["kind"] == Kind.PARTITION), {})
-    data = [{"field": k, "value": v} for k, v in part.items() if k != "kind"]
+    local_first = _setting(cfg, "eval", "local_global_samples") if "global_test" in part else 0
+    no_local = "" if _setting(cfg, "eval", "local") else "eval.local=false"
+    pngs = [
+        plot_rounds(records, out / "rounds.png", no_local),
+        plot_train_loss(records, out / "train_loss.png"),
+        plot_buckets(records, out / "buckets.png", local_first),
+    ]
+    clients = _read_csv(run_dir / "clients.csv")
     parts = [
-        _run_headline(run_dir, records),
+        _run_headline(run_dir, records), _not_measured(cfg),
         "<h2>Loss vs round</h2>", _img(pngs[0]), _img(pngs[1]),
         "<h2>By length bucket</h2>", _img(pngs[2]),
-        "<h2>Clients</h2>", _table(_read_csv(run_dir / "clients.csv"), key="client"),
-        "<h2>Data and heterogeneity</h2>",
-        _table([{"field": Raw(html.escape(words(d["field"]))), "value": d["value"]} for d in data]),
+        "<h2>Clients</h2>", _clients_table(clients),
+        "<h2>Data and heterogeneity</h2>", _data_table(part, clients),
         "<h2>Rounds (global model; mean local models)</h2>",
         _table(_read_csv(run_dir / "summary.csv"), key="round"),
+        "<h2>Time</h2>", _timing_table(run_dir / "timing.json"),
+        "<h2>Configuration</h2>", _config_block(run_dir / "config.yaml"),
     ]  # fmt: skip
     path = out / "report.html"
     path.write_text(_page(f"cllora run {run_dir.name}", parts), encoding="utf-8")
     return path
 
 
+def _config(run_dir: Path) -> dict[str, Any]:
+    """A run's resolved ``config.yaml`` as a dict (empty when it is missing or unreadable)."""
+    with contextlib.suppress(OSError, yaml.YAMLError):
+        return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    return {}
+
+
+def _setting(cfg: dict[str, Any], section: str, key: str) -> Any:
+    """``cfg[section][key]``, or the default of :class:`cllora.config.Config` where the file
+    does not hold it (a run of an older version)."""
+    from cllora.config import Config
+
+    default = getattr(getattr(Config(), section), key)
+    return (cfg.get(section) or {}).get(key, default)
+
+
+def not_measured(cfg: dict[str, Any]) -> list[str]:
+    """What a run's configuration left unmeasured, each with the setting that says so:
+    ``["local models (eval.local=false)", "generation (eval.generate_samples=0)", ...]``."""
+    gaps = []
+    if not _setting(cfg, "eval", "local"):
+        gaps.append("local models (eval.local=false)")
+    elif _setting(cfg, "eval", "local_rounds") == "last":
+        gaps.append("local models before the last round (eval.local_rounds=last)")
+    if _setting(cfg, "eval", "global_rounds") == "last":
+        gaps.append("the global model between round 0 and the last (eval.global_rounds=last)")
+    if not _setting(cfg, "fed", "eval_initial"):
+        gaps.append("the global model at round 0 (fed.eval_initial=false)")
+    if not _setting(cfg, "eval", "generate_samples"):
+        gaps.append("generation (eval.generate_samples=0)")
+    if not _setting(cfg, "quality", "score_samples"):
+        gaps.append("the clients' quality score (quality.score_samples=0)")
+    return gaps
+
+
+def _not_measured(cfg: dict[str, Any]) -> str:
+    gaps = not_measured(cfg)
+    return f"<p><b>Not measured:</b> {html.escape('; '.join(gaps))}.</p>" if gaps else ""
+
+
+def _clients_table(rows: list[dict[str, Any]]) -> str:
+    """The clients' table (a client per column, its values in words), a client with fewer than
+    :data:`FEW_TEST` test samples marked, and a note that says what the mark means."""
+    few = [r["client"] for r in rows if isinstance(r.get("test_samples"), int)
+           and r["test_samples"] < FEW_TEST]  # fmt: skip
+    shown = []
+    for r in rows:
+        row = {k: readable(k, v) for k, v in r.items()}
+        if r["client"] in few:
+            row["test_samples"] = Raw(f"{r['test_samples']} &#9888;")
+        shown.append(row)
+    note = ""
+    if few:
+        note = (
+            f"<p>&#9888; fewer than {FEW_TEST} test samples "
+            f"({html.escape(', '.join(map(str, few)))}): such a client's own test loss is "
+            "one sample's (or none), not an estimate.</p>"
+        )
+    return _table(shown, key="client") + note
+
+
+def _data_table(part: dict[str, Any], clients: list[dict[str, Any]]) -> str:
+    """The partition record's counts in words. The training samples cut to their windows are the
+    clients' own counts summed (the data level counts only the samples cut when measured, at
+    the measuring cap): computed from ``clients.csv`` for runs that did not record the sum."""
+    fields = {k: v for k, v in part.items() if k != "kind"}
+    if "train_truncated" not in fields and clients and "truncated" in clients[0]:
+        fields["train_truncated"] = sum(int(r["truncated"]) for r in clients)
+    return _table([{"field": Raw(html.escape(words(k, DATA_WORDS))), "value": readable(k, v)}
+                   for k, v in fields.items()])  # fmt: skip
+
+
+def _timing_table(path: Path) -> str:
+    """``timing.json`` (seconds per phase, wall and CPU) as a small table."""
+    try:
+        timing = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "<p>(no timing.json: the run did not finish)</p>"
+    cpu = timing.get("cpu", {})
+    rows = [{"phase": k, "wall (s)": float(v), "CPU (s)": float(cpu.get(k, math.nan))}
+            for k, v in timing.items() if isinstance(v, int | float)]  # fmt: skip
+    return _table(rows)
+
+
+def _config_block(path: Path) -> str:
+    """The run's resolved ``config.yaml``, folded (a click opens it)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return "<p>(no config.yaml)</p>"
+    return (
+        "<details><summary>config.yaml (the resolved configuration of the run)</summary>"
+        f"<pre>{html.escape(text)}</pre></details>"
+    )
+
+
 def _run_headline(run_dir: Path, records: list[dict[str, Any]]) -> str:
     """What was run and what came out, in two sentences, above everything else."""
-    cfg: dict[str, Any] = {}
-    with contextlib.suppress(OSError, yaml.YAMLError):
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    cfg = _config(run_dir)
     get = lambda section, key, default="?": (cfg.get(section) or {}).get(key, default)  # noqa: E731
     clients = sorted({r["client"] for r in records if r["kind"] == Kind.GLOBAL_EVAL} - {GLOBAL})
     ran = (
@@ -239,7 +367,10 @@ def _final(records: list[dict[str, Any]]) -> dict[str, Any]:
         "global_on_own": sum(per_client) / len(per_client) if per_client else math.nan,
         "local_own": sum(own) / len(own) if own else math.nan,
         "local_global": sum(on_glob) / len(on_glob) if on_glob else math.nan,
-        "buckets": {k: b["loss"] for k, b in final.get("buckets", {}).items()},
+        "buckets": {
+            k: final["buckets"][k]["loss"]
+            for k in sorted(final.get("buckets", {}), key=bucket_sort_key)
+        },
         **{
             k: part[k]
             for k in ("mean_tv_len", "cv_samples", "mean_corrupted", "std_corrupted")
@@ -307,7 +438,8 @@ def _effects_section(root: Path, spec: dict[str, Any], finished: list[dict]) -> 
         "0). An effect is the loss with a knob's value minus the loss with its reference value "
         "(the first in the grid), on the same test samples, for the same seed, in nats per "
         "token; negative = better. Rows marked (higher = better) are generation scores "
-        "(ROUGE-L, token F1 in [0, 1]): the score difference, positive = better. Intervals: "
+        "(ROUGE-L, token F1 in [0, 1]): the score difference, positive = better, plotted on a "
+        "panel of their own under an axis that says so. Intervals: "
         "Student t over the seeds' paired effects (cllora/report/effects.py); also in "
         f"effects.csv. Where a knob has no effect, about 1 interval in 20 excludes 0 by chance "
         f"(here about {len(rows) / 20:.1f} of the {len(rows)} rows): a lone resolved row among "
@@ -411,8 +543,9 @@ def sweep_report(root: Path) -> Path:
             for c, f in cells]  # fmt: skip
     parts += ["<h2>Cells (final round; loss in nats per token)</h2>", _table(rows)]
     plain = []
+    labels = sorted({b for _, f in cells for b in f["buckets"]}, key=bucket_sort_key)
     for c, f in cells:
-        per_bucket = {f"global[{b}]": v for b, v in f["buckets"].items()}
+        per_bucket = {f"global[{b}]": f["buckets"].get(b, math.nan) for b in labels}
         scalars = {k: v for k, v in f.items() if k != "buckets"}
         plain.append({"cell": c["name"], **scalars, **per_bucket})
     (out / "cells.md").write_text(markdown_table(plain), encoding="utf-8")

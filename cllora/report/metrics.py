@@ -28,12 +28,17 @@ from cllora.report.records import Record, SchemaRecord, check_schema
 class MetricsLog:
     """Append-only JSON-lines writer (flushed per line, so a killed run keeps what it logged).
 
-    ``path=None`` writes nothing (ranks other than 0 of a distributed run).
+    ``path=None`` writes nothing (ranks other than 0 of a distributed run). ``records``: how
+    many records the file holds (a checkpoint keeps it, so a resume can tell lost records).
     """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         new = path is not None and (not path.exists() or path.stat().st_size == 0)
+        self.records = 0
+        if path is not None and not new:
+            with path.open(encoding="utf-8", errors="replace") as fh:
+                self.records = sum(1 for line in fh if line.strip())
         self._fh = path.open("a", encoding="utf-8") if path is not None else None
         if new:
             self.write(SchemaRecord())
@@ -45,6 +50,7 @@ class MetricsLog:
         if self._fh is not None:
             self._fh.write(json.dumps(record, sort_keys=False) + "\n")
             self._fh.flush()
+            self.records += 1
 
     def close(self) -> None:
         if self._fh is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.bench_e2e import figure
 from benchmarks.profile_e2e import CATEGORIES, categorize, fit_cost_model
 from benchmarks.report_e2e import END, START, markdown_tables, write_readme
 from cllora.cli import main
@@ -52,15 +53,28 @@ def test_an_out_of_memory_cell_is_recorded_not_a_crash(tmp_path):
     assert main(argv) == 0
     (path,) = tmp_path.glob("e2e-cpu-*.csv")
     assert [r["value"] for r in _rows(path) if r["metric"] == "status"] == ["oom"]
+    texts = _texts(figure(_rows(path)))
+    assert "cllora: OOM" in texts and any(t.startswith("cllora fixed 32: oom") for t in texts)
+
+
+def _texts(fig) -> list[str]:
+    """Every text of a figure: its panels' annotations and the lines under them."""
+    import matplotlib.pyplot as plt
+
+    texts = [*(t for ax in fig.axes for t in ax.texts), *fig.texts]
+    out = [line for t in texts for line in t.get_text().splitlines()]
+    plt.close(fig)
+    return out
 
 
 @pytest.mark.parametrize("command", ["bench", "profile"])
 def test_a_failing_cell_is_recorded_and_the_exit_status_says_so(tmp_path, capsys, command):
     """A cell whose process fails (here: a model that does not exist) keeps its error in the CSV,
     prints the exception's own line and makes the command exit 1; the other cells still run."""
-    argv = [command, *TINY, "--model", "no-such-model", "--workloads", "fixed", "--contexts",
-            "32", "--out-dir", str(tmp_path)]  # fmt: skip
-    argv += ["--providers", "hf-peft"] if command == "bench" else ["--provider", "hf-peft"]
+    argv = [command, *TINY, "--model", "no-such-model", "--contexts", "32", "--out-dir",
+            str(tmp_path)]  # fmt: skip
+    argv += (["--providers", "hf-peft", "--workloads", "fixed"] if command == "bench"
+             else ["--provider", "hf-peft"])  # fmt: skip
     assert main(argv) == 1
     out, err = capsys.readouterr()
     assert "no-such-model" in out and "failed with an error" in err
@@ -68,6 +82,24 @@ def test_a_failing_cell_is_recorded_and_the_exit_status_says_so(tmp_path, capsys
     rows = _rows(path)
     assert ("status", "error") in {(r["metric"], r["value"]) for r in rows}
     assert any(r["metric"] == "error" and "no-such-model" in r["value"] for r in rows)
+    if command == "bench":  # the start of the cell is printed before its end; PNG, table
+        lines = out.splitlines()
+        started = next(i for i, ln in enumerate(lines) if "started (batch 1)" in ln)
+        assert lines[started].split()[:3] == ["fixed", "32", "hf-peft"]
+        assert "no-such-model" in "".join(lines[started + 1 :])
+        (error,) = [r["value"] for r in rows if r["metric"] == "error"]
+        texts = _texts(figure(rows))
+        assert "hf-peft: error" in texts and f"hf-peft fixed 32: error: {error}"[:160] in texts
+        assert f"| hf-peft | error: {error.replace('|', '/')} |" in markdown_tables([path])
+
+
+def test_the_context_axis_is_labelled_in_tokens():
+    rows = [{"provider": "cllora", "workload": "fixed", "context": str(t), "batch": "1",
+             "metric": "tokens_per_s", "value": "100"} for t in (512, 1024, 2048)]  # fmt: skip
+    fig = figure(rows)
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    _texts(fig)
+    assert labels == ["512", "1024", "2048"]
 
 
 @pytest.mark.parametrize("provider", ["liger", "cllora-4bit-offload"])

@@ -230,21 +230,21 @@ def _wait_for(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
 def test_a_run_killed_before_its_first_checkpoint_can_be_resumed_or_rerun(tmp_path):
     """SIGKILL while the model and data load (config.yaml written, no checkpoint yet): the
     directory blocks neither ``--resume`` (the run starts over) nor a rerun of the same name."""
-    argv = tiny_run_overrides(tmp_path, run_name="k", fed__rounds=1)
-    run_dir = tmp_path / "k"
-    proc = _cli(["run", *argv])
-    try:
-        _wait_for(proc, lambda: (run_dir / "config.yaml").is_file())
-    finally:
-        proc.kill()
-        proc.communicate()
-    assert not (run_dir / "checkpoint").exists()  # killed during the start
-    assert main(["run", "--resume", str(run_dir)]) == 0
-    resumed = metrics_without_times(run_dir)
-    (run_dir / "checkpoint").rename(tmp_path / "moved")  # back to an unstarted directory
-    (run_dir / "summary.csv").unlink()
-    assert main(["run", *argv]) == 0  # a rerun of the same run_name reuses it
-    assert metrics_without_times(run_dir) == resumed  # both started over: the same run
+    results = []
+    for name, retry in (("k", "--resume"), ("k2", "rerun")):
+        argv = tiny_run_overrides(tmp_path, run_name=name, fed__rounds=1)
+        run_dir = tmp_path / name
+        proc = _cli(["run", *argv])
+        try:
+            _wait_for(proc, lambda d=run_dir: (d / "config.yaml").is_file())
+        finally:
+            proc.kill()
+            proc.communicate()
+        assert not (run_dir / "checkpoint").exists()  # killed during the start
+        again = ["--resume", str(run_dir)] if retry == "--resume" else argv
+        assert main(["run", *again]) == 0  # --resume starts it over; a rerun reuses the name
+        results.append(metrics_without_times(run_dir))
+    assert results[0] == results[1]  # both started over: the same run
 
 
 def test_a_named_run_with_results_is_never_overwritten(tmp_path, capsys):

@@ -45,6 +45,7 @@ def test_truncate_metrics_keeps_complete_rounds(tmp_path):
 def test_open_resume_refuses_another_config(tmp_path):
     cfg = load_config(None, ["fed.rounds=4"])
     save_config(cfg, tmp_path / "config.yaml")
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "schema"}\n')
     save_checkpoint(
         tmp_path / "checkpoint", 2, {"m.lora_A": torch.ones(2, 3)}, {}, [], extra={"rng": []}
     )

@@ -23,11 +23,15 @@ from flwr.supercore.task_identity import TaskIdentity
 from cllora.cli import main as cli_main
 from cllora.config import ConfigError, config_to_dict, load_config
 from cllora.fed.algorithms.base import Downlink, Uplink
+from cllora.flower import client_app
 from cllora.flower import server as fserver
 from cllora.flower.client_app import CONFIG_KEY, app
 from cllora.flower.messages import (
+    USER_ERROR,
+    config_content,
     downlink_content,
     read_downlink,
+    read_error,
     read_uplink,
     uplink_content,
 )
@@ -74,6 +78,55 @@ def test_client_app_trains_and_flowers_mod_clips_the_update(tmp_path, task_ident
         norms[kind] = _norm(up.adapter, start)
     assert norms["train"] > 1e-2  # three AdamW steps at lr 5e-3 move far more than 1e-3
     assert norms["train.dp"] == pytest.approx(1e-3, rel=1e-4)
+
+
+def _malformed(path: Path) -> Path:
+    path.write_text('{"question": "q?", "answer": "a"}\n{"question": "broken?"\n')  # line 2
+    return path
+
+
+def test_client_app_replies_errors_naming_the_node(tmp_path, task_identity, monkeypatch):
+    text = yaml.safe_dump(config_to_dict(load_config(None, tiny_run_overrides(tmp_path))))
+    bad, gone = _malformed(tmp_path / "b.jsonl"), tmp_path / "c.jsonl"
+
+    def query(node_config: dict) -> tuple:
+        ctx = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                      run_config={})  # fmt: skip
+        msg = Message(config_content({CONFIG_KEY: text}), dst_node_id=7, message_type="query")
+        reply = app(msg, ctx)
+        return reply.error.code, *read_error(reply.error)
+
+    code, name, line, trace = query({"data-path": str(bad), "name": "site-b"})
+    assert (code, name, trace) == (USER_ERROR, "site-b", "")
+    assert line.startswith(f"{bad}:2: malformed record: not valid JSON") and "skip" in line
+    code, name, line, _ = query({"data-path": str(gone)})  # no name: the file's stem
+    assert (code, name) == (USER_ERROR, "c")
+    assert line.startswith(f"data-path {gone} not found on this SuperNode: restart it")
+    code, name, line, _ = query({})
+    assert (code, name) == (USER_ERROR, "node id 7") and "--node-config" in line
+
+    def bug(*args):
+        return 1 / 0
+
+    monkeypatch.setattr(client_app, "node_for", bug)
+    code, name, line, trace = query({"partition-id": 1})
+    assert (code, name, line) == (2, "partition-id 1", "unexpected ZeroDivisionError: division "
+                                  "by zero")  # Flower's CLIENT_APP_RAISED_EXCEPTION  # fmt: skip
+    assert trace.startswith("Traceback") and trace.endswith("ZeroDivisionError: division by zero")
+
+
+def test_nodes_that_cannot_load_their_data_stop_the_run_in_one_line(tmp_path, task_identity):
+    bad = _malformed(tmp_path / "all.jsonl")
+    cfg = load_config(None, tiny_run_overrides(
+        tmp_path, partition__method="iid", partition__num_clients=3, train__threads=1,
+        run_name="bad", data__path=str(bad), data__format="jsonl"))  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        run_federation(InProcessGrid(3), cfg, FlowerSettings(nodes=3))
+    line = str(err.value)
+    assert "\n" not in line  # the virtual nodes read the same file: one error, all its nodes
+    assert line.startswith(f"SuperNodes partition-id 0, partition-id 1, partition-id 2: {bad}:2:")
+    assert line.endswith("(0 of 3 SuperNodes loaded their client, fewer than fed.min_clients=1)")
+    assert f"ERROR cllora: error: {line}" in (tmp_path / "bad" / "run.log").read_text()
 
 
 def test_messages_round_trip_keep_tensors_and_records():

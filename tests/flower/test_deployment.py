@@ -7,7 +7,11 @@ unauthorised node is refused; three authorised nodes train two rounds with diffe
 round 1 one node is killed mid-training: the round is left to the other two. In round 2 a second
 node is killed: one success is fewer than ``fed.min_clients``, so the run stops on its last
 checkpoint (round 1). Both nodes come back and the run is resumed to its end, with the expected
-records."""
+records.
+
+A second, shorter one (no TLS, one round): nodes whose data cannot load (a malformed line, a
+missing file) stop the run, or are left out of it under ``fed.min_clients``, with one line each
+naming the node, the file:line and the fix, in `flwr run`'s output and in run.log."""
 
 from __future__ import annotations
 
@@ -121,3 +125,43 @@ def _kill_when_training(fed: Federation, kills: list[tuple[str, int]]):
     thread = threading.Thread(target=kill, daemon=True)
     thread.start()
     return thread
+
+
+def test_nodes_with_bad_data_stop_or_are_left_out_in_one_line(tmp_path):
+    good, bad, gone = (tmp_path / f"{n}.jsonl" for n in ("site-a", "site-b", "site-c"))
+    _site_data(good, 0)
+    _site_data(bad, 1)
+    lines = bad.read_text().splitlines()
+    lines[2] = '{"question": "broken?", "answer": '  # line 3: not valid JSON
+    bad.write_text("\n".join(lines) + "\n")
+
+    def overrides(name: str, min_clients: int) -> str:
+        return " ".join(tiny_run_overrides(
+            tmp_path / "runs", train__threads=1, run_name=name, fed__eval_initial=False,
+            fed__min_clients=min_clients, fed__rounds=1, partition__max_test_per_client=2,
+        ))  # fmt: skip
+
+    app = write_app(tmp_path / "app", overrides=overrides("stop", 2), nodes=3, node_wait=120,
+                    round_timeout=300)  # fmt: skip
+    malformed = f"SuperNode site-b: {bad}:3: malformed record: not valid JSON"
+    missing = f"SuperNode site-c: data-path {gone} not found on this SuperNode: restart it"
+    with Federation(tmp_path, tls=False, auth=False) as fed:
+        fed.start_link()
+        for name, path in (("site-a", good), ("site-b", bad), ("site-c", gone)):
+            fed.start_node(name, path)
+        out = fed.flwr_run(app, "resume=''")
+        stop = [x for x in out.splitlines() if x.startswith("cllora: error:")]
+        assert len(stop) == 1, out
+        assert malformed in stop[0] and "set data.on_malformed=skip" in stop[0], out
+        assert missing in stop[0] and "fewer than fed.min_clients=2" in stop[0], out
+        assert "Traceback" not in out and "Exit Code: 201" not in out, out
+        assert stop[0][len("cllora: ") :] in (tmp_path / "runs" / "stop" / "run.log").read_text()
+
+        out = fed.flwr_run(app, f"overrides='{overrides('go', 1)}'")
+    run_dir = tmp_path / "runs" / "go"
+    assert "Traceback" not in out and "Exit Code" not in out, out
+    log = (run_dir / "run.log").read_text()
+    assert f"left out of the run: {malformed}" in log and f"left out of the run: {missing}" in log
+    assert [r["succeeded"] for r in records_of(run_dir, "round")] == [1], out
+    assert json.loads((run_dir / "flower.json").read_text())["sites"].keys() == {"site-a"}
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()

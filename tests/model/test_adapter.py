@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from cllora.config import ModelConfig, load_config
 from cllora.model.adapter import CONFIG_NAME, README_NAME, load_adapter, save_adapter
 from cllora.model.load import load_model, peft_base_path
-from cllora.model.lora import inject_lora, lora_parameters
+from cllora.model.lora import inject_lora, lora_modules, lora_parameters
 from tests.conftest import tiny_run_overrides
 
 peft = pytest.importorskip("peft")
@@ -129,3 +130,103 @@ def test_embedded_smollm2_adapter_loads_with_auto_peft(tmp_path):
     torch.testing.assert_close(
         _peft_logits(tmp_path / "adapter", x), expected, rtol=1e-4, atol=1e-4
     )
+
+
+def _tiny(seed: int = 0, dtype: str = "fp32"):
+    return load_model(ModelConfig(name="tiny-llama", dtype=dtype), seed=seed)[0]
+
+
+def _peft_adapter(directory, seed: int = 0, **lora) -> torch.Tensor:
+    """Save a PEFT adapter with random A and B on tiny-llama(seed); PEFT's logits on _ids(4)."""
+    cfg = peft.LoraConfig(init_lora_weights=False, **lora)
+    theirs = peft.get_peft_model(_tiny(seed), cfg).eval()
+    with torch.no_grad():
+        logits = theirs(_ids(4)).logits
+    theirs.save_pretrained(directory)
+    return logits
+
+
+def test_loaded_adapter_is_in_eval_mode_unless_trainable(tmp_path):
+    """The README's recipe (load_model, then load_adapter) infers without LoRA dropout: two
+    forwards agree, and agree with PEFT; is_trainable=True gives a model to train."""
+    expected = _peft_adapter(
+        tmp_path, r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj"]
+    )
+    model = _tiny()
+    load_adapter(model, tmp_path)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        first, second = model(_ids(4)).logits, model(_ids(4)).logits
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in lora_parameters(model))
+    trainable = _tiny()
+    load_adapter(trainable, tmp_path, is_trainable=True)
+    assert all(m.training for m in lora_modules(trainable).values())
+    assert all(p.requires_grad for p in lora_parameters(trainable))
+    with torch.no_grad():
+        assert not torch.equal(trainable(_ids(4)).logits, trainable(_ids(4)).logits)  # dropout
+
+
+@pytest.mark.parametrize("r, alpha, dropout", [(4, 4.0, 0.0), (8, 16.0, 0.3)])
+def test_adapter_onto_lora_of_another_config_takes_the_adapters_config(tmp_path, r, alpha, dropout):
+    """A model that already carries LoRA (same modules, another alpha, rank or dropout) takes the
+    adapter's rank, alpha and dropout: PEFT's logits, not the model's scaling."""
+    targets = ["q_proj", "down_proj"]
+    expected = _peft_adapter(tmp_path, r=4, lora_alpha=12, lora_dropout=0.1, target_modules=targets)
+    model = _tiny()
+    inject_lora(model, r=r, alpha=alpha, dropout=dropout, target_modules=targets)
+    names = load_adapter(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids(4)).logits, expected, rtol=1e-5, atol=1e-5)
+    module = model.get_submodule(names[0])
+    assert (module.r, module.alpha, module.dropout.p) == (4, 12.0, 0.1)
+
+
+def test_adapter_onto_lora_of_other_modules_is_refused_in_one_line(tmp_path):
+    _peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    model = _tiny()
+    inject_lora(model, r=4, alpha=8, target_modules=["q_proj"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="onto a model without LoRA") as info:
+        load_adapter(model, tmp_path)
+    assert "\n" not in str(info.value) and "down_proj" in str(info.value)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the model is left as it was
+
+
+def _cllora_adapter(directory, seed: int = 0) -> None:
+    model = _tiny(seed)
+    inject_lora(model, r=2, alpha=4, target_modules=["q_proj"])
+    _randomize(model)
+    save_adapter(model, directory, base_model="tiny-llama")
+
+
+def test_adapter_onto_another_base_of_the_same_shapes_is_refused(tmp_path, caplog):
+    """tiny-llama built with seed 1 is not the base an adapter trained on seed 0 is for."""
+    _cllora_adapter(tmp_path)
+    with pytest.raises(ValueError, match=r"trained on base 'tiny-llama'.*check_base=False") as info:
+        load_adapter(_tiny(seed=1), tmp_path)
+    assert "\n" not in str(info.value)
+    assert load_adapter(_tiny(seed=1), tmp_path, check_base=False)  # the opt-out loads it
+    with caplog.at_level(logging.WARNING, logger="cllora"):
+        load_adapter(_tiny(seed=0), tmp_path)  # its own base,
+        load_adapter(_tiny(seed=0, dtype="bf16"), tmp_path)  # in another dtype too
+    assert not caplog.records
+
+
+def test_peft_adapter_naming_another_base_warns(tmp_path, model_dir, smol_tokenizer, caplog):
+    """A PEFT adapter (no cllora record of its base) whose base_model_name_or_path names another
+    model directory than the model's: one warning line naming both."""
+    other = tmp_path / "other-model"
+    _tiny(seed=4).save_pretrained(other)
+    smol_tokenizer.save_pretrained(other)
+    base, _ = load_model(ModelConfig(name=str(model_dir), dtype="fp32"))
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])
+    peft.get_peft_model(base, cfg).save_pretrained(tmp_path / "adapter")
+    model, _ = load_model(ModelConfig(name=str(other), dtype="fp32"))
+    with caplog.at_level(logging.WARNING, logger="cllora"):
+        load_adapter(model, tmp_path / "adapter")
+    [record] = caplog.records
+    assert str(model_dir) in record.getMessage() and str(other) in record.getMessage()
+    assert "\n" not in record.getMessage()

@@ -159,4 +159,4 @@ def test_cli_run_aligns_buffers_of_checkpointed_runs(tmp_path, checkpointing):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = "page-aligned" if checkpointing else "64-byte aligned"
-    assert f"'cpu_buffers': '{expected}'" in proc.stderr
+    assert f"cpu buffers {expected}" in proc.stderr

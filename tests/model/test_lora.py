@@ -93,11 +93,17 @@ def test_peft_adapter_loads_in_cllora_with_same_logits(tiny, tmp_path):
 def test_mismatched_adapter_is_refused_with_names(tiny, tmp_path):
     small = copy.deepcopy(tiny)
     inject_lora(small, r=4, alpha=8)
-    save_adapter(small, tmp_path)
+    state = lora_state_dict(small)
     big = copy.deepcopy(tiny)
     inject_lora(big, r=8, alpha=8)
     with pytest.raises(ValueError, match=r"lora_A: adapter \(4, 64\) vs model \(8, 64\)"):
+        set_lora_state(big, state)  # load_adapter takes the adapter's rank; this does not
+    key = next(iter(state))
+    state[key] = state[key][:, :-1]  # an adapter of another architecture's width
+    save_adapter(small, tmp_path, state=state)
+    with pytest.raises(ValueError, match=r"lora_A: adapter \(4, 63\) vs model \(4, 64\)"):
         load_adapter(big, tmp_path)
+    assert lora_modules(big)[key.removesuffix(".lora_A")].r == 8  # refused before any change
     partial = {k: v for k, v in lora_state_dict(big).items() if "layers.0." in k}
     with pytest.raises(ValueError, match="missing"):
         set_lora_state(big, partial)

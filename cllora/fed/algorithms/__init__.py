@@ -5,19 +5,24 @@ Usage::
     from cllora.fed.algorithms import algorithm_names, make_algorithm
     algorithm_names()            # ('centralized', 'exact', 'fedadam', ..., 'frozen_a', ...)
     algo = make_algorithm(cfg)   # an instance of the class in cllora/fed/algorithms/<name>.py
+    algorithm_summary("fedavg")  # '(McMahan et al., 2017) on LoRA factors: A = sum_k w_k A_k, ...'
 
 Adding an algorithm: a file ``<name>.py`` here with one subclass of
 :class:`cllora.fed.algorithms.base.Algorithm` whose ``name`` is ``<name>``, its test, and a row
-of the README's algorithm table. :func:`algorithm_names` lists the files without importing them
-(so the config, which must not import torch, can check ``fed.strategy``); files whose name
-starts with ``_`` and ``base.py`` are helpers, not algorithms.
+of the README's algorithm table; the first paragraph of its docstring, starting with its
+``name``, is what ``cllora list algorithms`` prints (:func:`algorithm_summary`).
+:func:`algorithm_names` lists the files without importing them (so the config, which must not
+import torch, can check ``fed.strategy``); files whose name starts with ``_`` and ``base.py``
+are helpers, not algorithms.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -59,3 +64,14 @@ def make_algorithm(cfg: Config) -> Algorithm:
     cls = algorithm_class(cfg.fed.strategy)
     cls.check_config(cfg)
     return cls(cfg)
+
+
+def algorithm_summary(name: str) -> str:
+    """What algorithm ``name`` does, in one line: the first paragraph of its file's docstring
+    as plain text, without the leading name (read from the file: nothing is imported)."""
+    if name not in algorithm_names():
+        raise ValueError(f"unknown algorithm {name!r}; allowed: {', '.join(algorithm_names())}")
+    source = (Path(__file__).parent / f"{name}.py").read_text(encoding="utf-8")
+    doc = ast.get_docstring(ast.parse(source)) or ""
+    text = " ".join(doc.split("\n\n")[0].split()).replace("``", "")
+    return text[len(name) :].lstrip(": ") if text.startswith(name) else text
