@@ -589,7 +589,7 @@ def study_tables(study: Study) -> dict[str, Table]:
 def study_header(study: Study) -> str:
     """When and how the study was declared, and how to read its effects."""
     d = study.declaration
-    seeds = sorted({s for r in study.results for s in r.seeds}, key=str)
+    seeds = sorted({s for r in study.results for s in r.seeds}, key=lambda s: (str(type(s)), s))
     return (
         f"Declared {d.declared_at} (`study.yaml`: frozen before any cell finished); seeds "
         f"{', '.join(map(str, seeds))}; alpha = {d.alpha:g}; equivalence margin ±{d.margin:g} "
