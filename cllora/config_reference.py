@@ -399,18 +399,19 @@ _REFERENCE: dict[str, tuple[str, str]] = {
 }
 
 
-def _keys(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+def config_items(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every dotted key of a config dataclass (``Config()``) with its value, in field order."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            yield from _keys(value, f"{prefix}{f.name}.")
+            yield from config_items(value, f"{prefix}{f.name}.")
         else:
             yield f"{prefix}{f.name}", value
 
 
 def config_keys() -> list[str]:
     """Every dotted config key, in the dataclasses' order (``model.name``, ..., ``progress``)."""
-    return [key for key, _ in _keys(Config())]
+    return [key for key, _ in config_items(Config())]
 
 
 def _flow(value: Any) -> str:
@@ -433,7 +434,7 @@ def format_default(value: Any) -> str:
 
 def config_reference() -> list[tuple[str, str, str, str]]:
     """``(key, default, allowed, meaning)`` of every config key (Markdown text)."""
-    keys = dict(_keys(Config()))
+    keys = dict(config_items(Config()))
     missing = [k for k in keys if k not in _REFERENCE]
     unknown = [k for k in _REFERENCE if k not in keys]
     if missing or unknown:

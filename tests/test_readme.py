@@ -3,20 +3,11 @@ its algorithm table every algorithm file."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
 from cllora.config import Config
-
-
-def _keys(obj, prefix=""):
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from _keys(value, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}"
+from cllora.config_reference import config_items
 
 
 def _documented(text: str, heading: str) -> set[str]:
@@ -29,7 +20,7 @@ def _documented(text: str, heading: str) -> set[str]:
 def test_config_reference_is_complete():
     root = Path(__file__).resolve().parents[1]
     documented = _documented((root / "README.md").read_text(), "### Config reference")
-    assert documented == set(_keys(Config()))
+    assert documented == {key for key, _ in config_items(Config())}
 
 
 def test_algorithm_table_lists_every_algorithm():
@@ -71,7 +62,7 @@ def test_config_reference_names_every_allowed_value():
     from cllora.config_reference import config_reference
 
     allowed = {key: text for key, _, text, _ in config_reference()}
-    for key, _ in _values(Config()):
+    for key, _ in config_items(Config()):
         section, _, name = key.rpartition(".")
         obj = Config() if not section else getattr(Config(), section)
         hint = typing.get_type_hints(type(obj))[name]
@@ -79,12 +70,3 @@ def test_config_reference_names_every_allowed_value():
                     typing.Literal for a in typing.get_args(t)]  # fmt: skip
         for value in literals:
             assert str(value) in allowed[key], f"{key}: {value!r} not in {allowed[key]!r}"
-
-
-def _values(obj, prefix=""):
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from _values(value, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", value
