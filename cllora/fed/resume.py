@@ -55,6 +55,7 @@ from cllora.config import (
 )
 from cllora.data.fingerprint import data_changes, file_digests
 from cllora.fed.checkpoint import Checkpoint, CheckpointError, load_checkpoint, round_dirs
+from cllora.report.metrics import count_records
 
 log = logging.getLogger("cllora")
 
@@ -127,12 +128,6 @@ def held_results(run_dir: Path) -> list[str]:
             if any('"kind": "round"' in line for line in fh):
                 found.append("metrics.jsonl (round records)")
     return found
-
-
-def metrics_count(path: Path) -> int:
-    """The number of records (non-blank lines) of a ``metrics.jsonl``."""
-    with Path(path).open(encoding="utf-8", errors="replace") as fh:
-        return sum(1 for line in fh if line.strip())
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -240,7 +235,7 @@ def _check_metrics(run_dir: Path, ckpt: Checkpoint) -> None:
             f"cannot resume {run_dir}: its metrics.jsonl is missing (the records of rounds "
             f"0-{ckpt.round} cannot be rebuilt); restore it, or start a new run"
         )
-    have = metrics_count(path)
+    have = count_records(path)
     if want is not None and have < want:
         raise ConfigError(
             f"cannot resume {run_dir}: its metrics.jsonl holds {have} records, the checkpoint of "

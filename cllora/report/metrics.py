@@ -35,10 +35,7 @@ class MetricsLog:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         new = path is not None and (not path.exists() or path.stat().st_size == 0)
-        self.records = 0
-        if path is not None and not new:
-            with path.open(encoding="utf-8", errors="replace") as fh:
-                self.records = sum(1 for line in fh if line.strip())
+        self.records = count_records(path) if path is not None and not new else 0
         self._fh = path.open("a", encoding="utf-8") if path is not None else None
         if new:
             self.write(SchemaRecord())
@@ -55,6 +52,12 @@ class MetricsLog:
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
+
+
+def count_records(path: Path) -> int:
+    """The number of records (non-blank lines) of a ``metrics.jsonl``, without parsing them."""
+    with Path(path).open(encoding="utf-8", errors="replace") as fh:
+        return sum(1 for line in fh if line.strip())
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
