@@ -27,6 +27,8 @@ from typing import Any, Literal
 
 import yaml
 
+from cllora.registry import algorithm_names
+
 
 class ConfigError(ValueError):
     """A config key that does not exist or a value it does not allow."""
@@ -278,12 +280,6 @@ class Config:
     progress: bool = True
 
 
-def _algorithm_names() -> tuple[str, ...]:
-    from cllora.fed.algorithms import algorithm_names  # lists files: imports no torch
-
-    return algorithm_names()
-
-
 # Range checks that a type alone cannot express: key -> (predicate, what is allowed).
 _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "lora.r": (lambda v: v >= 1, "an integer >= 1"),
@@ -311,8 +307,8 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.loss_chunk": (lambda v: v >= 0, "an integer >= 0 (0 = automatic)"),
     "fed.rounds": (lambda v: v >= 1, "an integer >= 1"),
     "fed.strategy": (
-        lambda v: v in _algorithm_names(),
-        "one of " + ", ".join(repr(n) for n in _algorithm_names()),
+        lambda v: v in algorithm_names(),
+        "one of " + ", ".join(repr(n) for n in algorithm_names()),
     ),
     "fed.sample_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "fed.prox_mu": (lambda v: v >= 0, "a number >= 0"),

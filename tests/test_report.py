@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from cllora.data.tables import count_sentences, heterogeneity_summary
 from cllora.report.html import markdown_table
-from cllora.report.tables import count_sentences, heterogeneity_summary
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cllora.errors import DataError
+
 logger = logging.getLogger("cllora.data")
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -47,10 +49,6 @@ FORMATS = tuple(SUFFIXES.values())
 MAX_EXAMPLES = 5  # reasons kept in the stats and shown in the warning
 SKIP_HINT = "or set data.on_malformed=skip to skip such records"
 _ESCAPED = re.compile("[\udc80-\udcff]")  # undecodable bytes after errors="surrogateescape"
-
-
-class DataError(ValueError):
-    """Bad data input; the message names the file and line (or row) where known."""
 
 
 def malformed_message(where: str, reason: str, hint: str = "") -> str:

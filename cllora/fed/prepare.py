@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 from cllora.config import Config, ConfigError
 from cllora.data.partition import Client, sample_length
 from cllora.data.pipeline import ClientData, build_clients, check_model_window
+from cllora.data.tables import client_table, heterogeneity_summary, write_csv
 from cllora.eval import quality_score
 from cllora.eval_cache import LossCache
 from cllora.fed.algorithms import algorithm_class
 from cllora.model.setup import build_model, check_engine
 from cllora.report.metrics import MetricsLog
 from cllora.report.records import FreeRecord, Kind
-from cllora.report.tables import client_table, heterogeneity_summary, write_csv
 
 log = logging.getLogger("cllora")
 

@@ -64,6 +64,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
 from cllora.config import Config, ConfigError, config_to_dict, save_config
+from cllora.data.tables import heterogeneity_summary, write_csv
 from cllora.fed.algorithms import make_algorithm
 from cllora.fed.algorithms.base import Algorithm, Trainee
 from cllora.fed.checkpoint import Checkpoint, CheckpointError, save_checkpoint
@@ -103,7 +104,6 @@ from cllora.report.records import (
 )
 from cllora.report.sample_losses import FILE_NAME as SAMPLE_LOSSES
 from cllora.report.sample_losses import write_sample_losses
-from cllora.report.tables import heterogeneity_summary, write_csv
 
 log = logging.getLogger("cllora")
 

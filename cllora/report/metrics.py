@@ -64,7 +64,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """All records of a ``metrics.jsonl`` file. A last line cut by a kill is left out with a
     warning; any other line that is not a record is a
     :class:`~cllora.data.readers.DataError` naming ``file:line``."""
-    from cllora.data.readers import DataError
+    from cllora.errors import DataError
 
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     records = []

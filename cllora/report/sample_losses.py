@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cllora.data.readers import DataError
+from cllora.errors import DataError
 from cllora.report.records import GLOBAL, OWN, Kind, of_kind
 
 FILE_NAME = "sample_losses.csv"

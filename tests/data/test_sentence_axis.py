@@ -57,7 +57,7 @@ def test_split_sentences_keeps_the_pieces():
 
 
 def test_tables_uses_the_data_layers_counter():
-    from cllora.report import tables
+    from cllora.data import tables
 
     assert tables.count_sentences is count_sentences
 

@@ -11,32 +11,23 @@ Adding an algorithm: a file ``<name>.py`` here with one subclass of
 :class:`cllora.fed.algorithms.base.Algorithm` whose ``name`` is ``<name>``, its test, and a row
 of the README's algorithm table; the first paragraph of its docstring, starting with its
 ``name``, is what ``cllora list algorithms`` prints (:func:`algorithm_summary`).
-:func:`algorithm_names` lists the files without importing them (so the config, which must not
-import torch, can check ``fed.strategy``); files whose name starts with ``_`` and ``base.py``
-are helpers, not algorithms.
+:func:`algorithm_names` (:mod:`cllora.registry`, a leaf) lists the files without importing them,
+so the config, which must not import torch nor a layer below it, can check ``fed.strategy``;
+files whose name starts with ``_`` and ``base.py`` are helpers, not algorithms.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
-import pkgutil
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from cllora.registry import algorithm_names
 
 if TYPE_CHECKING:
     from cllora.config import Config
     from cllora.fed.algorithms.base import Algorithm
-
-_NOT_ALGORITHMS = {"base"}
-
-
-@cache
-def algorithm_names() -> tuple[str, ...]:
-    """The ``fed.strategy`` values: every algorithm file of this package, sorted."""
-    names = (m.name for m in pkgutil.iter_modules(__path__))
-    return tuple(sorted(n for n in names if not n.startswith("_") and n not in _NOT_ALGORITHMS))
 
 
 def algorithm_class(name: str) -> type[Algorithm]:

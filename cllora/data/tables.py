@@ -2,7 +2,7 @@
 
 Usage::
 
-    from cllora.report.tables import client_table, heterogeneity_summary, write_csv
+    from cllora.data.tables import client_table, heterogeneity_summary, write_csv
     rows = client_table(clients, edges, tokenizer, quality={"client-00": 0.08, ...})
     rows = client_table(clients, edges, tokenizer, measure="sentences")  # sentence buckets
     write_csv(run_dir / "clients.csv", rows)
@@ -35,7 +35,7 @@ import numpy as np
 
 from cllora.data.formatting import IGNORE_INDEX
 from cllora.data.partition import Client, bucket_index, bucket_labels, sample_length
-from cllora.data.sentences import count_sentences  # here since the data layer needs it too
+from cllora.data.sentences import count_sentences
 
 
 def _histogram(lengths: Sequence[int], edges: Sequence[int]) -> np.ndarray:
