@@ -35,7 +35,6 @@ Ctrl-C and 143 on SIGTERM, after printing the exact command that resumes the run
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import signal
 import sys
@@ -47,6 +46,7 @@ import yaml
 
 from cllora.config import ConfigError, config_to_dict, load_config
 from cllora.helptext import HelpFormatter, examples
+from cllora.logs import configure_logging
 from cllora.model.cpu_memory import align_large_buffers, wants_aligned_buffers
 
 
@@ -117,7 +117,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--debug",
         action="store_true",
         default=argparse.SUPPRESS,
-        help="show the traceback of an error (and debug logging)",
+        help="show the traceback of an error, debug logs and the warnings cllora hides",
     )
     p = argparse.ArgumentParser(
         prog="cllora",
@@ -305,9 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cllora`` console script."""
     args = _parse(list(argv if argv is not None else sys.argv[1:]))
     debug = getattr(args, "debug", False)
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr
-    )
+    configure_logging(debug)
     previous = None
     if args.command in ("run", "sweep"):
         _cpu_buffer_policy(args)  # before anything imports torch

@@ -7,6 +7,9 @@ Usage::
                  "kernels": {"rms_norm": 61}, "malformed_examples": []})
     # 'records 3000, dropped overlong 0, length buckets 99/152, kernels (rms norm 61)'
 
+``round_line`` is the line a federated round leaves in ``run.log`` (and, under ``flwr run``, in
+its output), the same for a run in-process and on Flower.
+
 Keys lose their underscores; lists are joined with ``/``; nested mappings go in parentheses;
 empty lists and mappings and ``None`` are left out (nothing to say); booleans read yes/no and
 floats keep 4 significant digits. A leaf module: it imports nothing of cllora, so every layer
@@ -15,6 +18,7 @@ may use it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,3 +54,15 @@ def counts_line(counts: Mapping[str, int], none: str = "none") -> str:
     if not kept:
         return none
     return f"{sum(kept.values())} ({fields_line(kept)})"
+
+
+def round_line(r: int, rounds: int, sent: int, trainees: int, global_loss: float,
+               global_ppl: float, seconds: float) -> str:  # fmt: skip
+    """Round ``r`` of ``rounds`` in words: who trained, how long, the global model (or why it
+    was not evaluated: a NaN loss is a round ``eval.global_rounds`` leaves out)."""
+    trained = f"{sent} of {trainees} trainees sent an update"
+    if math.isnan(global_loss):
+        model = "global model not evaluated this round (eval.global_rounds=last)"
+    else:
+        model = f"global loss {global_loss:.4f} (ppl {global_ppl:.2f})"
+    return f"round {r} of {rounds}: {trained} in {seconds:.0f} s; {model}"

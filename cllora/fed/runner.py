@@ -61,6 +61,7 @@ from cllora.report.metrics import MetricsLog, format_table, read_metrics, write_
 from cllora.report.records import RoundRecord
 from cllora.report.sample_losses import FILE_NAME as SAMPLE_LOSSES
 from cllora.report.sample_losses import write_sample_losses
+from cllora.text import round_line
 
 log = logging.getLogger("cllora")
 
@@ -290,18 +291,10 @@ def run_round(run: Run, r: int) -> dict[str, Any]:
     if r == run.cfg.fed.rounds:  # after the round record: its seconds leave generation out
         _generate(run, r)
     _checkpoint(run, r, _rng_states(run.rng, run.rng_fail))
-    log.info("%s", _round_line(run, r, out, row, time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    log.info("%s", round_line(r, run.cfg.fed.rounds, len(out.uplinks), len(out.trainees),
+                              row["global_loss"], row["global_ppl"], seconds))  # fmt: skip
     return row
-
-
-def _round_line(run: Run, r: int, out: Any, row: dict[str, Any], seconds: float) -> str:
-    """The round in ``run.log``: who trained, how long, the global model (or why not)."""
-    trained = f"{len(out.uplinks)} of {len(out.trainees)} trainees sent an update"
-    if math.isnan(row["global_loss"]):
-        model = "global model not evaluated this round (eval.global_rounds=last)"
-    else:
-        model = f"global loss {row['global_loss']:.4f} (ppl {row['global_ppl']:.2f})"
-    return f"round {r} of {run.cfg.fed.rounds}: {trained} in {seconds:.0f} s; {model}"
 
 
 def _generate(run: Run, r: int) -> None:

@@ -9,6 +9,7 @@ Usage::
     cllora flower app flower-app run.yaml --nodes 3     # the Flower App for `flwr run`
     cllora flower certs certs --host link.example.org   # CA + SuperLink certificate
     cllora flower keys keys hospital-a hospital-b       # SuperNode key pairs
+    cllora flower sites sites                           # the data as one file per client
 
 Decision: a simulation is a cllora command (it needs nothing but the config, like ``cllora
 run``); a deployment is Flower's own commands (``flower-superlink``, ``flower-supernode``,
@@ -143,6 +144,18 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     app.add_argument("directory", help="the Flower App directory to write")
     app.add_argument("args", nargs="*", metavar="[CONFIG] key=value", help=_CONFIG)
     _settings_args(app, _APP_NODES)
+    sites = action(
+        "sites",
+        "the config's data as one file per client, to try a deployment",
+        "Write the config's data as one JSONL file per client (partition.method=field: one per "
+        "value\nof partition.field; otherwise partition.num_clients IID files), each to be one "
+        "SuperNode's\ndata-path when a deployment is tried on one machine.",
+        "cllora flower sites sites",
+        "cllora flower sites sites examples/medquad.yaml partition.method=iid "
+        "partition.num_clients=3",
+    )
+    sites.add_argument("directory", help="where the files are written (new or empty)")
+    sites.add_argument("args", nargs="*", metavar="[CONFIG] key=value", help=_CONFIG)
     certs = action(
         "certs",
         "a CA and the SuperLink's TLS certificate",
@@ -193,6 +206,8 @@ def main(argv: list[str]) -> int:
             private, public = write_node_keys(Path(args.directory), name)
             print(f"{name}: private key {private} (stays on its node), public key {public}")
         return 0
+    if args.action == "sites":
+        return _sites(args)
     keys = ("nodes", "dp_clipping_norm", "dp_noise_multiplier", "round_timeout", "dp_delta",
             "secagg", "secagg_num_shares", "secagg_reconstruction_threshold")  # fmt: skip
     settings = {k: getattr(args, k) for k in keys}
@@ -206,6 +221,19 @@ def main(argv: list[str]) -> int:
         print(f"Flower App: {out} (run it with: flwr run {out} <superlink connection> --stream)")
         return 0
     return _simulate(args, path, overrides, settings)
+
+
+def _sites(args: argparse.Namespace) -> int:
+    from cllora.flower.sites import write_sites
+
+    path, overrides = _config_args(args.args)
+    written = write_sites(load_config(path, overrides), Path(args.directory))
+    for file, count in written:
+        print(f"{file}: {count} records")
+    first = written[0][0]
+    print(f"{len(written)} sites: start one SuperNode per file with --node-config "
+          f"\"data-path='{first}' name='{first.stem}'\" (docs/flower.md)")  # fmt: skip
+    return 0
 
 
 def _simulate(args: argparse.Namespace, path: str | None, overrides: list[str],

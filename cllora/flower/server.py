@@ -104,6 +104,7 @@ from cllora.report.records import (
 )
 from cllora.report.sample_losses import FILE_NAME as SAMPLE_LOSSES
 from cllora.report.sample_losses import write_sample_losses
+from cllora.text import round_line
 
 log = logging.getLogger("cllora")
 
@@ -450,6 +451,8 @@ def flower_round(run: FlowerRun, r: int) -> dict[str, Any]:
     start = time.perf_counter()
     rng_before = _rng_states(run.rng, run.rng_fail)
     chosen = sample_clients(len(run.sites), run.cfg.fed.sample_fraction, run.rng)
+    log.info("round %d of %d: training on %s", r, run.cfg.fed.rounds,
+             ", ".join(run.sites[i].name for i in chosen))  # fmt: skip
     out = _train_securely(run, r, chosen) if run.settings.secagg else train_on_nodes(run, r, chosen)
     if len(out.uplinks) < run.cfg.fed.min_clients:
         _checkpoint(run, r - 1, rng_before)
@@ -486,7 +489,9 @@ def flower_round(run: FlowerRun, r: int) -> dict[str, Any]:
     )  # fmt: skip
     _record_info(run, r, info)
     _checkpoint(run, r)
-    log.info("round %d: global loss %.4f (ppl %.2f)", r, row["global_loss"], row["global_ppl"])
+    seconds = time.perf_counter() - start
+    log.info("%s", round_line(r, run.cfg.fed.rounds, len(out.uplinks), len(out.trainees),
+                              row["global_loss"], row["global_ppl"], seconds))  # fmt: skip
     return row
 
 

@@ -93,7 +93,6 @@ def simulate(
     from cllora.flower.server_app import make_server_app
 
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines once
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's database set-up
     outcome: dict[str, Any] = {}
     server = make_server_app(cfg, settings, outcome)  # cfg None: the resumed run's own
     run_simulation(
