@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/report_e2e.py benchmarks/results/e2e-cpu-*.csv            # print
     python benchmarks/report_e2e.py --baseline hf-peft-4bit a.csv b.csv
-    python benchmarks/report_e2e.py --readme README.md benchmarks/results/e2e-cuda-*.csv
+    python benchmarks/report_e2e.py --doc docs/gpu.md benchmarks/results/e2e-*.csv  # docs' table
 
     from benchmarks.report_e2e import markdown_tables
     text = markdown_tables([path], baseline="hf-peft")
@@ -16,8 +16,10 @@ same machine state as far as a shared machine allows). The default baseline ``au
 ``hf-peft-4bit`` for 4-bit providers and ``hf-peft`` for the others. A cell that did not finish
 shows its status (``oom``, ``timeout``, or ``error: `` and the one-line error) in place of its
 numbers. ``max_context`` rows form a
-second table. ``--readme FILE`` writes the tables between the lines
-``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->`` of FILE instead of printing them.
+second table. ``--doc FILE`` writes the tables between the lines
+``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->`` of FILE instead of printing them
+(``--readme`` is the same option's old name). The published table is :data:`DOC`'s, built from
+every ``benchmarks/results/e2e-*.csv`` (tests/bench/test_bench.py checks it).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def _load(paths: list[Path]) -> list[dict]:
 
 
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+DOC = Path("docs/gpu.md")  # the page that publishes the tables (relative to the repository)
 
 
 def _baseline(provider: str, baseline: str) -> str:
@@ -86,26 +89,33 @@ def markdown_tables(paths: list[Path], baseline: str = "auto") -> str:
     return "\n".join(out)
 
 
-def write_readme(readme: Path, tables: str) -> None:
-    """Replace the text between the START and END marker lines of ``readme`` by ``tables``."""
-    text = readme.read_text()
+def write_tables(doc: Path, tables: str) -> None:
+    """Replace the text between the START and END marker lines of ``doc`` by ``tables``."""
+    text = doc.read_text()
     if START not in text or END not in text:
-        raise ValueError(f"{readme} has no {START} ... {END} section")
+        raise ValueError(f"{doc} has no {START} ... {END} section")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{tables}\n{END}{tail}")
+    doc.write_text(f"{head}{START}\n{tables}\n{END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="markdown tables from bench_e2e CSVs")
     ap.add_argument("csv", nargs="+", type=Path)
     ap.add_argument("--baseline", default="auto")
-    ap.add_argument("--readme", type=Path, default=None)
+    ap.add_argument(
+        "--doc",
+        "--readme",
+        dest="doc",
+        type=Path,
+        default=None,
+        help=f"write the tables between the markers of this file (the published one: {DOC})",
+    )
     args = ap.parse_args(argv)
     tables = markdown_tables(args.csv, args.baseline)
-    if args.readme:
-        write_readme(args.readme, tables)
-        print(f"updated the benchmark table in {args.readme}")
+    if args.doc:
+        write_tables(args.doc, tables)
+        print(f"updated the benchmark table in {args.doc}")
     else:
         print(tables)
     return 0

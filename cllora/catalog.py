@@ -120,5 +120,5 @@ def algorithms_text(width: int = 100) -> str:
         )
         for n in names
     ]
-    lines.append('\nChoose one with fed.strategy=NAME; the maths: README.md, "Algorithms".')
+    lines.append('\nChoose one with fed.strategy=NAME; the maths: docs/config.md, "Algorithms".')
     return "\n".join(lines) + "\n"

@@ -167,7 +167,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "with --keys, every config key with its default, allowed values and meaning.",
         "cllora config examples/demo.yaml seed=3",
         "cllora config --keys                # the reference of every key",
-        "cllora config --keys --markdown     # the same as README's table",
+        "cllora config --keys --markdown     # the table of docs/config.md",
     )
     cfg.add_argument("args", nargs="*", metavar="[CONFIG] key=value", help=_OVERRIDES)
     cfg.add_argument(
@@ -176,7 +176,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="print every config key: default, allowed values, meaning",
     )
     cfg.add_argument(
-        "--markdown", action="store_true", help="with --keys: as README's Markdown table"
+        "--markdown", action="store_true", help="with --keys: as docs/config.md's Markdown table"
     )
     sweep = command(
         "sweep",

@@ -11,7 +11,8 @@ Usage::
 Precedence: dataclass defaults < YAML file < ``key=value`` overrides (values are parsed as YAML,
 so ``lora.target_modules=[q_proj,v_proj]`` gives a list). Every key is validated: an unknown key
 or a bad value raises :class:`ConfigError` naming the key and what is allowed. The reference of
-all keys is in README.md ("Config reference"); ``cllora config`` prints the resolved config.
+all keys is in docs/config.md (``cllora config --keys``); ``cllora config`` prints the resolved
+config.
 """
 
 from __future__ import annotations
@@ -241,7 +242,8 @@ class FedConfig:
     rounds: int = 3
     # Fraction of the clients sampled each round (at least one client).
     sample_fraction: float = 1.0
-    # The federated algorithm: one file of cllora/fed/algorithms/ each (README, "Algorithms").
+    # The federated algorithm: one file of cllora/fed/algorithms/ each (docs/config.md,
+    # "Algorithms").
     strategy: str = "fedavg"
     # How clients are weighted in the aggregate: by training samples, by training tokens, by the
     # measured quality score (1 / perplexity of the initial model on the client's responses).

@@ -1,5 +1,5 @@
 """The reference of every config key: default, allowed values, meaning; one source for
-``cllora config --keys`` and README's "Config reference" table.
+``cllora config --keys`` and the "Config reference" table of docs/config.md.
 
 Usage::
 
@@ -7,16 +7,17 @@ Usage::
 
     for key, default, allowed, meaning in config_reference():
         print(key, default)          # model.name `smollm2-135m` ... progress `true`
-    print(reference_markdown())      # README's table, exactly (tests/test_readme.py)
+    print(reference_markdown())      # docs/config.md's table, exactly (tests/test_docs.py)
     print(reference_text())          # what `cllora config --keys` prints
 
 The defaults come from the dataclasses of :mod:`cllora.config` (never written twice); the
 allowed values and meanings are :data:`_REFERENCE` below, in Markdown. Every key of
 :class:`cllora.config.Config` must have an entry and no entry may name a key that does not exist
-(:func:`config_reference` raises otherwise; tests/test_readme.py checks that README's table is
-:func:`reference_markdown` and that each ``Literal`` value of a key is named in its "allowed").
-Adding a key: its field in ``config.py``, its entry here, then
-``cllora config --keys --markdown`` replaces README's table.
+(:func:`config_reference` raises otherwise; tests/test_docs.py checks that docs/config.md's table
+is :func:`reference_markdown` and that each ``Literal`` value of a key is named in its
+"allowed"). Adding a key: its field in ``config.py``, its entry here, then
+``cllora config --keys --markdown`` replaces docs/config.md's table. Links in the Markdown are
+relative to docs/ (``#algorithms`` is a section of docs/config.md).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ _REFERENCE: dict[str, tuple[str, str]] = {
     ),
     "lora.client_ranks": (
         "list of ints >= 1",
-        "heterogeneous ranks: client i trains `client_ranks[i % len]` (see Strategies)",
+        "heterogeneous ranks: client i trains `client_ranks[i % len]` "
+        "([Algorithms](#algorithms), heterogeneous ranks)",
     ),
     "data.path": (
         "`builtin`, a file, a directory",
@@ -192,7 +194,7 @@ _REFERENCE: dict[str, tuple[str, str]] = {
         ">= 0",
         "> 0: common random numbers for studies: per seed one training pool of this many "
         "samples that fit `data.max_length`, shared by every run of the seed; clients "
-        "have no own test sets ([docs/measurement.md](docs/measurement.md))",
+        "have no own test sets ([docs/measurement.md](measurement.md))",
     ),
     "partition.draw": (
         ">= 0",
@@ -428,7 +430,7 @@ def _flow(value: Any) -> str:
 
 
 def format_default(value: Any) -> str:
-    """The default as README shows it: ``empty`` for None (YAML's empty value), else code."""
+    """The default as the docs show it: ``empty`` for None (YAML's empty value), else code."""
     return "empty" if value is None else f"`{_flow(value)}`"
 
 
@@ -443,7 +445,7 @@ def config_reference() -> list[tuple[str, str, str, str]]:
 
 
 def reference_markdown() -> str:
-    """README's config reference table."""
+    """docs/config.md's config reference table."""
     lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
     lines += [f"| `{k}` | {d} | {a} | {m} |" for k, d, a, m in config_reference()]
     return "\n".join(lines) + "\n"
@@ -451,11 +453,12 @@ def reference_markdown() -> str:
 
 def _plain(markdown: str) -> str:
     """Markdown of a cell as terminal text: no backticks; a link as its text (and its target
-    when that is a file)."""
+    when that is a file the text does not already name)."""
 
     def link(m: re.Match) -> str:
         label, target = m.groups()
-        return label if target.startswith("#") or target == label else f"{label} ({target})"
+        named = target.startswith("#") or label == target or label.endswith("/" + target)
+        return label if named else f"{label} ({target})"
 
     return re.sub(r"\[([^\]]*)\]\(([^)]*)\)", link, markdown).replace("`", "")
 

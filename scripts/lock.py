@@ -6,11 +6,11 @@ Usage (with the environment's own Python; ``scripts/setup.sh`` and the Makefile 
     python scripts/lock.py check [--strict]   # this environment's versions against the lock
     python scripts/lock.py sync               # uninstall what the lock does not list (own .venv)
     python scripts/lock.py freeze OUT         # write a lock from this environment (make lock)
-    python scripts/lock.py versions           # the key versions on one line (for the README)
+    python scripts/lock.py versions           # the key versions on one line (for docs/install.md)
 
 The lock lists every distribution that the two commands install, ``name==version``, torch
 included. Applied as pip *constraints* (``pip install -c``), it fixes the version of whatever the
-install needs without asking for anything more. torch is special (README, "The two commands"):
+install needs without asking for anything more. torch is special (docs/install.md):
 a torch that is already there is never replaced, so where the installed torch is not the locked
 one, ``constraints`` leaves out torch and every locked package whose version that torch's own
 requirements exclude (a CUDA build pins its triton and nvidia-* packages).
@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"
 # Never listed: the project itself and the installer (a venv brings its own pip).
 UNLOCKED = {"cllora", "pip"}
-# The packages whose versions `versions` prints (the README's set-up section names them).
+# The packages whose versions `versions` prints (docs/install.md, "The lock and the newest
+# releases", names them).
 KEY_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "triton", "huggingface-hub",
                 "tokenizers", "accelerate", "kernels", "flwr", "ray")  # fmt: skip
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up the project environment (README, "The two commands"); the Makefile runs this.
+# Set up the project environment (docs/install.md says what each step does); the Makefile
+# runs this.
 #
 #   bash scripts/setup.sh                  # .venv/ in the checkout, from requirements.lock
 #   PYTHON=python3.12 bash scripts/setup.sh        # .venv/ made from another Python

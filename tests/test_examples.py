@@ -55,3 +55,13 @@ def test_the_gpu_study_plans_three_sizes_of_the_same_design(tmp_path):
 def test_the_gpu_study_needs_three_sizes(tmp_path):
     run = _gpu(tmp_path, "tiny-llama", "tiny-llama")
     assert run.returncode == 2 and "at least three model directories" in run.stderr
+
+
+def test_the_smoke_config_is_the_quick_one_the_readme_runs():
+    """examples/smoke.yaml, the README's check that an install works, stays a smoke run: the
+    tiny model, a few samples, steps and rounds (validated above; this test never runs it)."""
+    cfg = load_config(str(ROOT / "examples" / "smoke.yaml"))
+    assert cfg.model.name.startswith("tiny-") and cfg.data.path == "builtin"
+    assert 0 < cfg.partition.max_train_per_client <= 8 and cfg.partition.max_test_per_client > 0
+    assert cfg.fed.rounds * cfg.train.local_steps <= 4 and cfg.data.max_length <= 128
+    assert "cllora run examples/smoke.yaml" in (ROOT / "README.md").read_text()

@@ -20,7 +20,7 @@ killed before round 0 was written) holds no results: ``open_resume`` returns no 
 server starts the run over in the same directory (:func:`start_over`). Checkpoints that exist but
 are all damaged are an error, never a silent restart.
 
-What cllora deletes or rewrites, it must have written (README, "Reliability"):
+What cllora deletes or rewrites, it must have written (docs/reliability.md):
 
 - Every run directory holds the marker :data:`MARKER`, written when cllora creates it. A
   directory without a checkpoint is started over only when it holds the marker (a folder of the

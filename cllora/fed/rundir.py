@@ -7,7 +7,7 @@ Usage::
     handler = attach_log_file(run_dir)   # run.log
     remove_unstarted(run_dir)            # a start that failed before its first checkpoint
 
-The rules (README, "Reliability"): a named directory holding a run (a round checkpoint) or any
+The rules (docs/reliability.md): a named directory holding a run (a round checkpoint) or any
 result of one (:func:`cllora.fed.resume.held_results`, e.g. a finished run whose ``checkpoint/``
 was deleted) is never reused; one that cllora created (its marker
 :data:`cllora.fed.resume.MARKER`) and that a start left before its first checkpoint is reused;

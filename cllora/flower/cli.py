@@ -15,8 +15,8 @@ Decision: a simulation is a cllora command (it needs nothing but the config, lik
 run``); a deployment is Flower's own commands (``flower-superlink``, ``flower-supernode``,
 ``flwr supernode register``, ``flwr run``), for which ``cllora flower app`` writes the Flower
 App (a ``pyproject.toml`` naming cllora's ServerApp and ClientApp and holding the run config),
-and ``certs`` / ``keys`` make the TLS certificates and node keys. README, "Deploying across
-organisations", shows the whole sequence. Bad input: one line and exit status 2 (through
+and ``certs`` / ``keys`` make the TLS certificates and node keys. docs/deploy.md ("Deploying
+across organisations") shows the whole sequence. Bad input: one line and exit status 2 (through
 :func:`cllora.cli.main`).
 """
 
@@ -100,7 +100,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             "cllora flower simulate examples/demo.yaml fed.rounds=2",
             "cllora flower app flower-app run.yaml --nodes 3",
         )
-        + "\n\n'cllora flower ACTION --help' describes an action's options; README, "
+        + "\n\n'cllora flower ACTION --help' describes an action's options; docs/deploy.md, "
         '"Deploying across organisations",\nshows a whole deployment.',
     )
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -1,5 +1,6 @@
 """`cllora bench` and `cllora profile` end to end on a tiny Llama (CPU, fresh processes), and the
-pieces that turn their CSVs into numbers: the cost-model fit, operator categories, README table."""
+pieces that turn their CSVs into numbers: the cost-model fit, operator categories, the
+docs' benchmark table (docs/gpu.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from benchmarks.bench_e2e import figure
 from benchmarks.profile_e2e import CATEGORIES, categorize, fit_cost_model
-from benchmarks.report_e2e import END, START, markdown_tables, write_readme
+from benchmarks.report_e2e import DOC, END, START, markdown_tables, write_tables
 from cllora.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,13 +183,16 @@ def test_operator_categories():
     assert categorize("aten::addmm_", [[4096, 1536], [4096, 16], [16, 1536]], 16) == "lora_matmul"
 
 
-def test_readme_benchmark_table_is_the_one_the_committed_csvs_give(tmp_path):
-    """README's table between the markers is generated from benchmarks/results/e2e-*.csv."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split(START, 1)[1].split(END, 1)[0].strip()
+def test_published_benchmark_table_is_the_one_the_committed_csvs_give(tmp_path):
+    """docs/gpu.md's table between the markers is generated from benchmarks/results/e2e-*.csv
+    (``python benchmarks/report_e2e.py --doc docs/gpu.md benchmarks/results/e2e-*.csv``)."""
+    assert Path("docs/gpu.md") == DOC
+    doc = (ROOT / DOC).read_text()
+    section = doc.split(START, 1)[1].split(END, 1)[0].strip()
     csvs = sorted((ROOT / "benchmarks" / "results").glob("e2e-*.csv"))
     assert section == markdown_tables(csvs).strip()
-    copy = tmp_path / "README.md"
+    assert START not in (ROOT / "README.md").read_text()  # one published copy
+    copy = tmp_path / "gpu.md"
     copy.write_text(f"intro\n{START}\nold\n{END}\nrest\n")
-    write_readme(copy, "NEW")
+    write_tables(copy, "NEW")
     assert copy.read_text() == f"intro\n{START}\nNEW\n{END}\nrest\n"

@@ -9,7 +9,7 @@ Usage::
 
 Adding an algorithm: a file ``<name>.py`` here with one subclass of
 :class:`cllora.fed.algorithms.base.Algorithm` whose ``name`` is ``<name>``, its test, and a row
-of the README's algorithm table; the first paragraph of its docstring, starting with its
+of docs/config.md's algorithm table; the first paragraph of its docstring, starting with its
 ``name``, is what ``cllora list algorithms`` prints (:func:`algorithm_summary`).
 :func:`algorithm_names` (:mod:`cllora.registry`, a leaf) lists the files without importing them,
 so the config, which must not import torch nor a layer below it, can check ``fed.strategy``;
