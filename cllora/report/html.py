@@ -42,8 +42,11 @@ from cllora.report.plots import forest_plot, plot_buckets, plot_knob, plot_round
 from cllora.report.records import GLOBAL, OWN, Kind
 from cllora.report.sample_losses import FILE_NAME as SAMPLE_LOSSES
 
+# Nothing may widen the page (tests/report/test_browser.py opens it in Chromium): a table or the
+# config.yaml block wider than the text scrolls inside its own box; a long word (a path) wraps.
 _STYLE = (
-    "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em;line-height:1.4}"
+    "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em;line-height:1.4;"
+    "overflow-wrap:break-word}pre{max-width:100%;overflow-x:auto}"
     "table{border-collapse:collapse;font-size:12px;display:block;max-width:100%;overflow-x:auto}"
     "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
     "th{background:#eee;white-space:normal;vertical-align:bottom}"
@@ -173,8 +176,12 @@ def _md(v: Any) -> str:
 
 def _page(title: str, parts: list[str]) -> str:
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>"
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        # no icon: without this line a browser asks the server for /favicon.ico (a 404)
+        "<link rel='icon' href='data:,'>"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>"
     )
 
 
