@@ -10,6 +10,7 @@ the recipe starts is stopped when the test ends, also when it fails."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
@@ -62,10 +63,8 @@ def test_the_localhost_recipe_runs_as_written(tmp_path):
     try:
         out, _ = proc.communicate(timeout=600)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever the recipe left running
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(ProcessLookupError):  # whatever the recipe left running
+            os.killpg(proc.pid, signal.SIGKILL)
     trial = tmp_path / "trial"
     logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
                      for p in sorted(trial.glob("*.log")))  # fmt: skip
