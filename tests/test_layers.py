@@ -105,3 +105,8 @@ def test_no_import_goes_down_a_layer():
                 breaks.append(f"{rel}:{line} ({table[mine][0]}) imports {name} "
                               f"({table[theirs][0]})")  # fmt: skip
     assert breaks == [], "imports that go down a layer:\n" + "\n".join(breaks)
+
+
+def test_every_path_the_table_names_exists():
+    names = [p for _, paths in layers() for p in paths]
+    assert [p for p in names if not (ROOT / p).exists()] == []
