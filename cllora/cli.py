@@ -401,7 +401,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def _config_keys(args: argparse.Namespace) -> int:
-    """``cllora config --keys [--markdown]``: the reference of every key (docs/config.md's table)."""
+    """``cllora config --keys [--markdown]``: every key's reference (docs/config.md's table)."""
     from cllora.config_reference import reference_markdown, reference_text
 
     if not args.keys:

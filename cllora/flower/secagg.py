@@ -19,9 +19,10 @@ sum and divides it by the sum of the weights. The server therefore holds only th
 update of the round's finishers, which it adds to the (shared) downlink and hands to the
 algorithm as one uplink of weight 1.
 
-That is cllora's aggregation exactly for the algorithms of :data:`SUM_ONLY`, whose new adapter
-depends on the uplinks only through their weighted mean and whose clients all get one downlink
-(one rank for every client); the others are refused (:func:`check_secagg`).
+That is cllora's aggregation exactly for the algorithms that declare it
+(``Algorithm.sums_securely``: no ``reads_each_uplink``), whose new adapter depends on the uplinks
+only through their weighted mean and whose clients all get one downlink (one rank for every
+client); the others are refused (:func:`check_secagg`).
 
 **Weights**: the server's (:func:`cllora.fed.strategy.client_weights` over the trainees) as
 integers ``round(w * Q)`` (``Q`` the quantization range, also the workflow's ``max_weight``), so
@@ -60,6 +61,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.supercore.differential_privacy import clip_inputs_inplace
 
 from cllora.config import Config, ConfigError
+from cllora.fed.algorithms import algorithm_class, algorithm_names
 from cllora.fed.algorithms.base import Algorithm, ClientResult, Downlink, Trainee, Uplink
 from cllora.fed.rounds import RoundOutcome, TraineeOutcome
 from cllora.flower.messages import dump_records, load_records, to_arrays
@@ -69,12 +71,6 @@ if TYPE_CHECKING:
     from cllora.flower.server import FlowerRun, FlowerSettings
 
 #: algorithms whose new global adapter depends on the uplinks only through their weighted mean
-SUM_ONLY = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "frozen_a")
-#: why the other algorithms the Flower apps run need each update
-READS_EACH = {
-    "exact": "the truncated SVD of the stacked factors of every client",
-    "hetlora": "each update's norm weights it",
-}
 MODULUS = 2**32  # Flower's default modulus range (the masks' and the sums' integers)
 log = logging.getLogger("cllora")
 
@@ -139,12 +135,13 @@ def make_workflow(settings: FlowerSettings) -> _Workflow:
 def check_secagg(cfg: Config, settings: FlowerSettings, trainees: int) -> None:
     """What secure aggregation cannot run (one-line :class:`ConfigError`); ``trainees``: the
     trainees of a round (``fed.sample_fraction`` of the nodes)."""
-    strategy = cfg.fed.strategy
-    if strategy not in SUM_ONLY:
-        why = READS_EACH.get(strategy, "it needs each client's update")
+    strategy, algorithm = cfg.fed.strategy, algorithm_class(cfg.fed.strategy)
+    if not algorithm.sums_securely():
+        why = algorithm.reads_each_uplink or "it needs each client's update"
+        sums = [n for n in algorithm_names() if algorithm_class(n).sums_securely()]
         raise ConfigError(
             f"secagg shows the server only the weighted sum of the updates, but fed.strategy="
-            f"{strategy} reads each one ({why}): use one of {', '.join(SUM_ONLY)}, or secagg=false"
+            f"{strategy} reads each one ({why}): use one of {', '.join(sums)}, or secagg=false"
         )
     if len(set(cfg.lora.client_ranks)) > 1:
         raise ConfigError(

@@ -41,7 +41,7 @@ are in ``flower.json`` and in every round record.
 
 **Secure aggregation** (``secagg``): the trainings of a round run under Flower's SecAgg+
 (:mod:`cllora.flower.secagg`), and the server learns only the weighted mean of the uplinks; for
-the algorithms of :data:`~cllora.flower.secagg.SUM_ONLY`, refused for the others. The
+the algorithms that declare it possible (``Algorithm.sums_securely``), refused for the others. The
 protocol's parameters are in every round record.
 """
 
@@ -65,7 +65,7 @@ from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, comp
 
 from cllora.config import Config, ConfigError, config_to_dict, save_config
 from cllora.data.tables import heterogeneity_summary, write_csv
-from cllora.fed.algorithms import make_algorithm
+from cllora.fed.algorithms import algorithm_class, algorithm_names, make_algorithm
 from cllora.fed.algorithms.base import Algorithm, Trainee
 from cllora.fed.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from cllora.fed.evaluation import add_local_means
@@ -108,13 +108,6 @@ from cllora.text import round_line
 
 log = logging.getLogger("cllora")
 
-#: algorithms whose messages are exactly their Downlink / Uplink tensors (no per-client state
-#: kept by the server, no base weights changed): the ones the Flower apps run
-SUPPORTED = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "exact",
-             "hetlora", "frozen_a")  # fmt: skip
-#: algorithms whose new global adapter is the weighted mean of the uplinks: the mean of
-#: clipped updates plus noise is what central DP protects
-MEAN_ONLY = ("fedavg", "fedprox")
 POLL = 0.5  # seconds between two pulls of replies
 #: errors that end a run with one line (its cause and fix), no traceback
 STOPS = (*USER_ERRORS, CheckpointError, RunStopped)
@@ -176,11 +169,12 @@ class FlowerRun:
 
 def check_flower_config(cfg: Config, settings: FlowerSettings) -> None:
     """What the Flower apps cannot run (one-line :class:`ConfigError`), before anything loads."""
-    strategy = cfg.fed.strategy
-    if strategy not in SUPPORTED:
+    strategy, algorithm = cfg.fed.strategy, algorithm_class(cfg.fed.strategy)
+    if not algorithm.runs_on_flower():
+        runs = [n for n in algorithm_names() if algorithm_class(n).runs_on_flower()]
         raise ConfigError(
             f"fed.strategy={strategy} keeps per-client state on the server or changes the base "
-            f"weights, which the Flower apps do not carry; use one of {', '.join(SUPPORTED)}"
+            f"weights, which the Flower apps do not carry; use one of {', '.join(runs)}"
         )
     if cfg.partition.global_test_fraction:
         raise ConfigError(
@@ -202,10 +196,12 @@ def check_flower_config(cfg: Config, settings: FlowerSettings) -> None:
         nodes = settings.nodes or cfg.partition.num_clients
         trainees = len(sample_clients(nodes, cfg.fed.sample_fraction, random.Random(0)))
         check_secagg(cfg, settings, trainees)
-    if settings.dp_clipping_norm and (strategy not in MEAN_ONLY or cfg.fed.weighting != "uniform"):
+    if settings.dp_clipping_norm and (not algorithm.mean_of_uplinks
+                                      or cfg.fed.weighting != "uniform"):  # fmt: skip
+        means = [n for n in algorithm_names() if algorithm_class(n).mean_of_uplinks]
         raise ConfigError(
             f"differential privacy needs the uniform mean of the clients' updates: set "
-            f"fed.strategy to one of {', '.join(MEAN_ONLY)} and fed.weighting=uniform (got "
+            f"fed.strategy to one of {', '.join(means)} and fed.weighting=uniform (got "
             f"{strategy}, {cfg.fed.weighting})"
         )
 

@@ -182,6 +182,8 @@ class MergingAlgorithm(Algorithm):
     """An algorithm whose global model is ``W0 + D + s B A`` (see the module doc); subclasses
     aggregate and call :meth:`merge` with the round's stacked factors."""
 
+    changes_base = True
+
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.state = self._fresh_state()

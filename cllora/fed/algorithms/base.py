@@ -24,6 +24,10 @@ overrides only what differs from FedAvg:
   :mod:`cllora.fed.strategy` and :mod:`cllora.fed.lora_algebra`);
 - :meth:`Algorithm.apply_global` / :meth:`Algorithm.export` — how the global model is put into
   the shared model, and saved (algorithms that fold updates into the base override both);
+- the capabilities (``keeps_client_state``, ``changes_base``, ``pools_client_data``,
+  ``mean_of_uplinks``, ``reads_each_uplink``) — class attributes that say what the Flower apps,
+  secure aggregation and central DP may do with it; a new algorithm declares them, and nothing
+  outside the algorithm lists algorithm names;
 - ``self.state`` — everything it keeps between rounds, saved in every checkpoint and restored
   on ``--resume`` (tensors, numbers, strings, lists, nested dicts). State a real client would
   keep on its own machine (its own B, its control variate) lives under ``self.state["clients"]``
@@ -128,6 +132,32 @@ class Algorithm:
     name: ClassVar[str] = ""  # the fed.strategy value: the file's module name
     #: the server learning rate when ``fed.server_lr`` is empty (None: the algorithm has none)
     default_server_lr: ClassVar[float | None] = None
+
+    # -- what it can do (read by the Flower apps, SecAgg+ and central DP; no name lists) --
+    #: it keeps state per client between rounds (``Uplink.kept``: SCAFFOLD's control variates,
+    #: FedSA's B, a local model); the Flower apps do not carry such state yet
+    keeps_client_state: ClassVar[bool] = False
+    #: it folds updates into the base weights, which every node would have to follow
+    changes_base: ClassVar[bool] = False
+    #: it trains on every client's data in one place (a reference point, no federation)
+    pools_client_data: ClassVar[bool] = False
+    #: its new global adapter is the weighted mean of the uplinks, so central DP's noise on the
+    #: mean of clipped updates matches the sensitivity
+    mean_of_uplinks: ClassVar[bool] = False
+    #: why its server needs each uplink rather than their weighted sum ("": the sum suffices,
+    #: so secure aggregation, which shows the server only the sum, can run it)
+    reads_each_uplink: ClassVar[str] = ""
+
+    @classmethod
+    def runs_on_flower(cls) -> bool:
+        """Its messages are exactly its :class:`Downlink` / :class:`Uplink` tensors: no state
+        per client, no base weights changed (what the Flower apps carry)."""
+        return not (cls.keeps_client_state or cls.changes_base or cls.pools_client_data)
+
+    @classmethod
+    def sums_securely(cls) -> bool:
+        """Secure aggregation (the server sees the weighted sum of the uplinks) can run it."""
+        return cls.runs_on_flower() and not cls.reads_each_uplink
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

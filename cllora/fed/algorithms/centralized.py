@@ -41,6 +41,7 @@ KEPT = "adapter"  # the Uplink.kept entry holding the trained adapter
 
 class Centralized(Algorithm):
     name = "centralized"
+    pools_client_data = True
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

@@ -13,3 +13,4 @@ from cllora.fed.algorithms.base import Algorithm
 
 class Exact(Algorithm):
     name = "exact"
+    reads_each_uplink = "the truncated SVD of the stacked factors of every client"

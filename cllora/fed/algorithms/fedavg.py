@@ -12,3 +12,4 @@ from cllora.fed.algorithms.base import Algorithm
 
 class FedAvg(Algorithm):
     name = "fedavg"
+    mean_of_uplinks = True

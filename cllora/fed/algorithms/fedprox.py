@@ -12,6 +12,7 @@ from cllora.fed.strategy import AggregateResult
 
 class FedProx(Algorithm):
     name = "fedprox"
+    mean_of_uplinks = True
 
     def local_rule(self, index: int, down: Downlink) -> LocalRule:
         return LocalRule(prox_mu=self.cfg.fed.prox_mu)

@@ -66,6 +66,7 @@ def fedsa_aggregate(
 
 class FedSA(Algorithm):
     name = "fedsa"
+    keeps_client_state = True
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

@@ -65,6 +65,7 @@ def truncate_to_rank(state: State, r: int, global_scaling: float, client_scaling
 
 class HetLoRA(Algorithm):
     name = "hetlora"
+    reads_each_uplink = "each update's norm weights it"
 
     def downlink(self, index: int, global_state: State) -> Downlink:
         rank, big = self.client_rank(index), self.global_rank()

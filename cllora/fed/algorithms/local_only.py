@@ -57,6 +57,7 @@ KEPT = "adapter"  # the Uplink.kept entry holding the trained adapter
 
 class LocalOnly(Algorithm):
     name = "local_only"
+    keeps_client_state = True
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

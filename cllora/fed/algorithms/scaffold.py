@@ -96,6 +96,7 @@ def state_norm(state: State) -> float:
 
 class Scaffold(Algorithm):
     name = "scaffold"
+    keeps_client_state = True
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
