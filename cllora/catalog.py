@@ -49,7 +49,7 @@ def _shape(config: Any) -> str:
 def model_catalog() -> list[tuple[str, str, int, str]]:
     """``(name, kind, parameters, what)`` of every model name cllora knows."""
     from cllora.model.embedded import EMBEDDED_NAME
-    from cllora.model.load import TINY_FAMILIES, _tiny_config
+    from cllora.model.load import TINY_FAMILIES, tiny_config
     from cllora.model.presets import PRESETS, preset_config
 
     embedded = preset_config(_EMBEDDED_ARCH)
@@ -63,7 +63,7 @@ def model_catalog() -> list[tuple[str, str, int, str]]:
         )
     ]
     for family in TINY_FAMILIES:
-        config = _tiny_config(family, vocab_size=49152)
+        config = tiny_config(family, vocab_size=49152)
         rows.append(
             (
                 f"tiny-{family}",

@@ -128,10 +128,10 @@ def test_parameter_count_is_the_models(name):
     from transformers import AutoModelForCausalLM
 
     from cllora.catalog import parameter_count
-    from cllora.model.load import _tiny_config
+    from cllora.model.load import tiny_config
     from cllora.model.presets import preset_config
 
-    config = _tiny_config(name[5:], 49152) if name.startswith("tiny-") else preset_config(name)
+    config = tiny_config(name[5:], 49152) if name.startswith("tiny-") else preset_config(name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     assert parameter_count(config) == sum(p.numel() for p in model.parameters())

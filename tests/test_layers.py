@@ -110,3 +110,17 @@ def test_no_import_goes_down_a_layer():
 def test_every_path_the_table_names_exists():
     names = [p for _, paths in layers() for p in paths]
     assert [p for p in names if not (ROOT / p).exists()] == []
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A leading underscore means "this module's own": another module that needs the name gets
+    it made public (``rng_states`` in fed/checkpoint.py, ``tiny_config`` in model/load.py)."""
+    found = []
+    for src in _sources():
+        rel = src.relative_to(ROOT).as_posix()
+        for node in ast.walk(ast.parse(src.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cllora"):
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        found.append(f"{rel}:{node.lineno} imports {node.module}.{a.name}")
+    assert found == []

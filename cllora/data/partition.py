@@ -180,7 +180,8 @@ def group_by_field(samples: Sequence[Sample], key: str) -> dict[str, list[Sample
     return dict(sorted(groups.items()))
 
 
-def _names(num_clients: int) -> list[str]:
+def client_names(num_clients: int) -> list[str]:
+    """The names of ``num_clients`` clients: ``client-00``, ``client-01``, ... (zero-padded)."""
     width = max(2, len(str(num_clients - 1)))
     return [f"client-{i:0{width}d}" for i in range(num_clients)]
 
@@ -195,7 +196,7 @@ def deal_iid(
         )
     order = list(range(len(samples)))
     rng.shuffle(order)
-    groups: dict[str, list[Sample]] = {name: [] for name in _names(num_clients)}
+    groups: dict[str, list[Sample]] = {name: [] for name in client_names(num_clients)}
     names = list(groups)
     for j, i in enumerate(order):
         groups[names[j % num_clients]].append(samples[i])
@@ -266,7 +267,7 @@ def deal_dirichlet(
             b = int(rng.choice(n_buckets, p=weights / weights.sum()))
             groups[c].append(samples[pools[b].pop()])
             remaining[c] -= 1
-    return dict(zip(_names(k), groups, strict=True))
+    return dict(zip(client_names(k), groups, strict=True))
 
 
 # ---------------------------------------------------------------- splits and windows

@@ -54,8 +54,8 @@ import numpy as np
 from cllora.config import PartitionConfig
 from cllora.data.formatting import Sample
 from cllora.data.partition import (
-    _names,
     bucket_index,
+    client_names,
     deal_dirichlet,
     group_by_field,
     sample_length,
@@ -115,7 +115,7 @@ def _pathological(
     pool: Sequence[Sample], cfg: PartitionConfig, edges: Sequence[int], rng: random.Random
 ) -> tuple[dict[str, list[Sample]], dict[str, np.ndarray]]:
     n_buckets = len(edges) + 1
-    names = _names(cfg.num_clients)
+    names = client_names(cfg.num_clients)
     holders: dict[int, list[str]] = {}
     for k, name in enumerate(names):
         holders.setdefault(k % n_buckets, []).append(name)
@@ -140,7 +140,7 @@ def _stratified(
 ) -> dict[str, list[Sample]]:
     """IID with the pool's bucket mix in every client: each bucket shuffled and dealt on
     round-robin, continuing where the last bucket stopped (sizes differ by at most one)."""
-    names = _names(cfg.num_clients)
+    names = client_names(cfg.num_clients)
     groups: dict[str, list[Sample]] = {name: [] for name in names}
     j = rng.randrange(len(names))
     for samples in _by_bucket(pool, cfg, edges).values():  # an empty bucket draws nothing
@@ -159,7 +159,7 @@ def _natural(pool: Sequence[Sample], cfg: PartitionConfig) -> dict[str, list[Sam
             f"partition.field={cfg.field!r} has {len(by_value)} value(s) in the pool, fewer than "
             f"partition.num_clients={cfg.num_clients}; lower num_clients"
         )
-    names = _names(cfg.num_clients)
+    names = client_names(cfg.num_clients)
     groups: dict[str, list[Sample]] = {name: [] for name in names}
     for _, samples in sorted(by_value.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         smallest = min(names, key=lambda n: (len(groups[n]), n))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,3 +166,18 @@ def load_checkpoint(directory: Path) -> Checkpoint:
             continue
         return ckpt
     raise CheckpointError(f"no intact checkpoint in {directory}: {'; '.join(errors) or 'none'}")
+
+
+def rng_states(*rngs: random.Random) -> list[dict[str, Any]]:
+    """JSON-able states of Python RNGs (client sampling, simulated failures)."""
+    out = []
+    for rng in rngs:
+        version, internal, gauss = rng.getstate()
+        out.append({"version": version, "state": list(internal), "gauss": gauss})
+    return out
+
+
+def set_rng_states(states: list[dict[str, Any]], *rngs: random.Random) -> None:
+    """Restore Python RNGs from :func:`rng_states` (a checkpoint's ``extra["rng"]``)."""
+    for s, rng in zip(states, rngs, strict=True):
+        rng.setstate((s["version"], tuple(s["state"]), s["gauss"]))

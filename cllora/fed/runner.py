@@ -45,7 +45,7 @@ from cllora.data.pipeline import ClientData
 from cllora.eval_cache import LossCache
 from cllora.fed.algorithms import make_algorithm
 from cllora.fed.algorithms.base import Algorithm
-from cllora.fed.checkpoint import Checkpoint, save_checkpoint
+from cllora.fed.checkpoint import Checkpoint, rng_states, save_checkpoint, set_rng_states
 from cllora.fed.distributed import DistContext
 from cllora.fed.evaluation import Evaluator, add_local_means
 from cllora.fed.guards import NonFiniteModelError, RunInterrupted, TooFewClientsError, non_finite
@@ -244,13 +244,13 @@ def _start(run: Run, ckpt: Checkpoint | None) -> int:
             with run.timer.phase("global_eval"):
                 run.result.rows.append(run.evaluator.global_round(run.model, 0))
             _generate(run, 0)
-        _checkpoint(run, 0, _rng_states(run.rng, run.rng_fail))
+        _checkpoint(run, 0, rng_states(run.rng, run.rng_fail))
         return 1
     device = next(iter(run.global_state.values())).device
     run.result.global_state = _to_device(ckpt.global_state, device)
     run.algorithm.load_state_dict(_to_device(ckpt.server_state, device), run.model)
     run.result.rows = list(ckpt.rows)
-    _set_rng_states(ckpt.extra["rng"], run.rng, run.rng_fail)
+    set_rng_states(ckpt.extra["rng"], run.rng, run.rng_fail)
     run.algorithm.apply_global(run.model, run.global_state)
     log.info("resuming %s after round %d of %d", run.run_dir, ckpt.round, run.cfg.fed.rounds)
     return ckpt.round + 1
@@ -259,7 +259,7 @@ def _start(run: Run, ckpt: Checkpoint | None) -> int:
 def run_round(run: Run, r: int) -> dict[str, Any]:
     """Round ``r``: sample, train, aggregate, evaluate, record, checkpoint; its summary row."""
     start = time.perf_counter()
-    rng_before = _rng_states(run.rng, run.rng_fail)  # the state a checkpoint of round r-1 holds
+    rng_before = rng_states(run.rng, run.rng_fail)  # the state a checkpoint of round r-1 holds
     chosen = sample_clients(len(run.clients), run.cfg.fed.sample_fraction, run.rng)
     out = train_round(run, r, chosen)
     if len(out.uplinks) < run.cfg.fed.min_clients:
@@ -290,7 +290,7 @@ def run_round(run: Run, r: int) -> dict[str, Any]:
     )  # fmt: skip
     if r == run.cfg.fed.rounds:  # after the round record: its seconds leave generation out
         _generate(run, r)
-    _checkpoint(run, r, _rng_states(run.rng, run.rng_fail))
+    _checkpoint(run, r, rng_states(run.rng, run.rng_fail))
     seconds = time.perf_counter() - start
     log.info("%s", round_line(r, run.cfg.fed.rounds, len(out.uplinks), len(out.trainees),
                               row["global_loss"], row["global_ppl"], seconds))  # fmt: skip
@@ -356,20 +356,6 @@ def _check_global(run: Run, r: int, global_state: dict) -> None:
             f"{run.run_dir / 'checkpoint'} (lower train.lr or fed.server_lr, or raise "
             "train.grad_clip)"
         )
-
-
-def _rng_states(*rngs: random.Random) -> list[dict[str, Any]]:
-    """JSON-able states of Python RNGs (client sampling, simulated failures)."""
-    out = []
-    for rng in rngs:
-        version, internal, gauss = rng.getstate()
-        out.append({"version": version, "state": list(internal), "gauss": gauss})
-    return out
-
-
-def _set_rng_states(states: list[dict[str, Any]], *rngs: random.Random) -> None:
-    for s, rng in zip(states, rngs, strict=True):
-        rng.setstate((s["version"], tuple(s["state"]), s["gauss"]))
 
 
 def _to_device(tree: Any, device: torch.device) -> Any:

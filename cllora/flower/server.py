@@ -67,14 +67,20 @@ from cllora.config import Config, ConfigError, config_to_dict, save_config
 from cllora.data.tables import heterogeneity_summary, write_csv
 from cllora.fed.algorithms import algorithm_class, algorithm_names, make_algorithm
 from cllora.fed.algorithms.base import Algorithm, Trainee
-from cllora.fed.checkpoint import Checkpoint, CheckpointError, save_checkpoint
+from cllora.fed.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
 from cllora.fed.evaluation import add_local_means
 from cllora.fed.guards import NonFiniteModelError, RunStopped, TooFewClientsError, non_finite
 from cllora.fed.prepare import check_combination, global_rank, json_safe
 from cllora.fed.resume import open_resume
 from cllora.fed.rounds import RoundOutcome
 from cllora.fed.rundir import attach_log_file, make_run_dir
-from cllora.fed.runner import RunResult, _rng_states, _set_rng_states, sample_clients
+from cllora.fed.runner import RunResult, sample_clients
 from cllora.fed.strategy import client_weights
 from cllora.flower.client_app import CONFIG_KEY, DP_ACTION
 from cllora.flower.messages import (
@@ -372,7 +378,7 @@ def _start(run: FlowerRun, ckpt: Checkpoint | None) -> int:
     run.result.global_state = ckpt.global_state
     run.algorithm.load_state_dict(ckpt.server_state, run.model)
     run.result.rows = list(ckpt.rows)
-    _set_rng_states(ckpt.extra["rng"], run.rng, run.rng_fail)
+    set_rng_states(ckpt.extra["rng"], run.rng, run.rng_fail)
     log.info("resuming %s after round %d of %d", run.run_dir, ckpt.round, run.cfg.fed.rounds)
     return ckpt.round + 1
 
@@ -445,7 +451,7 @@ def exchange(grid: Grid, msgs: dict[int, Message], timeout: float) -> dict[int, 
 def flower_round(run: FlowerRun, r: int) -> dict[str, Any]:
     """Round ``r``: sample, train on the nodes, aggregate, evaluate, record, checkpoint."""
     start = time.perf_counter()
-    rng_before = _rng_states(run.rng, run.rng_fail)
+    rng_before = rng_states(run.rng, run.rng_fail)
     chosen = sample_clients(len(run.sites), run.cfg.fed.sample_fraction, run.rng)
     log.info("round %d of %d: training on %s", r, run.cfg.fed.rounds,
              ", ".join(run.sites[i].name for i in chosen))  # fmt: skip
@@ -643,7 +649,7 @@ def combine_evals(records: list[GlobalEval], r: int) -> GlobalEval:
 
 
 def _checkpoint(run: FlowerRun, r: int, rng: list | None = None) -> None:
-    extra = {"rng": rng or _rng_states(run.rng, run.rng_fail), "config": config_to_dict(run.cfg),
+    extra = {"rng": rng or rng_states(run.rng, run.rng_fail), "config": config_to_dict(run.cfg),
              "metrics_records": run.metrics.records,
              "flower": {"sites": [s.name for s in run.sites],
                         "privacy": _privacy(run.settings)}}  # fmt: skip

@@ -67,7 +67,7 @@ ALIGN_ENV = "THP_MEM_ALLOC_ENABLE"  # read by torch's CPU allocator (c10 alloc_c
 
 
 @functools.cache
-def _glibc() -> ctypes.CDLL | None:
+def glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -120,7 +120,7 @@ def release_freed_memory(threshold: int = THRESHOLD) -> bool:
 
     Returns whether the setting took effect (False on a non-glibc platform). Affects blocks
     allocated from now on; call it before building the model and the first step."""
-    libc = _glibc()
+    libc = glibc()
     if libc is None:
         return False
     ok = libc.mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1

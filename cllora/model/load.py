@@ -81,7 +81,7 @@ class ModelNotFoundError(FileNotFoundError):
     """The model is neither embedded, tiny, a local directory nor in the local HF cache."""
 
 
-def _tiny_config(family: str, vocab_size: int) -> Any:
+def tiny_config(family: str, vocab_size: int) -> Any:
     """A small real transformers config of the given family (shapes keep GQA and odd sizes)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
@@ -326,7 +326,7 @@ def load_model(
     tokenizer = _load_tokenizer_checked(name, directory)
     if name.startswith("tiny-"):
         family = name.removeprefix("tiny-")
-        config = _tiny_config(family, vocab_size=len(tokenizer))
+        config = tiny_config(family, vocab_size=len(tokenizer))
         config._attn_implementation = attn
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -61,12 +61,12 @@ def check_engine(cfg: Config) -> None:
 def _cpu_buffers(cfg: Config) -> dict[str, str]:
     from cllora.model.cpu_memory import (
         ALIGN_ENV,
-        _glibc,
         buffers_page_aligned,
+        glibc,
         wants_aligned_buffers,
     )
 
-    if _glibc() is None:
+    if glibc() is None:
         return {}
     if buffers_page_aligned():
         return {"cpu_buffers": "page-aligned"}

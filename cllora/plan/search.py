@@ -53,11 +53,11 @@ from cllora.plan.allocator import CachingAllocator, LiveReplay, OutOfMemory, sum
 from cllora.plan.step import (
     PlanError,
     PlanSpec,
-    _raw_batch,
-    _step_fn,
     build_traced,
     fake_session,
     hf_config,
+    raw_batch,
+    step_fn,
 )
 from cllora.plan.tracker import StepTracker
 
@@ -131,9 +131,9 @@ def _probe(spec: PlanSpec, model: Any, opt: Any, tracker: StepTracker) -> Probe:
     error, retained = "", 0
     try:
         with _disable_modes():  # the batch is made on the host, as the benchmark's
-            raw = _raw_batch(spec, model.config.vocab_size)
+            raw = raw_batch(spec, model.config.vocab_size)
         tracker.phase = "forward"
-        _step_fn(spec, model, tracker, raw)()
+        step_fn(spec, model, tracker, raw)()
         tracker.phase = "optimizer"
         opt.step()
     except OutOfMemory as err:

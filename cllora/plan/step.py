@@ -140,12 +140,12 @@ def hf_config(model: str) -> Any:
     if model in PRESETS:
         return preset_config(model)
     if model.startswith("tiny-"):
-        from cllora.model.load import TINY_FAMILIES, _tiny_config
+        from cllora.model.load import TINY_FAMILIES, tiny_config
 
         family = model.removeprefix("tiny-")
         if family not in TINY_FAMILIES:
             raise PlanError(f"unknown tiny model {model!r}; use tiny-{{{','.join(TINY_FAMILIES)}}}")
-        return _tiny_config(family, vocab_size=49152)
+        return tiny_config(family, vocab_size=49152)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -369,7 +369,7 @@ def _samples(spec: PlanSpec, vocab: int) -> list:
     return [Sample(r, list(r)) for r in rows]
 
 
-def _raw_batch(spec: PlanSpec, vocab: int) -> dict:
+def raw_batch(spec: PlanSpec, vocab: int) -> dict:
     """The real (CPU) batch of one step, as the benchmark collates it for the provider."""
     samples = _samples(spec, vocab)
     if spec.provider.startswith("cllora"):
@@ -381,7 +381,7 @@ def _raw_batch(spec: PlanSpec, vocab: int) -> dict:
     return collate(samples, pad_id=0)
 
 
-def _step_fn(spec: PlanSpec, model: Any, tracker: StepTracker, raw: dict) -> Any:
+def step_fn(spec: PlanSpec, model: Any, tracker: StepTracker, raw: dict) -> Any:
     """forward + loss + backward of one batch, as the benchmark's step closure."""
     batch = {k: tracker.real_to_fake(v) if torch.is_tensor(v) else v for k, v in raw.items()}
     if spec.provider.startswith("cllora"):
@@ -557,7 +557,7 @@ def _trace(spec: PlanSpec, config: Any, raw: dict) -> _Trace:
             p.register_post_accumulate_grad_hook(
                 lambda p: tracker.grad_serials.add(tracker.serial_of(p.grad))
             )
-        run = _step_fn(spec, model, tracker, raw)
+        run = step_fn(spec, model, tracker, raw)
         tracker.reset_peak()
         start_bytes, step_start = tracker.current, len(tracker.events)
         tracker.ops.clear()
@@ -589,7 +589,7 @@ def plan_step(spec: PlanSpec) -> PlanPoint:
         raise PlanError(f"unknown lora path {spec.lora_path!r}; use one of {LORA_PATHS}")
     config = hf_config(spec.model)
     start = time.perf_counter()
-    raw = _raw_batch(spec, config.vocab_size)
+    raw = raw_batch(spec, config.vocab_size)
     layers = config.num_hidden_layers
     if spec.extrapolate and layers > 3:
         lo, hi = (_trace(spec, _with_layers(config, n), raw) for n in (2, 3))

@@ -51,10 +51,10 @@ def test_scores_match_hand_computed_rouge_l_and_token_f1():
 def test_batched_left_padded_greedy_equals_one_by_one():
     from transformers import LlamaForCausalLM
 
-    from cllora.model.load import _tiny_config
+    from cllora.model.load import tiny_config
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(_tiny_config("llama", 300)).eval()
+    model = LlamaForCausalLM(tiny_config("llama", 300)).eval()
     prompts = [[1, 17, 40, 99, 5], [1, 8], [1, 250, 3, 77, 120, 9, 61, 33]]
     batched = generate_ids(model, prompts, pad_id=2, eos=[2], max_new_tokens=6, batch_size=3)
     single = generate_ids(model, prompts, pad_id=2, eos=[2], max_new_tokens=6, batch_size=1)

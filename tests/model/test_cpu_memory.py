@@ -13,9 +13,9 @@ import textwrap
 
 import pytest
 
-from cllora.model.cpu_memory import ALIGN_ENV, _glibc, align_large_buffers
+from cllora.model.cpu_memory import ALIGN_ENV, align_large_buffers, glibc
 
-pytestmark = pytest.mark.skipif(_glibc() is None, reason="glibc (Linux) only")
+pytestmark = pytest.mark.skipif(glibc() is None, reason="glibc (Linux) only")
 
 # 48 blocks of 8 MiB. glibc maps the first freed big block, then moves its dynamic threshold
 # past it, so by default the next ones come from the heap (mallinfo2's ``arena``), where a freed

@@ -61,7 +61,7 @@ def _profiled_real_cpu_step(spec: PlanSpec, **profile_kwargs):
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
     st._warm_optimizer(opt, params)
-    raw = st._raw_batch(spec, model.config.vocab_size)
+    raw = st.raw_batch(spec, model.config.vocab_size)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, **profile_kwargs) as prof:
         if spec.provider.startswith("cllora"):
             from cllora.model.loss import batch_loss_sum
@@ -148,7 +148,7 @@ def test_planned_allocations_follow_a_real_cpu_step_in_order():
 
     spec = PlanSpec(model="tiny-llama", provider="cllora", context=256, dtype="fp32",
                     target="cpu", extrapolate=False)  # fmt: skip
-    trace = st._trace(spec, st.hf_config(spec.model), st._raw_batch(spec, 49152))
+    trace = st._trace(spec, st.hf_config(spec.model), st.raw_batch(spec, 49152))
     smallest = 256 * 64 * 4  # one (tokens x hidden) fp32 activation
     fake = _sizes_in_order(trace.events[trace.step_start :], smallest)
     real = _sizes_in_order(_real_cpu_step_events(spec), smallest)
@@ -208,9 +208,9 @@ def test_h200_max_context_cllora_4bit_probes():
 
 
 def test_depth_extrapolation_equals_tracing_every_layer(tmp_path):
-    from cllora.model.load import _tiny_config
+    from cllora.model.load import tiny_config
 
-    config = _tiny_config("llama", vocab_size=49152)
+    config = tiny_config("llama", vocab_size=49152)
     config.num_hidden_layers = 5
     config.save_pretrained(tmp_path)
     spec = PlanSpec(model=str(tmp_path), provider="cllora-4bit", context=256)
