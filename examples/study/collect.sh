@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copy the study's result files into docs/findings/study and make their reports there:
 #   bash examples/study/collect.sh [RUNS_DIR [SWEEP...]]
-# RUNS_DIR defaults to runs (where the study sweeps write); SWEEP names which of confirm and crn
+# RUNS_DIR defaults to runs (where the study sweeps write); SWEEP names which of calibrated, confirm and crn
 # (the study of docs/findings.md and its pilot) and the earlier length, quality, sentences,
 # sentences-confirm, references to collect (default: all; a report takes seconds to minutes).
 # For each of them that has finished cells: the sweep's sweep.yaml, study.yaml (a study's frozen
@@ -10,13 +10,13 @@
 # timing.json; no checkpoints, no adapters); then `cllora report` on the copy, which writes
 # report/effects.{csv,md,png} (and a study's report/study.{md,csv}) beside them; last, the study
 # tables embedded in docs/findings.md (<!-- study:SWEEP:NAME --> blocks) are refilled from the
-# copies of every study sweep (those with a study.yaml: confirm, crn).
+# copies of every study sweep (those with a study.yaml: calibrated, confirm, crn).
 # tests/test_findings.py recomputes every committed effect from the committed per-sample losses
 # and fails when the embedded tables differ from what the files give.
 set -euo pipefail
 RUNS="${1:-runs}"
 shift || true
-if [ $# -gt 0 ]; then SWEEPS=("$@"); else SWEEPS=(confirm crn length quality sentences sentences-confirm references); fi
+if [ $# -gt 0 ]; then SWEEPS=("$@"); else SWEEPS=(calibrated confirm crn length quality sentences sentences-confirm references); fi
 cd "$(dirname "$0")/../.."
 DEST=docs/findings/study
 FILES=(cell.json config.yaml metrics.jsonl sample_losses.csv summary.csv clients.csv timing.json)
