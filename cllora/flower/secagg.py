@@ -70,7 +70,6 @@ from cllora.report.records import ClientFailed, LocalEval, Record
 if TYPE_CHECKING:
     from cllora.flower.server import FlowerRun, FlowerSettings
 
-#: algorithms whose new global adapter depends on the uplinks only through their weighted mean
 MODULUS = 2**32  # Flower's default modulus range (the masks' and the sums' integers)
 log = logging.getLogger("cllora")
 
