@@ -44,7 +44,7 @@ STUDIES = sorted(p.parent for p in STUDY.glob("*/study.yaml"))  # declared studi
 def test_the_study_is_committed():
     assert {p.name for p in SWEEPS} >= {"confirm", "crn", "length", "quality", "sentences",
                                         "sentences-confirm", "references"}  # fmt: skip
-    assert {p.name for p in STUDIES} == {"confirm", "crn"}
+    assert {p.name for p in STUDIES} == {"calibrated", "confirm", "crn"}
 
 
 def test_the_study_tables_in_findings_are_what_the_files_give():
