@@ -103,6 +103,15 @@ def measure_length(cfg: Config) -> int:
     return max(MEASURE_LENGTH, 1 + max([cfg.data.max_length, *cfg.data.client_max_length]))
 
 
+def run_records(cfg: Config, malformed: Malformed) -> list[dict]:
+    """The records a run reads: ``data.path`` read (skips counted in ``malformed``, which the
+    caller reports), then ``data.max_records`` of them drawn with the seed."""
+    records = load_records(cfg.data.path, cfg.data.format, malformed=malformed)
+    if cfg.data.max_records and len(records) > cfg.data.max_records:
+        records = random.Random(cfg.seed).sample(records, cfg.data.max_records)
+    return records
+
+
 def load_samples(cfg: Config, tokenizer: Any) -> tuple[list[Sample], dict[str, Any]]:
     """Records read, subsampled (``data.max_records``) and tokenized at full length.
 
@@ -113,9 +122,7 @@ def load_samples(cfg: Config, tokenizer: Any) -> tuple[list[Sample], dict[str, A
     """
     malformed = Malformed(cfg.data.on_malformed)
     try:
-        records = load_records(cfg.data.path, cfg.data.format, malformed=malformed)
-        if cfg.data.max_records and len(records) > cfg.data.max_records:
-            records = random.Random(cfg.seed).sample(records, cfg.data.max_records)
+        records = run_records(cfg, malformed)
         samples, stats = build_samples(
             records,
             tokenizer,
@@ -141,9 +148,7 @@ def count_clients(cfg: Config) -> int:
     part = cfg.partition
     if part.method != "field" or part.pool:
         return part.num_clients
-    records = load_records(cfg.data.path, cfg.data.format, malformed=Malformed("skip"))
-    if cfg.data.max_records and len(records) > cfg.data.max_records:
-        records = random.Random(cfg.seed).sample(records, cfg.data.max_records)
+    records = run_records(cfg, Malformed("skip"))
     return len({str(r[part.field]) for r in records if part.field in r})
 
 

@@ -26,16 +26,15 @@ import re
 from pathlib import Path
 
 from cllora.config import Config
-from cllora.data.readers import DataError, Malformed, load_records
+from cllora.data.pipeline import run_records
+from cllora.data.readers import DataError, Malformed
 
 
 def split_records(cfg: Config) -> dict[str, list[dict]]:
     """The records of each site, by its name (see the module doc)."""
     skip = Malformed(cfg.data.on_malformed)
-    records = load_records(cfg.data.path, cfg.data.format, malformed=skip)
+    records = run_records(cfg, skip)
     skip.report()  # records skipped as malformed (data.on_malformed=skip), as one warning
-    if cfg.data.max_records and len(records) > cfg.data.max_records:
-        records = random.Random(cfg.seed).sample(records, cfg.data.max_records)
     part = cfg.partition
     sites: dict[str, list[dict]] = {}
     if part.method == "field":
