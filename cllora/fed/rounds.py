@@ -1,34 +1,33 @@
-"""One federated round: who trains, local training, what travels, aggregation.
+"""What one trainee of a round does, and what a round's trainees produced.
 
 Usage::
 
-    from cllora.fed.rounds import RoundOutcome, train_round
-    out = train_round(run, r, chosen)    # run: a cllora.fed.runner.Run; chosen: client indices
-    out.results, out.bytes_down, out.bytes_up, out.local   # for aggregation and the round record
+    from cllora.fed.rounds import RoundOutcome, train_trainee, write_outcomes
+    out = train_trainee(trainer, r, trainee, data, down, fail=False)   # records + uplink
+    local = write_outcomes(metrics, [out.records, ...])   # in trainee order; the local evals
 
-Everything a round needs comes in the :class:`~cllora.fed.runner.Run` it is given (config,
-model, clients, algorithm, evaluator, metrics, process group); it returns what happened instead
-of writing through side channels: each trainee's records are written here, in trainee order,
-by the main process. The algorithm (:mod:`cllora.fed.algorithms`) decides who trains
-(:meth:`~cllora.fed.algorithms.base.Algorithm.trainees`), what goes down and up and how the
-client trains; the round counts the bytes of what goes down and up. A trainee that fails (an
-exception, a non-finite loss, adapter or local evaluation, a simulated crash) is left out and
-logged (``client_failed``).
+Every client pool (:mod:`cllora.fed.loop`) trains a trainee with :func:`train_trainee`: in this
+process (:class:`cllora.fed.pool.LocalPool`) or on the SuperNode that holds its data
+(:mod:`cllora.flower.node`). The algorithm (:mod:`cllora.fed.algorithms`) decides how the client
+trains (:meth:`~cllora.fed.algorithms.base.Algorithm.local_rule`) and what goes up
+(:meth:`~cllora.fed.algorithms.base.Algorithm.uplink`). A trainee that fails (an exception, a
+non-finite loss, adapter or local evaluation, a simulated crash) is left out and logged
+(``client_failed``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cllora.config import Config
+from cllora.data.formatting import Sample
 from cllora.fed.algorithms.base import ClientResult, Downlink, Trainee, Uplink
 from cllora.fed.client import client_update
+from cllora.report.metrics import MetricsLog
 from cllora.report.records import ClientFailed, ClientTrain, LocalEval, Record
-
-if TYPE_CHECKING:
-    from cllora.fed.runner import Run
 
 log = logging.getLogger("cllora")
 
@@ -55,6 +54,7 @@ class RoundOutcome:
     uplinks: dict[int, Uplink]  # trainee position -> uplink, for those that succeeded
     bytes_down: int
     local: list[LocalEval]
+    info: dict[str, Any] = field(default_factory=dict)  # for the round record (e.g. SecAgg+)
 
     @property
     def bytes_up(self) -> int:
@@ -74,18 +74,22 @@ def _evaluates_local(cfg: Config, r: int) -> bool:
     return cfg.eval.local and (cfg.eval.local_rounds == "every" or r == cfg.fed.rounds)
 
 
-def train_trainee(run: Run, r: int, t: Trainee, down: Downlink, fail: bool) -> TraineeOutcome:
-    """Local training (and local evaluation) of one trainee; failures become a record.
+def train_trainee(
+    trainer: Any, r: int, t: Trainee, data: Sequence[Sample], down: Downlink, fail: bool
+) -> TraineeOutcome:
+    """Local training (and local evaluation) of one trainee on ``data``; failures become a
+    record.
 
-    Reads only ``run``'s ``cfg``, ``model``, ``pad_id``, ``algorithm``, ``evaluator`` and
-    ``timer``, so a process that holds one client (a Flower ClientApp, :mod:`cllora.flower`)
-    passes an object with those six attributes instead of a whole :class:`Run`."""
+    ``trainer``: what holds the model and the client's evaluation: an object with the
+    attributes ``cfg``, ``model``, ``pad_id``, ``algorithm``, ``evaluator`` and ``timer`` (the
+    in-process pool, or a Flower node)."""
+    run = trainer
     cfg, out = run.cfg, TraineeOutcome(t)
     rule = run.algorithm.local_rule(t.index, down)
     try:
         with run.timer.phase("train"):
             u = client_update(
-                run.model, down.adapter, t.train, cfg.train, run.pad_id,
+                run.model, down.adapter, data, cfg.train, run.pad_id,
                 seed=client_seed(cfg.seed, r, max(t.index, 0)),
                 prox_mu=rule.prox_mu, freeze_a=rule.freeze_a, freeze_b=rule.freeze_b,
                 step_correction=rule.step_correction, steps=t.steps,
@@ -111,64 +115,13 @@ def train_trainee(run: Run, r: int, t: Trainee, down: Downlink, fail: bool) -> T
     return out
 
 
-def train_round(run: Run, r: int, chosen: list[int]) -> RoundOutcome:
-    """Local training of round ``r``'s trainees from their downlinks; see the module doc.
-
-    Under torchrun each rank trains the trainees it owns; every rank then receives every uplink
-    and every record, and the main rank writes the records in trainee order, so the metrics read
-    as the in-process run's."""
-    trainees = run.algorithm.trainees(chosen, run.clients)
-    fails = [run.rng_fail.random() < run.cfg.fed.client_failure_rate for _ in trainees]
-    downs = [run.algorithm.downlink(t.index, run.global_state) for t in trainees]
-    bytes_down = sum(d.nbytes() for d in downs)
-    mine = range(len(trainees)) if run.ctx is None else run.ctx.owned(range(len(trainees)))
-    outcomes = {k: train_trainee(run, r, trainees[k], downs[k], fails[k]) for k in mine}
-    if run.ctx is not None:
-        outcomes = _share(run, trainees, downs, outcomes)
+def write_outcomes(metrics: MetricsLog, records: Sequence[Sequence[Record]]) -> list[LocalEval]:
+    """Write every trainee's records (``records[k]``: trainee k's) in trainee order; the local
+    evaluations among them."""
     local: list[LocalEval] = []
-    for k in range(len(trainees)):
-        for rec in outcomes[k].records:
-            run.metrics.write(rec)
+    for mine in records:
+        for rec in mine:
+            metrics.write(rec)
             if isinstance(rec, LocalEval):
                 local.append(rec)
-    uplinks = {k: o.uplink for k, o in outcomes.items() if o.uplink is not None}
-    return RoundOutcome(trainees, uplinks, bytes_down, local)
-
-
-def _share(
-    run: Run, trainees: list[Trainee], downs: list[Downlink], mine: dict[int, TraineeOutcome]
-) -> dict[int, TraineeOutcome]:
-    """Every trainee's outcome on every rank (records as JSON, uplinks as tensors)."""
-    from cllora.report.records import record_from_dict
-
-    ctx = run.ctx
-    assert ctx is not None
-    gathered = ctx.all_gather_json({k: [x.as_dict() for x in o.records] for k, o in mine.items()})
-    records = {int(k): v for part in gathered for k, v in part.items()}
-    templates = {k: _flat(run.algorithm.uplink(t.index, downs[k], downs[k].adapter))
-                 for k, t in enumerate(trainees)}  # fmt: skip
-    flat = {k: _flat(o.uplink) if o.uplink is not None else None for k, o in mine.items()}
-    shared = ctx.share_states(flat, templates)
-    out = {}
-    for k, t in enumerate(trainees):
-        up = _unflat(shared[k]) if k in shared else None
-        out[k] = TraineeOutcome(t, [record_from_dict(d) for d in records[k]], up)
-    return out
-
-
-def _flat(up: Uplink) -> dict[str, Any]:
-    parts = {"adapter": up.adapter, **{f"extra.{n}": s for n, s in up.extra.items()},
-             **{f"kept.{n}": s for n, s in up.kept.items()}}  # fmt: skip
-    return {f"{p}/{k}": t for p, state in parts.items() for k, t in state.items()}
-
-
-def _unflat(flat: dict[str, Any]) -> Uplink:
-    up = Uplink(adapter={})
-    for key, t in flat.items():
-        part, k = key.split("/", 1)
-        if part == "adapter":
-            up.adapter[k] = t
-        else:
-            where, name = part.split(".", 1)
-            (up.extra if where == "extra" else up.kept).setdefault(name, {})[k] = t
-    return up
+    return local

@@ -10,7 +10,7 @@ Usage::
 
 Modules: :mod:`~cllora.flower.messages` (what travels, as Flower records),
 :mod:`~cllora.flower.node` (one SuperNode's client: its data, model and handlers),
-:mod:`~cllora.flower.client_app` (the ClientApp), :mod:`~cllora.flower.server`
+:mod:`~cllora.flower.client_app` (the ClientApp), :mod:`~cllora.flower.pool`
 (the rounds, driven over a Flower ``Grid``), :mod:`~cllora.flower.server_app` (the ServerApp),
 :mod:`~cllora.flower.secagg` (secure aggregation with Flower's SecAgg+),
 :mod:`~cllora.flower.privacy` (the DP accountant),

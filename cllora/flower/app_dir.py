@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cllora.flower.server import FlowerSettings
+from cllora.flower.pool import FlowerSettings
 
 NAME = "cllora-flower"
 

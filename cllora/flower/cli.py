@@ -238,7 +238,7 @@ def _sites(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace, path: str | None, overrides: list[str],
               settings: dict) -> int:  # fmt: skip
-    from cllora.flower.server import FlowerSettings
+    from cllora.flower.pool import FlowerSettings
     from cllora.flower.simulation import simulate
 
     resume = args.resume or ""

@@ -131,8 +131,8 @@ class Node:
     def train(self, down: Downlink, conf: dict[str, Any]) -> TraineeOutcome:
         """One local training from ``down`` (settings ``conf`` from the server)."""
         r, index = int(conf["round"]), int(conf["index"])
-        trainee = Trainee(index, self.client.name, self.client.train, int(conf["steps"]))
-        out = train_trainee(self, r, trainee, down, bool(conf.get("fail", False)))
+        trainee = Trainee(index, self.client.name, int(conf["steps"]))
+        out = train_trainee(self, r, trainee, self.client.train, down, bool(conf.get("fail")))
         self.sink.take()
         return out
 

@@ -6,7 +6,7 @@ Usage::
     eps, order = epsilon_after(rounds=10, noise_multiplier=1.1, delta=1e-5)
     # the global adapters of those 10 rounds are (eps, 1e-5)-DP for every client together
 
-**The mechanism** (:mod:`cllora.flower.server`): each round the server adds Gaussian noise of
+**The mechanism** (:mod:`cllora.flower.pool`): each round the server adds Gaussian noise of
 standard deviation ``z * C / n`` to the uniform mean of the ``n`` updates the nodes clipped to
 L2 norm ``C``. That is noise ``z * C`` on their sum, and the sum moves by at most ``C`` when one
 client's update is added or left out: a Gaussian mechanism of noise multiplier ``z``

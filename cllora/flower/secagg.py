@@ -1,11 +1,12 @@
 """Secure aggregation (SecAgg+) of cllora's uplinks with Flower's own protocol.
 
-Usage (what :mod:`cllora.flower.server` and :mod:`cllora.flower.client_app` do with the run
+Usage (what :mod:`cllora.flower.pool` and :mod:`cllora.flower.client_app` do with the run
 config ``secagg = true``)::
 
     from cllora.flower.secagg import check_secagg, secure_train
     check_secagg(cfg, settings, trainees=4)           # a one-line ConfigError, before anything
-    out = secure_train(run, r, trainees, downs, confs, weights)   # server: one round's training
+    out = secure_train(grid, settings, algorithm, metrics, r, trainees, nodes, downs, confs,
+                       weights)                         # the server: one round's training
     out.mean               # the weighted mean of the uplinks; no single uplink reached the server
 
 The server drives Flower's ``SecAggPlusWorkflow`` (setup, share keys, collect masked vectors,
@@ -36,7 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -63,12 +64,13 @@ from flwr.supercore.differential_privacy import clip_inputs_inplace
 from cllora.config import Config, ConfigError
 from cllora.fed.algorithms import algorithm_class, algorithm_names
 from cllora.fed.algorithms.base import Algorithm, ClientResult, Downlink, Trainee, Uplink
-from cllora.fed.rounds import RoundOutcome, TraineeOutcome
+from cllora.fed.rounds import RoundOutcome, TraineeOutcome, write_outcomes
 from cllora.flower.messages import dump_records, load_records, to_arrays
-from cllora.report.records import ClientFailed, LocalEval, Record
+from cllora.report.metrics import MetricsLog
+from cllora.report.records import ClientFailed, Record
 
 if TYPE_CHECKING:
-    from cllora.flower.server import FlowerRun, FlowerSettings
+    from cllora.flower.pool import FlowerSettings
 
 MODULUS = 2**32  # Flower's default modulus range (the masks' and the sums' integers)
 log = logging.getLogger("cllora")
@@ -83,7 +85,6 @@ class SecureOutcome(RoundOutcome):
     mean: Uplink | None = None
     first: int = 0  # a finisher's client index (every client trains the same rank)
     masked_bytes: int = 0
-    info: dict[str, Any] = field(default_factory=dict)
     halted: bool = False  # the workflow stopped before unmasking (too few nodes stayed)
 
     @property
@@ -305,39 +306,39 @@ def _context(strategy: _OneRound, r: int) -> LegacyContext:
 
 
 def secure_train(
-    run: FlowerRun, r: int, trainees: list[Trainee], downs: list[Downlink],
+    grid: Any, settings: FlowerSettings, algorithm: Algorithm, metrics: MetricsLog, r: int,
+    trainees: list[Trainee], nodes: list[int], downs: list[Downlink],
     confs: list[dict[str, Any]], weights: list[float],
 ) -> SecureOutcome:  # fmt: skip
-    """Round ``r``'s local trainings under SecAgg+ (see the module doc); the trainees' records
-    are written in trainee order, a node that left the protocol gets a ``client_failed``."""
-    s = run.settings
-    nodes = [run.sites[t.index].node_id for t in trainees]
+    """Round ``r``'s local trainings under SecAgg+ (see the module doc): trainee k on node
+    ``nodes[k]`` from ``downs[k]``; the trainees' records are written in trainee order, a node
+    that left the protocol gets a ``client_failed``; ``info`` holds the protocol's parameters
+    for the round record."""
+    s = settings
     extra = {"quantization_range": s.secagg_quantization_range,
              "clipping_range": s.secagg_clipping_range}  # fmt: skip
-    live = set(run.grid.get_node_ids())  # a node not connected would stall every stage
+    live = set(grid.get_node_ids())  # a node not connected would stall every stage
     fitins = {}
     for n, d, c, w in zip(nodes, downs, confs, weights, strict=True):
         if n in live:
             weight = round(w * s.secagg_quantization_range)
             fitins[n] = fitins_of(d, {**c, **extra, "weight": weight})
-    strategy, flow, grid = _OneRound(fitins, run.grid), make_workflow(s), _Counted(run.grid)
-    flow(grid, _context(strategy, r))
+    strategy, flow, counted = _OneRound(fitins, grid), make_workflow(s), _Counted(grid)
+    flow(counted, _context(strategy, r))
     out = SecureOutcome(trainees, {}, sum(d.nbytes() for d in downs), [])
-    clipped = 0
+    clipped, records = 0, []
     for k, (t, n) in enumerate(zip(trainees, nodes, strict=True)):
-        records, ok, count = _finisher(flow.replies.get(n), r, t, n in live)
-        for rec in records:
-            run.metrics.write(rec)
-            if isinstance(rec, LocalEval):
-                out.local.append(rec)
+        mine, ok, count = _finisher(flow.replies.get(n), r, t, n in live)
+        records.append(mine)
         clipped += count
         if ok:
             out.uplinks[k] = Uplink({})
-    out.masked_bytes, out.first = grid.masked, trainees[min(out.uplinks, default=0)].index
+    out.local = write_outcomes(metrics, records)
+    out.masked_bytes, out.first = counted.masked, trainees[min(out.uplinks, default=0)].index
     out.halted = strategy.mean is None
     if out.uplinks and strategy.mean is not None:
-        out.mean = _mean_uplink(run.algorithm, out.first, downs[0], strategy.mean)
-    ranks = [run.algorithm.client_rank(trainees[k].index) for k in sorted(out.uplinks)]
+        out.mean = _mean_uplink(algorithm, out.first, downs[0], strategy.mean)
+    ranks = [algorithm.client_rank(trainees[k].index) for k in sorted(out.uplinks)]
     out.info = {"secagg": True, **flow.used, "secagg_clipping_range": s.secagg_clipping_range,
                 "secagg_quantization_range": s.secagg_quantization_range,
                 "secagg_clipped": clipped, "client_ranks": ranks}  # fmt: skip

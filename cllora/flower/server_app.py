@@ -12,11 +12,11 @@ reads its run config (``[tool.flwr.app.config]`` of the app, overridden by ``flw
 ``round-timeout``, ``dp-clipping-norm``, ``dp-noise-multiplier``, ``dp-delta``, ``secagg``,
 ``secagg-num-shares``, ``secagg-reconstruction-threshold``, ``secagg-clipping-range``,
 ``secagg-quantization-range`` and ``resume`` (the fields of
-:class:`~cllora.flower.server.FlowerSettings`, dashes for underscores).
+:class:`~cllora.flower.pool.FlowerSettings`, dashes for underscores).
 
 Under ``flwr run``, cllora's log lines go to the ServerApp's output (which ``flwr run --stream``
 shows) as well as to the run's ``run.log``. An error that is the user's to fix (a node's
-malformed data, a bad setting, too few clients: :data:`~cllora.flower.server.STOPS`) ends the
+malformed data, a bad setting, too few clients: :data:`~cllora.flower.pool.STOPS`) ends the
 ServerApp with its one line there, and no traceback; Flower then records the run as finished,
 not failed (any exception out of a ServerApp is logged by Flower with its traceback). Any other
 exception (a bug) is raised to Flower, traceback and all.
@@ -36,7 +36,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from cllora.config import Config, load_config
-from cllora.flower.server import STOPS, FlowerSettings, run_federation
+from cllora.flower.pool import STOPS, FlowerSettings, run_federation
 
 log = logging.getLogger("cllora")
 

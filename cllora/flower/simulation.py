@@ -25,7 +25,7 @@ from cllora.config import Config, ConfigError
 from cllora.fed.prepare import check_combination
 from cllora.fed.runner import RunResult
 from cllora.flower import require_flower
-from cllora.flower.server import FlowerSettings, check_flower_config
+from cllora.flower.pool import FlowerSettings, check_flower_config
 
 log = logging.getLogger("cllora")
 

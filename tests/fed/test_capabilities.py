@@ -12,7 +12,7 @@ from cllora.fed.algorithms import algorithm_class, algorithm_names
 
 pytest.importorskip("flwr")
 
-from cllora.flower.server import FlowerSettings, check_flower_config
+from cllora.flower.pool import FlowerSettings, check_flower_config
 
 ON_FLOWER = {"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "exact",
              "hetlora", "frozen_a"}  # fmt: skip

@@ -24,7 +24,6 @@ from cllora.cli import main as cli_main
 from cllora.config import ConfigError, config_to_dict, load_config
 from cllora.fed.algorithms.base import Downlink, Uplink
 from cllora.flower import client_app
-from cllora.flower import server as fserver
 from cllora.flower.client_app import CONFIG_KEY, app
 from cllora.flower.messages import (
     USER_ERROR,
@@ -36,8 +35,14 @@ from cllora.flower.messages import (
     uplink_content,
 )
 from cllora.flower.node import node_for
+from cllora.flower.pool import (
+    FlowerSettings,
+    add_noise,
+    check_flower_config,
+    combine_evals,
+    run_federation,
+)
 from cllora.flower.privacy import epsilon_after
-from cllora.flower.server import FlowerSettings, check_flower_config, combine_evals, run_federation
 from cllora.model.lora import lora_state_dict
 from cllora.report.records import ClientFailed, GlobalEval
 from tests.conftest import metrics_without_times, tiny_run_overrides
@@ -201,15 +206,14 @@ def test_cli_without_flower_names_the_extra(monkeypatch, capsys):
 
 def test_noise_is_flowers_central_dp_and_recorded(tmp_path):
     cfg = load_config(None, ["fed.weighting=uniform", "seed=5"])
-    run = type("Run", (), {})()
-    run.cfg, run.settings = cfg, FlowerSettings(dp_clipping_norm=0.5, dp_noise_multiplier=2.0)
+    settings = FlowerSettings(dp_clipping_norm=0.5, dp_noise_multiplier=2.0)
     state = {"w": torch.zeros(200, 300)}
-    info = fserver._add_noise(run, 3, state, n=4)
+    info = add_noise(settings, cfg.seed, 3, state, n=4)
     std = compute_stdv(2.0, 0.5, 4)
     assert info == {"dp_clipping_norm": 0.5, "dp_noise_multiplier": 2.0, "dp_noise_std": std}
     assert float(state["w"].std()) == pytest.approx(std, rel=0.02)
     again = {"w": torch.zeros(200, 300)}
-    fserver._add_noise(run, 3, again, n=4)  # the same round of the same run: the same noise
+    add_noise(settings, cfg.seed, 3, again, n=4)  # the same round of the same run: the same noise
     assert torch.equal(again["w"], state["w"])
 
 

@@ -18,7 +18,7 @@ pytest.importorskip("ray")
 
 from cllora.config import load_config
 from cllora.fed.runner import run_experiment
-from cllora.flower.server import FlowerSettings
+from cllora.flower.pool import FlowerSettings
 from cllora.flower.simulation import simulate
 from tests.conftest import tiny_run_overrides
 

@@ -63,12 +63,14 @@ def b_part(state: State) -> State:
 @dataclass
 class Trainee:
     """One local training of a round: client ``index`` (its seed, rank and local evaluation; -1
-    for a trainer that is no client, as ``centralized``'s pool) on ``train`` for ``steps``."""
+    for a trainer that is no client, as ``centralized``'s pool) for ``steps`` steps on the
+    training data of the clients ``sources`` (None: its own). The data itself stays where the
+    clients are (the pool finds it): an algorithm only says whose it is."""
 
     index: int
     name: str
-    train: list[Any]
     steps: int
+    sources: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -198,10 +200,11 @@ class Algorithm:
 
     # -- one round -----------------------------------------------------------------------
 
-    def trainees(self, chosen: list[int], clients: list[Any]) -> list[Trainee]:
-        """The local trainings of a round: each chosen client on its data, local_steps steps."""
+    def trainees(self, chosen: list[int], names: list[str]) -> list[Trainee]:
+        """The local trainings of a round (``names``: every client's, in the run's order): each
+        chosen client on its own data, local_steps steps."""
         steps = self.cfg.train.local_steps
-        return [Trainee(i, clients[i].name, clients[i].train, steps) for i in chosen]
+        return [Trainee(i, names[i], steps) for i in chosen]
 
     def downlink(self, index: int, global_state: State) -> Downlink:
         """The global adapter at the client's rank (SVD-truncated when lower)."""

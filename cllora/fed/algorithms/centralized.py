@@ -29,8 +29,6 @@ Decisions:
 
 from __future__ import annotations
 
-from typing import Any
-
 from cllora.config import Config, ConfigError
 from cllora.fed.algorithms.base import Algorithm, ClientResult, Downlink, State, Trainee, Uplink
 from cllora.fed.strategy import AggregateResult
@@ -61,10 +59,10 @@ class Centralized(Algorithm):
                 + "; ".join(refused)
             )
 
-    def trainees(self, chosen: list[int], clients: list[Any]) -> list[Trainee]:
+    def trainees(self, chosen: list[int], names: list[str]) -> list[Trainee]:
         """One trainer on every client's training data, for the sampled clients' total steps."""
-        pool = [s for c in clients for s in c.train]
-        return [Trainee(-1, POOLED, pool, len(chosen) * self.cfg.train.local_steps)]
+        steps = len(chosen) * self.cfg.train.local_steps
+        return [Trainee(-1, POOLED, steps, sources=tuple(range(len(names))))]
 
     def downlink(self, index: int, global_state: State) -> Downlink:
         return Downlink(global_state, counted=False)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -72,11 +71,11 @@ class LocalOnly(Algorithm):
         """Each client's own adapter, by client index (as a string)."""
         return self.state.get("clients", {})
 
-    def trainees(self, chosen: list[int], clients: list[Any]) -> list[Trainee]:
+    def trainees(self, chosen: list[int], names: list[str]) -> list[Trainee]:
         """As FedAvg; remembers the client names (data-derived, the same every round and on
         every process) for :meth:`export`."""
-        self.state["names"] = {str(i): c.name for i, c in enumerate(clients)}
-        return super().trainees(chosen, clients)
+        self.state["names"] = {str(i): name for i, name in enumerate(names)}
+        return super().trainees(chosen, names)
 
     def downlink(self, index: int, global_state: State) -> Downlink:
         """The client's own adapter of the last round it trained (the initial adapter at its

@@ -106,9 +106,9 @@ class Scaffold(Algorithm):
     def check_config(cls, cfg: Config) -> None:
         require_one_rank(cfg, "scaffold", "its control variates have the adapter's shapes")
 
-    def trainees(self, chosen: list[int], clients: list[Any]) -> list[Trainee]:
-        self.num_clients = len(clients)
-        return super().trainees(chosen, clients)
+    def trainees(self, chosen: list[int], names: list[str]) -> list[Trainee]:
+        self.num_clients = len(names)
+        return super().trainees(chosen, names)
 
     def _server_c(self, like: State) -> State:
         return self.state["c"] if "c" in self.state else zeros_like_state(like)

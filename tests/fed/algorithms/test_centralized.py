@@ -15,6 +15,7 @@ from cllora.fed.algorithms import make_algorithm
 from cllora.fed.algorithms.base import ClientResult
 from cllora.fed.algorithms.centralized import POOLED, Centralized
 from cllora.fed.checkpoint import load_checkpoint
+from cllora.fed.pool import LocalPool
 from cllora.fed.runner import run_experiment
 from cllora.model.adapter import read_adapter
 from tests.conftest import metrics_without_times, records_of, tiny_run_overrides
@@ -34,11 +35,14 @@ def _adapter(seed: int) -> dict[str, torch.Tensor]:
 def test_one_trainee_on_the_pool_for_the_sampled_clients_steps(tmp_path):
     algo = make_algorithm(_cfg(tmp_path, train__local_steps=3))
     assert isinstance(algo, Centralized)
+    (t,) = algo.trainees([0, 2], ["c0", "c1", "c2"])
+    assert (t.index, t.name, t.steps) == (-1, POOLED, 2 * 3)
+    assert t.sources == (0, 1, 2)  # every client's data, not only the chosen clients'
     clients = [SimpleNamespace(name=f"c{i}", train=[f"s{i}{j}" for j in range(i + 1)])
                for i in range(3)]  # fmt: skip
-    (t,) = algo.trainees([0, 2], clients)
-    assert (t.index, t.name, t.steps) == (-1, POOLED, 2 * 3)
-    assert t.train == ["s00", "s10", "s11", "s20", "s21", "s22"]  # every client's, not the chosen
+    pool = LocalPool.__new__(LocalPool)  # only its data: no model needed to find the samples
+    pool.data = SimpleNamespace(clients=clients)
+    assert pool.data_of(t) == ["s00", "s10", "s11", "s20", "s21", "s22"]
     assert algo.client_rank(-1) == algo.global_rank() == 4
 
 
