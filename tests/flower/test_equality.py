@@ -3,7 +3,7 @@
 For each algorithm whose class says it runs on Flower (``runs_on_flower()``; the list is computed,
 so a new algorithm is covered without editing this file), the same tiny config and seed run twice:
 in-process (:func:`cllora.fed.runner.run_experiment`) and through cllora's ServerApp loop
-(:func:`cllora.flower.server.run_federation`) over an in-process Flower grid
+(:func:`cllora.flower.pool.run_federation`) over an in-process Flower grid
 (:class:`tests.flower.grid.InProcessGrid`: the real ClientApp answers each message, each node with
 its own ``Context``; no Ray, no SuperLink). Compared: every metrics.jsonl record (kinds in order,
 every field; ``seconds`` dropped), the summary rows, the final global adapter (in memory and as
@@ -29,7 +29,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from cllora.config import load_config
 from cllora.fed.algorithms import algorithm_class, algorithm_names
 from cllora.fed.runner import run_experiment
-from cllora.flower.server import FlowerSettings, run_federation
+from cllora.flower.pool import FlowerSettings, run_federation
 from tests.conftest import metrics_without_times, tiny_run_overrides
 from tests.flower.grid import InProcessGrid
 
