@@ -51,7 +51,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,11 +82,10 @@ from cllora.fed.rounds import RoundOutcome, write_outcomes
 from cllora.fed.rundir import attach_log_file, make_run_dir
 from cllora.fed.strategy import AggregateResult
 from cllora.flower.client_app import CONFIG_KEY, DP_ACTION
+from cllora.flower.exchange import Site, discover, exchange, failure_lines, node_error
 from cllora.flower.messages import (
-    config_content,
     config_of,
     downlink_content,
-    read_error,
     read_uplink,
     state_content,
 )
@@ -110,7 +108,6 @@ from cllora.report.records import (
 
 log = logging.getLogger("cllora")
 
-POLL = 0.5  # seconds between two pulls of replies
 #: errors that end a run with one line (its cause and fix), no traceback
 STOPS = (*USER_ERRORS, CheckpointError, RunStopped)
 
@@ -134,20 +131,6 @@ class FlowerSettings:
 
 
 @dataclass
-class Site:
-    """One client as the server knows it: its node and what the node told (no data)."""
-
-    name: str
-    node_id: int
-    partition: int
-    stats: dict[str, float]
-    row: dict[str, Any]
-    test_set: dict[str, list]
-    length_counts: list[int]
-    data_stats: dict[str, Any]
-
-
-@dataclass
 class FlowerPool(ClientPool):
     """The run's clients on SuperNodes (see the module doc): what the nodes told of them, and
     the ``Grid`` that reaches them. The server holds no client data."""
@@ -167,7 +150,7 @@ class FlowerPool(ClientPool):
         config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
         nodes = settings.nodes or cfg.partition.num_clients
         sites, failed = discover(grid, config_yaml, nodes, settings.node_wait)
-        lines = _failure_lines(failed)
+        lines = failure_lines(failed)
         if failed and len(sites) < max(1, cfg.fed.min_clients):
             raise ConfigError(
                 f"{' | '.join(lines)} ({len(sites)} of {len(sites) + len(failed)} SuperNodes "
@@ -289,7 +272,7 @@ class FlowerPool(ClientPool):
         for s in self.sites:
             reply = replies.get(s.node_id)
             if reply is None or reply.has_error():
-                why = _node_error(s.node_id, reply)[1] if reply is not None else "no reply"
+                why = node_error(s.node_id, reply)[1] if reply is not None else "no reply"
                 log.warning("round %d: no evaluation from client %s's SuperNode: %s", r,
                             s.name, why)  # fmt: skip
                 continue
@@ -358,7 +341,7 @@ class FlowerPool(ClientPool):
         elif reply is None:
             why = f"no reply from its SuperNode within {self.settings.round_timeout:.0f} s"
         elif reply.has_error():
-            why = _node_error(self.sites[t.index].node_id, reply)[1]
+            why = node_error(self.sites[t.index].node_id, reply)[1]
             why = f"its SuperNode replied with an error: {why}"
         else:
             up, records, _ = read_uplink(reply.content)
@@ -453,84 +436,6 @@ def _write_info(run_dir: Path, info: dict[str, Any]) -> None:
     (run_dir / "flower.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
 
-def discover(
-    grid: Grid, config_yaml: str, nodes: int, wait: float
-) -> tuple[list[Site], dict[int, tuple[str, str]]]:
-    """Wait for ``nodes`` SuperNodes, ask each for its client; the sites in the run's client
-    order (the partition's, in a simulation; by name, in a deployment), and the nodes that
-    could not load theirs (by node id: its name and the one-line error)."""
-    deadline = time.monotonic() + wait
-    ids = sorted(grid.get_node_ids())
-    while len(ids) < nodes:
-        if time.monotonic() > deadline:
-            raise ConfigError(
-                f"only {len(ids)} of {nodes} SuperNodes connected within {wait:.0f} s: start "
-                "the missing ones, or lower the run config's nodes"
-            )
-        time.sleep(1.0)
-        ids = sorted(grid.get_node_ids())
-    msgs = {n: Message(config_content({CONFIG_KEY: config_yaml}), dst_node_id=n,
-                       message_type=MessageType.QUERY) for n in ids}  # fmt: skip
-    sites, failed = [], {}
-    replies = exchange(grid, msgs, wait)
-    for node in ids:
-        if node not in replies:
-            failed[node] = (str(node), f"no answer to the query within {wait:.0f} s")
-            continue
-        reply = replies[node]
-        if reply.has_error():
-            failed[node] = _node_error(node, reply)
-            continue
-        got = json.loads(str(config_of(reply.content)["info"]))
-        sites.append(Site(got["name"], node, got["partition"],
-                          got["stats"], got["row"], got["test_set"], got["length_counts"],
-                          got["data_stats"]))  # fmt: skip
-    sites.sort(key=lambda s: (s.partition, s.name))
-    names = [s.name for s in sites]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"two SuperNodes hold a client of the same name ({names}): rename one")
-    log.info("flower: %d SuperNodes: %s", len(sites), ", ".join(names))
-    return sites, failed
-
-
-def _node_error(node_id: int, reply: Message) -> tuple[str, str]:
-    """The name (as the node gave it, else its node id) and the one-line error of an error
-    reply; an unexpected exception's traceback is logged here."""
-    name, line, trace = read_error(reply.error)
-    if trace:
-        log.error("SuperNode %s: %s\n%s", name or node_id, line, trace)
-    return name or str(node_id), line
-
-
-def _failure_lines(failed: dict[int, tuple[str, str]]) -> list[str]:
-    """One line per distinct error, naming its nodes (a simulation's virtual nodes read the same
-    data, so they fail alike)."""
-    by_error: dict[str, list[str]] = {}
-    for name, line in failed.values():
-        by_error.setdefault(line, []).append(name)
-    return [f"SuperNode{'s' if len(names) > 1 else ''} {', '.join(names)}: {line}"
-            for line, names in by_error.items()]  # fmt: skip
-
-
-def _node_error(node_id: int, reply: Message) -> tuple[str, str]:
-    """The name (as the node gave it, else its node id) and the one-line error of an error
-    reply; an unexpected exception's traceback is logged here."""
-    name, line, trace = read_error(reply.error)
-    if trace:
-        log.error("SuperNode %s: %s\n%s", name or node_id, line, trace)
-    return name or str(node_id), line
-
-
-def _failure_lines(failed: dict[int, tuple[str, str]]) -> list[str]:
-    """One line per distinct error, naming its nodes (a simulation's virtual nodes read the same
-    data, so they fail alike)."""
-    by_error: dict[str, list[str]] = {}
-    for name, line in failed.values():
-        by_error.setdefault(line, []).append(name)
-    return [f"SuperNode{'s' if len(names) > 1 else ''} {', '.join(names)}: {line}"
-            for line, names in by_error.items()]  # fmt: skip
-
-
 def _site_rows(sites: list[Site]) -> list[dict[str, Any]]:
     """The rows of ``clients.csv``, from what the nodes told (``tv_len``: each client's length
     mix against the federation's)."""
@@ -552,26 +457,6 @@ def _data_stats(per_node: list[dict[str, Any]]) -> dict[str, Any]:
         elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             out[key] = sum(values)
     return out
-
-
-def exchange(grid: Grid, msgs: dict[int, Message], timeout: float) -> dict[int, Message]:
-    """Send one message per node; the replies by node, waiting at most ``timeout`` seconds and
-    not for a node that leaves the federation meanwhile (an error the SuperLink itself answers,
-    e.g. a node gone, counts as that node's reply)."""
-    ids = list(grid.push_messages(list(msgs.values())))
-    waiting = {i: n for i, n in zip(ids, msgs, strict=True) if i}
-    replies: dict[int, Message] = {}
-    deadline = time.monotonic() + timeout
-    while waiting and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(waiting)):
-            node = waiting.pop(reply.metadata.reply_to_message_id, None)
-            if node is not None:
-                replies[node] = reply
-        live = set(grid.get_node_ids())
-        waiting = {i: n for i, n in waiting.items() if n in live}
-        if waiting:
-            time.sleep(POLL)
-    return replies
 
 
 def add_noise(
