@@ -177,10 +177,10 @@ def _build(provider: str, spec: BenchSpec):
     if four_bit and spec.model not in PRESETS:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        from cllora.model.load import _resolve_path
+        from cllora.model.load import resolve_path
 
         model = AutoModelForCausalLM.from_pretrained(
-            str(_resolve_path(spec.model)), dtype=dtype, attn_implementation="sdpa",
+            str(resolve_path(spec.model)), dtype=dtype, attn_implementation="sdpa",
             device_map=spec.device, local_files_only=True,
             quantization_config=BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
