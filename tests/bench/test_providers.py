@@ -3,6 +3,9 @@ the planner run one training step (cllora/bench/step.py): names, fields, errors,
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +13,8 @@ from cllora.bench.providers import NAMES, PROVIDERS, Provider, UnknownProvider, 
 from cllora.bench.step import collate_step, training_step
 from cllora.config import Config
 from cllora.data.formatting import Sample
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # the names `cllora bench --providers` has always taken, in its help's order
 BENCH_NAMES = ("cllora", "cllora-nockpt", "cllora-keepattn", "cllora-lowmem", "cllora-offload",
@@ -68,6 +73,20 @@ def test_engine_options_are_the_providers(name):
     assert cfg.train.checkpoint_policy == ("keep_attention" if "keepattn" in name else "full")
     assert cfg.train.checkpoint_offload == name.endswith("offload")
     assert cfg.train.release_memory == name.endswith("lowmem")
+
+
+def test_no_provider_name_is_parsed_anywhere_else():
+    """The names are read in cllora/bench/providers.py only: no prefix or suffix tests of a
+    provider's name in the package or the benchmark scripts."""
+    pattern = re.compile(r"""startswith\("(cllora|hf|liger)|endswith\("-|"-4bit" in""")
+    files = [*(ROOT / "cllora").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    found = [
+        f"{f.relative_to(ROOT)}:{i}"
+        for f in files
+        for i, line in enumerate(f.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert found == []
 
 
 def _samples(lengths: list[int]) -> list[Sample]:
