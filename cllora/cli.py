@@ -21,9 +21,8 @@ Usage::
 
 Arguments after the optional config file are ``key=value`` overrides (``cllora config --keys``),
 in any order with the options (each command's parser reads them intermixed). ``bench`` and
-``profile`` pass their options to ``benchmarks/bench_e2e.py`` and ``benchmarks/profile_e2e.py``
-of the source checkout (``cllora bench --help`` lists them); they are not part of an installed
-wheel.
+``profile`` pass their options to the benchmark engine, :mod:`cllora.bench.e2e` and
+:mod:`cllora.bench.profile` (``cllora bench --help`` lists them), installed with cllora.
 
 Errors: one line on stderr naming the cause and the fix, never a traceback unless ``--debug``
 is given (before or after the subcommand). Exit status: 0 on success; 2 on a bad config or bad
@@ -81,8 +80,8 @@ _COMMANDS = (
     ("sweep", "run a grid of experiments (resumable), one results CSV"),
     ("report", "plots and an HTML report of a run or sweep directory"),
     ("list", "list the models or the federated algorithms cllora knows"),
-    ("bench", "training-step speed and memory per context length (source checkout)"),
-    ("profile", "where a training step's time goes, per context length (source checkout)"),
+    ("bench", "training-step speed and memory per context length"),
+    ("profile", "where a training step's time goes, per context length"),
     ("plan", "predicted GPU memory, FLOPs, bytes and time of a step, on the CPU"),
     ("flower", "simulate on Flower, or prepare a Flower deployment (extra: cllora[flower])"),
 )
@@ -230,21 +229,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parsed
 
 
-def _benchmark_main(name: str):
-    """``main`` of ``benchmarks/<name>.py`` in the source checkout this package runs from."""
-    import importlib
-
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / f"{name}.py").is_file():
-        raise FileNotFoundError(
-            f"benchmarks/{name}.py is not beside this cllora ({root}): the benchmarks live in "
-            "the source checkout; clone it and `pip install -e .` there"
-        )
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return importlib.import_module(f"benchmarks.{name}").main
-
-
 def _configs(args: argparse.Namespace) -> list:
     """The config(s) ``cllora run`` / ``sweep`` will run (loading them imports no torch)."""
     if args.command == "sweep":
@@ -356,8 +340,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.command == "sweep":
         return _sweep(args.sweep_file, args.args)
     if args.command in ("bench", "profile"):
-        name = "bench_e2e" if args.command == "bench" else "profile_e2e"
-        tool_main = _benchmark_main(name)
+        if args.command == "bench":
+            from cllora.bench.e2e import main as tool_main
+        else:
+            from cllora.bench.profile import main as tool_main
         try:
             return tool_main(list(argv if argv is not None else sys.argv[1:])[1:])
         except ValueError as err:  # an unknown provider, preset or option value

@@ -143,3 +143,52 @@ def test_environment_is_the_lock():
     done = subprocess.run([sys.executable, str(ROOT / "scripts/lock.py"), "check", "--strict"],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_cllora_package_is_in_the_wheel():
+    """pyproject's package list (what a wheel holds) names every package under cllora/, so the
+    benchmark engine (cllora/bench/, what `cllora bench` and `cllora profile` run) installs."""
+    declared = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    found = {p.parent.relative_to(ROOT).as_posix().replace("/", ".")
+             for p in (ROOT / "cllora").rglob("__init__.py")}  # fmt: skip
+    assert found - declared == set()
+    assert "cllora.bench" in found
+
+
+_INSTALLED = """
+import sys
+sys.path.insert(0, sys.argv[1])  # the copy, as site-packages would hold it; no PYTHONPATH
+from cllora.cli import main
+raise SystemExit(main(sys.argv[2:]))
+"""
+
+
+def test_bench_runs_from_the_package_alone(tmp_path):
+    """`cllora bench` from a copy of the cllora package with no checkout beside it (no
+    benchmarks/, another working directory, nothing on PYTHONPATH): its help, and a cell in a
+    fresh `python -m cllora.bench.e2e` process that imports that same copy."""
+    import os
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "cllora", site / "cllora",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def cllora(*argv: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-c", _INSTALLED, str(site), *argv]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+
+    helped = cllora("bench", "--help")
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    text = "".join(helped.stdout.split())  # argparse wraps the names at their hyphens
+    assert "--providers" in text and "cllora-4bit-keepattn" in text
+    argv = ["bench", "--model", "tiny-llama", "--dtype", "fp32", "--threads", "1", "--steps", "0",
+            "--providers", "cllora", "--workloads", "fixed", "--contexts", "32",
+            "--out-dir", "out"]  # fmt: skip
+    done = cllora(*argv)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (path,) = (tmp_path / "out").glob("e2e-cpu-*.csv")
+    statuses = [line for line in path.read_text().splitlines() if ",status," in line]
+    assert len(statuses) == 1 and ",status,ok," in statuses[0]

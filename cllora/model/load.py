@@ -112,7 +112,7 @@ TINY_FAMILIES = ("llama", "qwen2", "mistral")
 
 def load_tokenizer(name: str) -> Any:
     """Tokenizer for a model name (tiny models use the embedded SmolLM2 tokenizer)."""
-    path = _resolve_path(name)
+    path = resolve_path(name)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if len(tok) < 100:  # transformers builds an empty tokenizer for some families without files
         raise ValueError(f"the tokenizer found there has only {len(tok)} tokens")
@@ -121,7 +121,7 @@ def load_tokenizer(name: str) -> Any:
     return tok
 
 
-def _resolve_path(name: str) -> Path | str:
+def resolve_path(name: str) -> Path | str:
     """What transformers loads for ``name``: a directory, or a hub id (from the cache only)."""
     if name == EMBEDDED_NAME:
         return embedded_model_dir()
@@ -357,7 +357,7 @@ def _from_pretrained(name: str, directory: Path | None, dtype: torch.dtype, attn
     """transformers' load of a checked directory or cached hub id; its faults in one line."""
     from safetensors import SafetensorError
 
-    source = str(_resolve_path(name))
+    source = str(resolve_path(name))
     try:
         return AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation=attn, local_files_only=True

@@ -16,7 +16,7 @@ The model is a preset (``cllora.model.presets``), a tiny-* test model or a direc
 on fake tensors (``cllora.plan.step``): nothing is allocated for real, a point takes seconds.
 ``--find-max-context`` binary-searches the longest context whose predicted peak fits
 ``--budget-gb`` (default: the GPU's memory) in multiples of ``--max-context-step``, as
-``benchmarks/bench_e2e.py --find-max-context`` does on a GPU; ``--replay-allocator`` also
+``cllora bench --find-max-context`` does on a GPU; ``--replay-allocator`` also
 replays the benchmark's whole search as it runs on CUDA, in one process through the capped
 caching-allocator model (:mod:`cllora.plan.search`: the model built once, every layer traced,
 minutes per probe for an 8B model), which accounts for the cached, fragmented segments a capped
@@ -42,7 +42,15 @@ from cllora.plan.allocator import segment_ranker
 from cllora.plan.gpus import GPUS, gpu
 from cllora.plan.report import csv_rows, find_max_context, kinds_table, plot, table, write_csv
 from cllora.plan.search import compare_layouts, replay_search
-from cllora.plan.step import GQA_MODES, LORA_PATHS, PROVIDERS, PlanError, PlanSpec, plan_step
+from cllora.plan.step import (
+    GQA_MODES,
+    LORA_PATHS,
+    PROVIDERS,
+    PlanError,
+    PlanSpec,
+    plan_step,
+    planned_provider,
+)
 
 
 def _ints(s: str) -> list[int]:
@@ -184,8 +192,7 @@ def _check(args: argparse.Namespace) -> None:
 
     gpu(args.gpu)
     for p in args.providers:
-        if p not in PROVIDERS:
-            raise PlanError(f"unknown provider {p!r}; use one of {', '.join(PROVIDERS)}")
+        planned_provider(p)
     if not args.contexts or min(args.contexts) < 8:
         raise PlanError("--contexts: give context lengths of at least 8 tokens")
     hf_config(args.model)

@@ -14,7 +14,7 @@ Usage::
     write_csv("plan.csv", csv_rows(points, card))
     plot("plan.csv")                           # plan.png: memory and roofline tokens/s
 
-The CSV is ``benchmarks/bench_e2e.py``'s long format (provider, workload, context, batch,
+The CSV is ``cllora bench``'s long format (provider, workload, context, batch,
 metric, value, unit, device, dtype, commit, timestamp); ``device`` reads ``plan: <GPU>`` and the
 units say ``predicted``, so planned rows are never mistaken for measured ones.
 """

@@ -13,8 +13,8 @@ Usage::
     replay_search(spec, 24.0, 65536, layouts=layouts)                   # the segments, per stage
     compare_layouts(json.load(open("alloc-layout-cllora-4bit.json")), layouts)  # vs CUDA's
 
-``benchmarks/bench_e2e.py --find-max-context`` on CUDA (``max_context_cuda``) runs every probe
-of its binary search in **one** process: it caps the caching allocator
+``cllora bench --find-max-context`` on CUDA (:func:`cllora.bench.cells.max_context_cuda`) runs
+every probe of its binary search in **one** process: it caps the caching allocator
 (``torch.cuda.set_per_process_memory_fraction``) before building the model once, then for each
 probe calls ``torch.cuda.empty_cache()`` and ``reset_peak_memory_stats()``, runs one training
 step (forward, backward, ``AdamW.step``) and catches ``torch.OutOfMemoryError``; either way
@@ -199,7 +199,7 @@ def probe_layouts(p: Probe) -> dict:
 def compare_layouts(measured: dict, replayed: dict) -> list[str]:
     """A markdown table of :func:`~cllora.plan.allocator.summarize` for each stage of two
     layouts records (``{"build": layout, "probes": [probe_layouts...]}``: what
-    ``bench_e2e.py --find-max-context`` writes on CUDA from ``torch.cuda.memory_snapshot()``,
+    ``cllora bench --find-max-context`` writes on CUDA from ``torch.cuda.memory_snapshot()``,
     and the replay), measured against replayed, GiB; stages only one of them has are shown
     with a dash."""
     gib = 2**30

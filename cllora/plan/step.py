@@ -7,12 +7,14 @@ Usage::
     point = plan_step(PlanSpec(model="llama-3.1-8b", provider="cllora-4bit", context=4096))
     point.peak_gib, point.memory_gib["activations"], point.flops, point.launches
 
-:func:`plan_step` builds the provider's model the way ``benchmarks/bench_e2e.py`` does
-(``cllora*``: :func:`cllora.model.setup.build_model` on the provider's engine config;
+:func:`plan_step` builds the provider's model the way ``cllora bench`` does
+(:mod:`cllora.bench.cells`; the provider parsed by :func:`cllora.bench.providers.parse_provider`;
+``cllora*``: :func:`cllora.model.setup.build_model` on the provider's engine config;
 ``hf-peft*``: transformers + PEFT, ``-4bit`` on bitsandbytes ``Linear4bit`` layers) inside
 ``FakeTensorMode``, so an 8B model costs no memory, warms AdamW up (one step on zero gradients,
 so its state exists as in every benchmark step after the first), then traces one training step
-(forward, loss, backward, AdamW step, ``zero_grad``) under
+(forward, loss, backward: the benchmark's own :func:`cllora.bench.step.training_step`; AdamW
+step, ``zero_grad``) under
 :class:`cllora.plan.tracker.StepTracker` on a ``fixed`` batch (``batch`` sequences of
 ``context`` random tokens). The peak counts everything alive on the device from the step's
 start, as the benchmark's ``torch.cuda.max_memory_allocated`` after its reset does. A deep model
@@ -62,8 +64,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes as _disable_modes
 
+from cllora.bench.providers import Provider, UnknownProvider, parse_provider
+from cllora.bench.step import collate_step, training_step
 from cllora.plan.tracker import OpRecord, StepTracker
 
+# the providers of cllora.bench.providers that the planner models
 PROVIDERS = ("cllora", "cllora-nockpt", "cllora-keepattn", "cllora-4bit", "cllora-4bit-nockpt",
              "cllora-4bit-keepattn", "hf-peft", "hf-peft-4bit")  # fmt: skip
 GQA_MODES = ("repeat", "native")
@@ -74,6 +79,15 @@ OTHER_KINDS = ("cast", "copy", "dequant", "elementwise")  # "outside GEMMs and a
 
 class PlanError(ValueError):
     """Bad planner input (unknown model, provider or GPU): a one-line message."""
+
+
+def planned_provider(name: str) -> Provider:
+    """The provider ``name`` where the planner models it (:data:`PROVIDERS`); a
+    :class:`PlanError` listing those otherwise."""
+    try:
+        return parse_provider(name, among=PROVIDERS)
+    except UnknownProvider as err:
+        raise PlanError(str(err)) from None
 
 
 @dataclass
@@ -181,23 +195,21 @@ def _bare_model(config: Any, dtype: torch.dtype, attn: str = "sdpa") -> Any:
 
 
 def engine_config(spec: PlanSpec) -> Any:
-    """The cllora Config of a ``cllora*`` provider, as ``benchmarks/bench_e2e.py`` builds it,
-    with the spec's explicit engine options applied over the provider's."""
+    """The cllora Config of a ``cllora*`` provider, as ``cllora bench`` builds it
+    (:meth:`cllora.bench.providers.Provider.engine_options`), with the spec's explicit engine
+    options applied over the provider's."""
     from cllora.config import Config
 
     cfg = Config()
     cfg.seed = spec.seed
     cfg.model.name, cfg.model.dtype, cfg.model.device = spec.model, spec.dtype, "cpu"
-    cfg.model.attn = "varlen"
-    cfg.model.quant = spec.quant or ("nf4" if "-4bit" in spec.provider else "none")
+    planned_provider(spec.provider).engine_options(cfg)
+    cfg.model.quant = spec.quant or cfg.model.quant
     cfg.model.kernels = {"auto": "auto", "false": False}[spec.kernels]
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = spec.lora_r, 2.0 * spec.lora_r, 0.0
-    cfg.train.packing = True
-    cfg.train.checkpointing = (
-        not spec.provider.endswith("-nockpt") if spec.checkpointing is None else spec.checkpointing
-    )
-    policy = "keep_attention" if spec.provider.endswith("-keepattn") else "full"
-    cfg.train.checkpoint_policy = spec.checkpoint_policy or policy
+    if spec.checkpointing is not None:
+        cfg.train.checkpointing = spec.checkpointing
+    cfg.train.checkpoint_policy = spec.checkpoint_policy or cfg.train.checkpoint_policy
     cfg.train.loss = spec.loss
     return cfg
 
@@ -287,7 +299,7 @@ def _build_peft(spec: PlanSpec, config: Any) -> tuple[Any, list]:
 
     dtype = resolve_dtype(spec.dtype, spec.target)
     model = _bare_model(config, dtype)
-    quant = spec.quant or ("nf4" if spec.provider.endswith("-4bit") else "none")
+    quant = spec.quant or planned_provider(spec.provider).quant
     if quant != "none":
         from cllora.model.quant import quantize_base
 
@@ -371,34 +383,16 @@ def _samples(spec: PlanSpec, vocab: int) -> list:
 
 def raw_batch(spec: PlanSpec, vocab: int) -> dict:
     """The real (CPU) batch of one step, as the benchmark collates it for the provider."""
-    samples = _samples(spec, vocab)
-    if spec.provider.startswith("cllora"):
-        from cllora.model.packing import collate_packed_rows
-
-        return collate_packed_rows([[s] for s in samples], 0)  # fixed: one row per sequence
-    from cllora.model.batching import collate
-
-    return collate(samples, pad_id=0)
+    return collate_step(planned_provider(spec.provider), _samples(spec, vocab))
 
 
 def step_fn(spec: PlanSpec, model: Any, tracker: StepTracker, raw: dict) -> Any:
-    """forward + loss + backward of one batch, as the benchmark's step closure."""
+    """forward + loss + backward of one batch on fake tensors: the benchmark's step closure
+    (:func:`cllora.bench.step.training_step`) with ``train.loss`` as the target resolves it."""
     batch = {k: tracker.real_to_fake(v) if torch.is_tensor(v) else v for k, v in raw.items()}
-    if spec.provider.startswith("cllora"):
-        from cllora.model.loss import batch_loss_sum
-
-        loss, chunk = _loss_mode(spec, model)
-
-        def run() -> None:
-            out, n = batch_loss_sum(model, batch, loss=loss, chunk=chunk)
-            (out / max(n, 1)).backward()
-
-        return run
-
-    def run() -> None:
-        model(**batch).loss.backward()
-
-    return run
+    provider = planned_provider(spec.provider)
+    loss, chunk = _loss_mode(spec, model) if provider.is_cllora else (spec.loss, 0)
+    return training_step(provider, model, batch, loss, chunk)
 
 
 def _loss_mode(spec: PlanSpec, model: Any) -> tuple[str, int]:
@@ -534,8 +528,8 @@ def fake_session(spec: PlanSpec) -> Iterator[StepTracker]:
 def build_traced(spec: PlanSpec, config: Any, tracker: StepTracker) -> tuple[Any, list, Any]:
     """Inside :func:`fake_session`: the provider's model in training mode, its trainable
     parameters and their AdamW (``foreach`` on CUDA, as torch picks for CUDA parameters; no
-    state yet), as ``benchmarks/bench_e2e.py`` makes them."""
-    build = _build_cllora if spec.provider.startswith("cllora") else _build_peft
+    state yet), as ``cllora bench`` makes them."""
+    build = _build_cllora if planned_provider(spec.provider).is_cllora else _build_peft
     with fake_building(tracker.fake_mode):
         try:
             model, params = build(spec, config)
@@ -581,8 +575,7 @@ def plan_step(spec: PlanSpec) -> PlanPoint:
     the real depth: decoder layers are identical, so each quantity is affine in their number
     (``spec.extrapolate=False`` traces the full depth; tests compare the two).
     """
-    if spec.provider not in PROVIDERS:
-        raise PlanError(f"unknown provider {spec.provider!r}; use one of {', '.join(PROVIDERS)}")
+    planned_provider(spec.provider)
     if spec.gqa not in GQA_MODES:
         raise PlanError(f"unknown gqa mode {spec.gqa!r}; use one of {', '.join(GQA_MODES)}")
     if spec.lora_path not in LORA_PATHS:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench_e2e import figure
-from benchmarks.profile_e2e import CATEGORIES, categorize, fit_cost_model
-from benchmarks.report_e2e import DOC, END, START, markdown_tables, write_tables
+from cllora.bench.figure import figure
+from cllora.bench.profile import CATEGORIES, categorize, fit_cost_model
+from cllora.bench.report import DOC, END, START, markdown_tables, write_tables
 from cllora.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]

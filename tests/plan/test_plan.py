@@ -54,22 +54,18 @@ def _profiled_real_cpu_step(spec: PlanSpec, **profile_kwargs):
     the provider's model built, AdamW warmed, one forward, backward, step and ``zero_grad``."""
     from torch.profiler import ProfilerActivity, profile
 
+    from cllora.bench.step import training_step
     from cllora.plan import step as st
 
-    build = st._build_cllora if spec.provider.startswith("cllora") else st._build_peft
+    provider = st.planned_provider(spec.provider)
+    build = st._build_cllora if provider.is_cllora else st._build_peft
     model, params = build(spec, st.hf_config(spec.model))
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
     st._warm_optimizer(opt, params)
     raw = st.raw_batch(spec, model.config.vocab_size)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, **profile_kwargs) as prof:
-        if spec.provider.startswith("cllora"):
-            from cllora.model.loss import batch_loss_sum
-
-            loss, n = batch_loss_sum(model, raw, loss=spec.loss)
-            (loss / n).backward()
-        else:
-            model(**raw).loss.backward()
+        training_step(provider, model, raw, loss=spec.loss)()  # what `cllora bench` times
         opt.step()
         opt.zero_grad(set_to_none=True)
     return prof
