@@ -124,6 +124,8 @@ class LocalPool(ClientPool):
             outcomes = self.share(trainees, downs, outcomes)
         local = write_outcomes(run.metrics, [outcomes[k].records for k in range(len(trainees))])
         uplinks = {k: o.uplink for k, o in outcomes.items() if o.uplink is not None}
+        for k in sorted(uplinks):  # every client lives here: it keeps its state here
+            self.algorithm.keep(trainees[k].index, uplinks[k].kept)
         return RoundOutcome(trainees, uplinks, sum(d.nbytes() for d in downs), local)
 
     def evaluate(self, run: Run, r: int, state: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -9,7 +9,8 @@ It answers three message types, each carrying the run's resolved cllora config (
 
 - ``query``: the client's name, sizes, quality score, ``clients.csv`` row and test sample ids;
 - ``train``: the downlink in, local training (and local evaluation), the uplink and the client's
-  records out (:mod:`cllora.flower.messages`);
+  records out (:mod:`cllora.flower.messages`); what the client keeps between rounds stays in
+  the node's ``Context.state`` (:mod:`cllora.flower.kept`);
 - ``evaluate``: the global adapter in, its ``global_eval`` record on the client's test set out.
 
 With differential privacy the server sends ``train.dp`` messages, which run Flower's
@@ -41,6 +42,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
+from cllora.flower.kept import KeptStore
 from cllora.flower.messages import (
     config_content,
     config_of,
@@ -69,7 +71,7 @@ def _query(msg: Message, context: Context) -> Message:
 def _train(msg: Message, context: Context) -> Message:
     node, _ = _node(msg, context)
     down, conf = read_downlink(msg.content)
-    out = node.train(down, conf)
+    out = node.train(down, conf, KeptStore(context.state))
     reply = {"position": int(conf["position"])}
     return Message(uplink_content(out.uplink, out.records, reply), reply_to=msg)
 
@@ -79,7 +81,8 @@ def _train_secure(msg: Message, context: Context) -> Message:
     ``FitRes`` (``secaggplus_mod`` masks it)."""
     down, conf = read_fitins(recorddict_to_fitins(msg.content, keep_input=True))
     node = node_for(str(conf[CONFIG_KEY]), dict(context.node_config))
-    fitres = secure_fitres(node.algorithm, down, node.train(down, conf), conf)
+    out = node.train(down, conf, KeptStore(context.state))
+    fitres = secure_fitres(node.algorithm, down, out, conf)
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 

@@ -46,6 +46,7 @@ from cllora.fed.guards import NonFiniteModelError
 from cllora.fed.prepare import client_stats, json_safe, prepare_run
 from cllora.fed.rounds import TraineeOutcome, train_trainee
 from cllora.fed.timing import PhaseTimer
+from cllora.flower.kept import KeptStore
 from cllora.model.load import ModelNotFoundError
 from cllora.report.metrics import MetricsLog
 from cllora.report.records import GLOBAL, GlobalEval, Kind, Record, TestSamples
@@ -128,11 +129,23 @@ class Node:
             "data_stats": json_safe(self.data_stats),
         }
 
-    def train(self, down: Downlink, conf: dict[str, Any]) -> TraineeOutcome:
-        """One local training from ``down`` (settings ``conf`` from the server)."""
+    def train(
+        self, down: Downlink, conf: dict[str, Any], store: KeptStore | None = None
+    ) -> TraineeOutcome:
+        """One local training from ``down`` (settings ``conf`` from the server); with a
+        ``store`` (the node's state), from what the client kept after round
+        ``conf["kept_round"]``, and what it keeps now saved there."""
         r, index = int(conf["round"]), int(conf["index"])
+        self.algorithm.state.pop("clients", None)  # only what the store holds for this round
+        if store is not None:
+            kept = store.load(int(conf.get("kept_round", 0)), self.client.name,
+                              self.cfg.fed.strategy)  # fmt: skip
+            if kept:
+                self.algorithm.keep(index, kept)
         trainee = Trainee(index, self.client.name, int(conf["steps"]))
         out = train_trainee(self, r, trainee, self.client.train, down, bool(conf.get("fail")))
+        if store is not None and out.uplink is not None and out.uplink.kept:
+            store.save(r, out.uplink.kept)
         self.sink.take()
         return out
 

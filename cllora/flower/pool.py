@@ -141,6 +141,9 @@ class FlowerPool(ClientPool):
     sites: list[Site]
     config_yaml: str  # the run's resolved config, sent in every message
     info: dict[str, Any] = field(default_factory=dict)  # flower.json
+    #: per client index: the round after which the server last aggregated it (0: never), whose
+    #: kept state (on its node, :mod:`cllora.flower.kept`) it trains from next
+    kept_rounds: dict[int, int] = field(default_factory=dict)
     progress = False  # the ServerApp's output is read as a log: one line per round
 
     @classmethod
@@ -195,7 +198,14 @@ class FlowerPool(ClientPool):
         run.metrics.write(TestSamples(sets=sets))
 
     def resume(self, run: Run, ckpt: Checkpoint) -> None:
-        """The same clients and privacy settings as the run began with."""
+        """The same clients and privacy settings as the run began with; no state kept on the
+        nodes (a new ``flwr run`` starts with none)."""
+        if run.algorithm.keeps_client_state and ckpt.round > 0:
+            raise ConfigError(
+                f"cannot resume {run.run_dir} on Flower: fed.strategy={run.cfg.fed.strategy} "
+                "keeps each client's state on its SuperNode, which a new flwr run does not "
+                "have; start the run again (cllora run can resume it in-process)"
+            )
         saved = ckpt.extra.get("flower", {})
         if saved.get("sites", self.names) != self.names:
             raise ConfigError(
@@ -249,6 +259,9 @@ class FlowerPool(ClientPool):
         noise; epsilon so far and SecAgg+'s parameters go to the round record and
         ``flower.json``."""
         agg = super().aggregate(run, r, out, weights)
+        if run.algorithm.keeps_client_state:  # they train next from what they kept now
+            for k in out.uplinks:
+                self.kept_rounds[out.trainees[k].index] = r
         s = self.settings
         if s.dp_clipping_norm:
             agg.info.update(add_noise(s, run.cfg.seed, r, agg.state, len(out.uplinks)))
@@ -302,7 +315,8 @@ class FlowerPool(ClientPool):
     def _train_config(self, r: int, k: int, t: Trainee, fail: bool) -> dict[str, Any]:
         """What the trainee's node is told with its downlink."""
         conf = {CONFIG_KEY: self.config_yaml, "round": r, "index": t.index, "steps": t.steps,
-                "fail": fail, "position": k}  # fmt: skip
+                "fail": fail, "position": k,
+                "kept_round": self.kept_rounds.get(t.index, 0)}  # fmt: skip
         if self.settings.dp_clipping_norm:
             conf["clipping_norm"] = self.settings.dp_clipping_norm
         return conf
@@ -356,8 +370,8 @@ def check_flower_config(cfg: Config, settings: FlowerSettings) -> None:
     if not algorithm.runs_on_flower():
         runs = [n for n in algorithm_names() if algorithm_class(n).runs_on_flower()]
         raise ConfigError(
-            f"fed.strategy={strategy} keeps per-client state on the server or changes the base "
-            f"weights, which the Flower apps do not carry; use one of {', '.join(runs)}"
+            f"fed.strategy={strategy} cannot run on Flower: {algorithm.flower_refusal()}; use "
+            f"one of {', '.join(runs)}"
         )
     if cfg.partition.global_test_fraction:
         raise ConfigError(

@@ -137,7 +137,11 @@ def check_secagg(cfg: Config, settings: FlowerSettings, trainees: int) -> None:
     trainees of a round (``fed.sample_fraction`` of the nodes)."""
     strategy, algorithm = cfg.fed.strategy, algorithm_class(cfg.fed.strategy)
     if not algorithm.sums_securely():
-        why = algorithm.reads_each_uplink or "it needs each client's update"
+        why = algorithm.reads_each_uplink or (
+            f"its uplinks also carry {', '.join(algorithm.uplink_extra)}, which secagg does not sum"
+            if algorithm.uplink_extra
+            else "it needs each client's update"
+        )
         sums = [n for n in algorithm_names() if algorithm_class(n).sums_securely()]
         raise ConfigError(
             f"secagg shows the server only the weighted sum of the updates, but fed.strategy="

@@ -15,9 +15,9 @@ pytest.importorskip("flwr")
 from cllora.flower.pool import FlowerSettings, check_flower_config
 
 ON_FLOWER = {"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "exact",
-             "hetlora", "frozen_a"}  # fmt: skip
+             "hetlora", "frozen_a", "scaffold"}  # fmt: skip
 MEAN = {"fedavg", "fedprox"}
-SUMMED = ON_FLOWER - {"exact", "hetlora"}
+SUMMED = ON_FLOWER - {"exact", "hetlora", "scaffold"}
 
 
 def _declared(test) -> set[str]:
@@ -29,7 +29,11 @@ def test_declarations_give_the_tested_sets():
     assert _declared(lambda a: a.mean_of_uplinks) == MEAN
     assert _declared(lambda a: a.sums_securely()) == SUMMED
     for name in ON_FLOWER - SUMMED:  # a refusal says why
-        assert algorithm_class(name).reads_each_uplink
+        assert algorithm_class(name).reads_each_uplink or algorithm_class(name).uplink_extra
+    for name in set(algorithm_names()) - ON_FLOWER:
+        assert algorithm_class(name).flower_refusal()
+    kept_on_nodes = {n for n in ON_FLOWER if algorithm_class(n).keeps_client_state}
+    assert kept_on_nodes == {"scaffold"}  # its control variates stay on the SuperNodes
 
 
 def _cfg(strategy: str) -> Config:

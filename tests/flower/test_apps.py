@@ -169,8 +169,11 @@ def test_combine_evals_is_the_union_of_the_test_sets():
 @pytest.mark.parametrize(
     ("overrides", "settings", "says"),
     [
-        (["fed.strategy=scaffold"], {}, "keeps per-client state"),
-        (["fed.strategy=fedsa"], {}, "keeps per-client state"),
+        (["fed.strategy=fedsa"], {}, "measured with every client's own B"),
+        (["fed.strategy=local_only"], {}, "exports every client's own adapter"),
+        (["fed.strategy=flora"], {}, "base weights"),
+        (["fed.strategy=centralized"], {}, "every client's data in one place"),
+        (["fed.strategy=scaffold"], {"secagg": True}, "also carry delta_c"),
         (["partition.global_test_fraction=0.2"], {}, "global_test_fraction=0"),
         (["eval.generate_samples=2"], {}, "generate_samples=0"),
         (["fed.weighting=uniform", "fed.strategy=fedadam"], {"dp_clipping_norm": 1.0},
@@ -193,9 +196,9 @@ def test_refusals_name_the_fix(overrides, settings, says):
 
 
 def test_cli_refuses_in_one_line(tmp_path, capsys):
-    code = cli_main(["flower", "simulate", "fed.strategy=scaffold", f"out_dir={tmp_path}"])
+    code = cli_main(["flower", "simulate", "fed.strategy=fedsa", f"out_dir={tmp_path}"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "fed.strategy=scaffold" in err[0], err
+    assert code == 2 and len(err) == 1 and "fed.strategy=fedsa" in err[0], err
 
 
 def test_cli_without_flower_names_the_extra(monkeypatch, capsys):

@@ -24,14 +24,16 @@ overrides only what differs from FedAvg:
   :mod:`cllora.fed.strategy` and :mod:`cllora.fed.lora_algebra`);
 - :meth:`Algorithm.apply_global` / :meth:`Algorithm.export` — how the global model is put into
   the shared model, and saved (algorithms that fold updates into the base override both);
-- the capabilities (``keeps_client_state``, ``changes_base``, ``pools_client_data``,
-  ``mean_of_uplinks``, ``reads_each_uplink``) — class attributes that say what the Flower apps,
-  secure aggregation and central DP may do with it; a new algorithm declares them, and nothing
-  outside the algorithm lists algorithm names;
+- :meth:`Algorithm.keep` — where what a client keeps is stored (``self.state["clients"]``);
+- the capabilities (``keeps_client_state``, ``server_reads_kept``, ``changes_base``,
+  ``pools_client_data``, ``mean_of_uplinks``, ``reads_each_uplink``, ``uplink_extra``) — class
+  attributes that say what the Flower apps, secure aggregation and central DP may do with it; a
+  new algorithm declares them, and nothing outside the algorithm lists algorithm names;
 - ``self.state`` — everything it keeps between rounds, saved in every checkpoint and restored
   on ``--resume`` (tensors, numbers, strings, lists, nested dicts). State a real client would
   keep on its own machine (its own B, its control variate) lives under ``self.state["clients"]``
-  in this in-process simulation; it never counts as traffic.
+  in the in-process pool (:meth:`Algorithm.keep`), and on the client's SuperNode under Flower;
+  it never counts as traffic.
 """
 
 from __future__ import annotations
@@ -137,8 +139,15 @@ class Algorithm:
 
     # -- what it can do (read by the Flower apps, SecAgg+ and central DP; no name lists) --
     #: it keeps state per client between rounds (``Uplink.kept``: SCAFFOLD's control variates,
-    #: FedSA's B, a local model); the Flower apps do not carry such state yet
+    #: FedSA's B, a local model), stored by :meth:`keep` where the client lives (on Flower:
+    #: its SuperNode, for the run's lifetime, so such a run cannot be resumed there)
     keeps_client_state: ClassVar[bool] = False
+    #: why its server reads what the clients keep ("": it never does, so that state can stay
+    #: on each client's node, as a real deployment keeps it)
+    server_reads_kept: ClassVar[str] = ""
+    #: the names of the extra state its uplinks carry besides the adapter (SCAFFOLD's
+    #: ``delta_c``), which cllora's secure aggregation does not sum
+    uplink_extra: ClassVar[tuple[str, ...]] = ()
     #: it folds updates into the base weights, which every node would have to follow
     changes_base: ClassVar[bool] = False
     #: it trains on every client's data in one place (a reference point, no federation)
@@ -151,15 +160,25 @@ class Algorithm:
     reads_each_uplink: ClassVar[str] = ""
 
     @classmethod
+    def flower_refusal(cls) -> str:
+        """Why the Flower apps cannot run it ("": they can: its messages are exactly its
+        :class:`Downlink` / :class:`Uplink` tensors, what its clients keep stays on their
+        nodes, and every node keeps the same base weights)."""
+        if cls.pools_client_data:
+            return "it trains on every client's data in one place"
+        if cls.changes_base:
+            return "it folds updates into the base weights, which every node would have to follow"
+        return cls.server_reads_kept
+
+    @classmethod
     def runs_on_flower(cls) -> bool:
-        """Its messages are exactly its :class:`Downlink` / :class:`Uplink` tensors: no state
-        per client, no base weights changed (what the Flower apps carry)."""
-        return not (cls.keeps_client_state or cls.changes_base or cls.pools_client_data)
+        return not cls.flower_refusal()
 
     @classmethod
     def sums_securely(cls) -> bool:
-        """Secure aggregation (the server sees the weighted sum of the uplinks) can run it."""
-        return cls.runs_on_flower() and not cls.reads_each_uplink
+        """Secure aggregation (the server sees the weighted sum of the uplinks' adapters) can
+        run it."""
+        return cls.runs_on_flower() and not (cls.reads_each_uplink or cls.uplink_extra)
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -221,6 +240,13 @@ class Algorithm:
 
     def uplink(self, index: int, down: Downlink, trained: State) -> Uplink:
         return Uplink(trained)
+
+    def keep(self, index: int, kept: dict[str, State]) -> None:
+        """Store what client ``index`` keeps after a successful training (:attr:`Uplink.kept`),
+        under ``state["clients"][str(index)]``; called where the client lives: by the
+        in-process pool for every client, by a Flower node for its own."""
+        if kept:
+            self.state.setdefault("clients", {})[str(index)] = dict(kept)
 
     def aggregate(self, global_state: State, results: list[ClientResult]) -> AggregateResult:
         """FedAvg-family aggregation (``self.name`` as the strategy of the maths)."""

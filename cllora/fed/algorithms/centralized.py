@@ -70,6 +70,9 @@ class Centralized(Algorithm):
     def uplink(self, index: int, down: Downlink, trained: State) -> Uplink:
         return Uplink(adapter={}, kept={KEPT: trained})
 
+    def keep(self, index: int, kept: dict[str, State]) -> None:
+        """Nothing is kept per client: the pooled trainer's adapter is the new global one."""
+
     def aggregate(self, global_state: State, results: list[ClientResult]) -> AggregateResult:
         """The pooled trainer's adapter is the new global adapter."""
         if not results:  # the trainer failed (min_clients stops the run before this)

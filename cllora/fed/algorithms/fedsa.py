@@ -67,6 +67,9 @@ def fedsa_aggregate(
 class FedSA(Algorithm):
     name = "fedsa"
     keeps_client_state = True
+    server_reads_kept = (
+        "its global model is measured with every client's own B, which a node never sends"
+    )
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -96,9 +99,7 @@ class FedSA(Algorithm):
         )
         if "init_B" not in self.state:  # round 1 aggregates from the initial adapter
             self.state["init_B"] = {k: t.clone() for k, t in b_part(global_state).items()}
-        clients: dict[str, Any] = self.state.setdefault("clients", {})
-        for r in results:
-            clients[str(r.index)] = {"B": r.uplink.kept["B"]}
+        clients: dict[str, Any] = self.state.get("clients", {})  # each B, stored by keep()
         new = {**A, **B}
         state = {k: new[k].to(global_state[k].dtype) for k in global_state}
         info = {

@@ -57,6 +57,7 @@ KEPT = "adapter"  # the Uplink.kept entry holding the trained adapter
 class LocalOnly(Algorithm):
     name = "local_only"
     keeps_client_state = True
+    server_reads_kept = "it exports every client's own adapter"
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -87,13 +88,13 @@ class LocalOnly(Algorithm):
     def uplink(self, index: int, down: Downlink, trained: State) -> Uplink:
         return Uplink(adapter={}, kept={KEPT: trained})
 
+    def keep(self, index: int, kept: dict[str, State]) -> None:
+        """The trained adapter becomes the client's own."""
+        self.state["clients"] = {**self.kept(), str(index): kept[KEPT]}
+
     def aggregate(self, global_state: State, results: list[ClientResult]) -> AggregateResult:
-        """Keep each trained adapter as its client's own; the global adapter is unchanged."""
-        clients = dict(self.kept())
-        for r in results:
-            clients[str(r.index)] = r.uplink.kept[KEPT]
-        self.state["clients"] = clients
-        info = {"strategy": self.name, "clients_with_own_adapter": len(clients)}
+        """The global adapter is unchanged (each trained adapter is kept by :meth:`keep`)."""
+        info = {"strategy": self.name, "clients_with_own_adapter": len(self.kept())}
         return AggregateResult(global_state, {}, info)
 
     def export(self, model: torch.nn.Module, global_state: State, directory: Path) -> Path:

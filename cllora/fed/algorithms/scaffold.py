@@ -30,14 +30,15 @@ Decisions:
   keeps ``c = mean_i c_i``. ``|S|`` counts the clients that finished the round (a failed
   client keeps its ``c_i``). ``N`` is the number of clients the run has.
 - Traffic: down, ``x`` and ``c``; up, ``y_i`` and ``delta_c_i`` (so SCAFFOLD moves twice
-  FedAvg's bytes). ``c_i`` lives under ``state["clients"][str(i)]["c"]`` and ``c`` under
-  ``state["c"]`` (fp32, saved in every checkpoint: a resumed run is bit-exact).
+  FedAvg's bytes). ``c_i`` is what client i keeps (:meth:`Algorithm.keep`): under
+  ``state["clients"][str(i)]["c"]`` in the in-process pool, on the client's SuperNode under
+  Flower (the server never reads it); ``c`` is ``state["c"]`` (fp32, saved in every
+  checkpoint: a resumed run is bit-exact).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -97,6 +98,7 @@ def state_norm(state: State) -> float:
 class Scaffold(Algorithm):
     name = "scaffold"
     keeps_client_state = True
+    uplink_extra = ("delta_c",)
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
@@ -138,9 +140,6 @@ class Scaffold(Algorithm):
         self.state["c"] = server_control(
             c, [r.uplink.extra["delta_c"] for r in results], self.num_clients
         )
-        clients: dict[str, Any] = self.state.setdefault("clients", {})
-        for r in results:
-            clients[str(r.index)] = {"c": r.uplink.kept["c"]}
         c_norm = state_norm(self.state["c"])
         state = {k: new_x[k].to(global_state[k].dtype) for k in global_state}
         info = {
