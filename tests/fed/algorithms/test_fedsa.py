@@ -90,6 +90,8 @@ def test_b_stays_with_its_client_and_is_never_counted(tmp_path):
         assert up.nbytes() == a_bytes
         assert up.adapter.keys() == a_part(init).keys()
         assert up.kept["B"] == b_part(trained[i])
+    for i, up in ups.items():  # where each client lives (the in-process pool)
+        algo.keep(i, up.kept)
     agg = algo.aggregate(init, [ClientResult(0, ups[0], 0.25), ClientResult(1, ups[1], 0.75)])
     assert torch.equal(agg.state["m0.lora_A"], torch.full((2, 3), 2.5))
     assert torch.equal(agg.state["m0.lora_B"], torch.full((4, 2), 5.0))  # the measured mean B

@@ -47,6 +47,8 @@ def test_a_client_continues_from_its_own_adapter_and_the_global_stays(tmp_path):
         assert _equal(down.adapter, initial) and down.nbytes() == 0
         ups[i] = algo.uplink(i, down, trained[i])
         assert ups[i].adapter == {} and ups[i].nbytes() == 0 and algo.state == {}  # pure
+    for i in (0, 1):  # where each client lives (the in-process pool)
+        algo.keep(i, ups[i].kept)
     agg = algo.aggregate(initial, [ClientResult(i, ups[i], 0.5) for i in (0, 1)])
     assert _equal(agg.state, initial)
     assert agg.info["clients_with_own_adapter"] == 2
@@ -57,6 +59,7 @@ def test_a_client_continues_from_its_own_adapter_and_the_global_stays(tmp_path):
     # round 2 trains only client 1: client 0 keeps its round-1 adapter
     again = _adapter(4, 3)
     up = algo.uplink(1, algo.downlink(1, agg.state), again)
+    algo.keep(1, up.kept)
     algo.aggregate(agg.state, [ClientResult(1, up, 1.0)])
     assert _equal(algo.downlink(0, initial).adapter, trained[0])
     assert _equal(algo.downlink(1, initial).adapter, again)

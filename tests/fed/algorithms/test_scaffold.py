@@ -64,6 +64,8 @@ def test_two_rounds_of_control_variates_through_the_algorithm(tmp_path):
     assert torch.equal(up0.kept["c"]["m.lora_A"], torch.tensor([[1.0, -1.0]]))
     assert torch.equal(up0.kept["c"]["m.lora_B"], torch.tensor([[-1.0], [0.0]]))
     assert torch.equal(up0.extra["delta_c"]["m.lora_A"], torch.tensor([[1.0, -1.0]]))
+    algo.keep(0, up0.kept)  # where each client lives (the pool, or its Flower node)
+    algo.keep(1, up1.kept)
     agg = algo.aggregate(x, [ClientResult(0, up0, 0.5), ClientResult(1, up1, 0.5)])
     assert torch.equal(agg.state["m.lora_A"], torch.tensor([[1.0, 1.25]]))  # fedavg(y)
     # c = (1/4) (delta_0 + delta_1) = (1/4) ([1, -1] + [-1, -1]) = [0, -0.5]
