@@ -66,9 +66,7 @@ def _scaffold(tmp_path, name: str) -> list[str]:
     return [*overrides, f"run_name={name}"]
 
 
-def test_a_node_that_lost_its_clients_state_fails_that_client_in_one_line(
-    tmp_path, task_identity
-):
+def test_a_node_that_lost_its_clients_state_fails_that_client_in_one_line(tmp_path, task_identity):
     result = run_federation(_Restarting(2), load_config(None, _scaffold(tmp_path, "lost")),
                             FlowerSettings(nodes=2))  # fmt: skip
     lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
