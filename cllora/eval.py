@@ -17,7 +17,7 @@ a length bucket's loss is formed from its samples).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +50,17 @@ class EvalResult:
         return {"loss": self.loss, "ppl": self.ppl, "tokens": self.tokens}
 
 
+def length_batches(
+    lengths: Sequence[int], batch_size: int, desc: str | None = None, progress: bool = False
+) -> Iterator[list[int]]:
+    """Indices of the items in batches of ``batch_size``, shortest first, so each batch pads
+    little (the one batching of evaluation and generation); a progress bar when ``progress``."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
+        yield order[start : start + batch_size]
+
+
 @torch.no_grad()
 def evaluate_samples(
     model: PreTrainedModel,
@@ -61,11 +72,9 @@ def evaluate_samples(
 ) -> list[EvalResult]:
     """Loss sum and target count of every sample (batched by length; model left in eval mode)."""
     model.eval()
-    order = sorted(range(len(samples)), key=lambda i: samples[i].num_tokens)
     out: list[EvalResult] = [EvalResult(0.0, 0)] * len(samples)
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
-        idx = order[start : start + batch_size]
+    lengths = [s.num_tokens for s in samples]
+    for idx in length_batches(lengths, batch_size, desc, progress):
         sums, counts = row_loss_sums(model, collate([samples[i] for i in idx], pad_id))
         for i, s, n in zip(idx, sums, counts, strict=True):
             out[i] = EvalResult(float(s), int(n))

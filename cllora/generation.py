@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from cllora.data.formatting import IGNORE_INDEX, Sample
+from cllora.eval import length_batches
 
 
 @dataclass(frozen=True)
@@ -118,11 +118,8 @@ def generate_ids(
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(eos),
         pad_token_id=pad_id, num_beams=1,
     )  # fmt: skip
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
-        idx = order[start : start + batch_size]
+    for idx in length_batches([len(p) for p in prompts], batch_size, desc, progress):
         ids, mask = _left_pad([prompts[i] for i in idx], pad_id)
         gen = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
