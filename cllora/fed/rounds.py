@@ -81,14 +81,13 @@ def train_trainee(run: Run, r: int, t: Trainee, down: Downlink, fail: bool) -> T
     ``timer``, so a process that holds one client (a Flower ClientApp, :mod:`cllora.flower`)
     passes an object with those six attributes instead of a whole :class:`Run`."""
     cfg, out = run.cfg, TraineeOutcome(t)
-    rule = run.algorithm.local_rule(t.index, down)
+    rules = run.algorithm.local_rules(t.index, down)
     try:
         with run.timer.phase("train"):
             u = client_update(
                 run.model, down.adapter, t.train, cfg.train, run.pad_id,
                 seed=client_seed(cfg.seed, r, max(t.index, 0)),
-                prox_mu=rule.prox_mu, freeze_a=rule.freeze_a, freeze_b=rule.freeze_b,
-                step_correction=rule.step_correction, steps=t.steps,
+                rules=rules, steps=t.steps,
                 fail_after=t.steps // 2 if fail else None,
                 desc=f"round {r} {t.name}", progress=cfg.progress,
             )  # fmt: skip
