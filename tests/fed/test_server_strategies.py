@@ -129,7 +129,9 @@ def test_too_few_clients_stops_with_a_checkpoint(tmp_path):
     assert len(ckpt.rows) == stopped_at  # round 0 .. the last complete round
 
 
-@pytest.mark.parametrize(("strategy", "moments"), [("fedadam", ["m", "v"])])
+@pytest.mark.parametrize(
+    ("strategy", "moments"), [("fedadam", ["m", "v"]), ("fedamsgrad", ["m", "v", "v_hat"])]
+)
 def test_server_optimizer_state_is_checkpointed(tmp_path, strategy, moments):
     result = _run(tmp_path, strategy, fed__strategy=strategy)
     ckpt = load_checkpoint(result.run_dir / "checkpoint")

@@ -50,8 +50,9 @@ def _assert_states_equal(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_the_family_is_the_four_server_optimizers():
-    assert sorted(OPTIMIZERS) == ["fedadagrad", "fedadam", "fedavgm", "fedyogi"]
+def test_the_family_is_found_from_the_classes():
+    assert {"fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedamsgrad"} <= set(OPTIMIZERS)
+    assert "fedavg" not in OPTIMIZERS and "exact" not in OPTIMIZERS
 
 
 # --- the rules, by hand ------------------------------------------------------------------------
@@ -116,6 +117,25 @@ def test_server_optimizers_match_hand_computation_over_three_rounds(name, bias_c
                 assert got == pytest.approx(want, rel=1e-5, abs=1e-7), (t, k, i)
         assert res.server_state["step"] == t and res.info["step"] == t == opt.step
         glob = res.state
+
+
+def test_fedamsgrad_normalises_by_the_largest_second_moment():
+    """A big pseudo-gradient then small ones: Adam's v decays, AMSGrad's v_hat keeps the
+    maximum, so AMSGrad's later steps are smaller than Adam's (and v_hat >= v always)."""
+    glob = {"m.lora_A": torch.zeros(1, 1), "m.lora_B": torch.zeros(1, 1)}
+    adam, ams = _optimizer("fedadam", **SETTINGS), _optimizer("fedamsgrad", **SETTINGS)
+    xs = {"fedadam": glob, "fedamsgrad": glob}
+    for d in (10.0, 0.1, 0.1, 0.1):
+        for opt in (adam, ams):
+            x = xs[opt.name]
+            client = {k: t + d for k, t in x.items()}
+            xs[opt.name] = opt.optimize(x, [client], [1.0]).state
+    v, v_hat = ams.moments["v"]["m.lora_A"], ams.moments["v_hat"]["m.lora_A"]
+    assert float(v_hat) > float(v) and float(v_hat) == pytest.approx(0.05 * 100 + 0.95 * 0.05**2)
+    assert torch.equal(ams.moments["v"]["m.lora_A"], adam.moments["v"]["m.lora_A"])
+    step_adam = float(adam.lr * adam.moments["m"]["m.lora_A"] / (v.sqrt() + adam.tau))
+    step_ams = float(ams.lr * ams.moments["m"]["m.lora_A"] / (v_hat.sqrt() + ams.tau))
+    assert 0 < step_ams < step_adam
 
 
 def test_fedavgm_without_momentum_at_unit_lr_is_fedavg():
