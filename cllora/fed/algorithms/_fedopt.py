@@ -8,9 +8,10 @@ Usage::
     algo.step, algo.moments["m"], algo.moments["v"]
     algo.state_dict()    # {"server": {"strategy": "fedadam", "step": 1, "m": {...}, "v": {...}}}
 
-Not an algorithm file itself: ``fedavgm``, ``fedadam``, ``fedyogi`` and ``fedadagrad`` each
-subclass :class:`FedOpt` (or :class:`AdaptiveFedOpt`) in a file of their own
-and implement only their rule. What the family shares lives here:
+Not an algorithm file itself: each server optimizer (``fedavgm``, ``fedadam``, ...) subclasses
+:class:`FedOpt` (or :class:`AdaptiveFedOpt`) in a file of its own and implements only its rule;
+``fedamsgrad.py`` is the example of a new one (docs/ARCHITECTURE.md, "Adding a server optimizer
+or a local rule"). What the family shares lives here:
 
 - the pseudo-gradient ``d = fedavg(clients) - x`` on the zero-padded global ``x``
   (:func:`cllora.fed.strategy.pseudo_gradient`; scalings folded as for FedAvg);
