@@ -249,7 +249,7 @@ class FedConfig:
     # measured quality score (1 / perplexity of the initial model on the client's responses).
     weighting: Literal["samples", "tokens", "quality", "uniform"] = "samples"
     prox_mu: float = 0.01
-    # Server learning rate; empty = 1.0 for fedavgm, 0.01 for fedadam/fedyogi/fedadagrad.
+    # Server learning rate; empty = 1.0 for fedavgm, 0.01 for the adaptive server optimizers.
     server_lr: float | None = None
     server_momentum: float = 0.9
     beta1: float = 0.9

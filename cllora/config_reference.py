@@ -295,11 +295,11 @@ _REFERENCE: dict[str, tuple[str, str]] = {
     ),
     "fed.beta1": (
         "[0, 1)",
-        "first-moment decay (FedAdam, FedYogi, FedAdagrad)",
+        "first-moment decay of the adaptive server optimizers",
     ),
     "fed.beta2": (
         "[0, 1)",
-        "second-moment decay (FedAdam, FedYogi)",
+        "second-moment decay of the adaptive server optimizers (fedadagrad sums instead)",
     ),
     "fed.tau": (
         "> 0",

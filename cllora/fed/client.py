@@ -14,15 +14,11 @@ optimizer state does not travel, as in FedAvg). A non-finite loss stops the clie
 step cannot see the last one) with :class:`cllora.fed.guards.NonFiniteError`, so the server can
 reject that update and go on.
 
-Options: ``prox_mu`` adds FedProx's proximal term ``mu/2 * ||theta - theta_global||^2`` over the
-adapter (mu = 0 is plain FedAvg training); ``freeze_a`` trains only B (FFA-LoRA, for the
-``frozen_a`` strategy) and ``freeze_b`` only A; ``step_correction`` moves each adapter tensor by
-``-lr * correction`` after every optimizer step (SCAFFOLD's ``c - c_i`` with an AdamW inner
-optimizer: added to the gradient instead, AdamW's per-element normalisation would blow the
-correction up to the size of a whole step; keys as in the state dict); ``steps`` overrides
-``cfg.local_steps``; ``fail_after=k`` makes the client crash after k local steps with
-:class:`SimulatedClientFailure` (the server's simulated client failures). The state passed in may
-have another rank than the model's LoRA modules: they are resized to it.
+Options: ``rules`` change local training the way an algorithm needs (:mod:`cllora.fed.local_rule`:
+FedProx's proximal term, FFA-LoRA's frozen A, SCAFFOLD's step correction; none is plain AdamW on
+A and B); ``steps`` overrides ``cfg.local_steps``; ``fail_after=k`` makes the client crash after
+k local steps with :class:`SimulatedClientFailure` (the server's simulated client failures). The
+state passed in may have another rank than the model's LoRA modules: they are resized to it.
 """
 
 from __future__ import annotations
@@ -38,6 +34,7 @@ from transformers import PreTrainedModel
 from cllora.config import TrainConfig
 from cllora.data.formatting import Sample
 from cllora.fed.guards import check_finite
+from cllora.fed.local_rule import LocalRule
 from cllora.model.batching import batch_stream, collate
 from cllora.model.lora import lora_modules, lora_state_dict, set_lora_state
 from cllora.model.loss import batch_loss_sum
@@ -83,10 +80,7 @@ def client_update(
     pad_id: int,
     seed: int,
     *,
-    prox_mu: float = 0.0,
-    freeze_a: bool = False,
-    freeze_b: bool = False,
-    step_correction: dict[str, torch.Tensor] | None = None,
+    rules: Sequence[LocalRule] = (),
     steps: int | None = None,
     fail_after: int | None = None,
     desc: str | None = None,
@@ -98,18 +92,9 @@ def client_update(
     set_lora_state(model, global_state, resize=True)
     torch.manual_seed(seed)  # dropout
     stream = batch_stream(train, cfg.batch_size, torch.Generator().manual_seed(seed))
-    params, names = [], []
-    for name, m in lora_modules(model).items():
-        m.lora_A.requires_grad_(not freeze_a)
-        m.lora_B.requires_grad_(not freeze_b)
-        for part, frozen in (("lora_A", freeze_a), ("lora_B", freeze_b)):
-            if not frozen:
-                params.append(getattr(m, part))
-                names.append(f"{name}.{part}")
-    if not params:
-        raise ValueError("freeze_a and freeze_b together leave nothing to train")
-    corrections = _corrections(step_correction, names, params)
-    anchors = [p.detach().clone() for p in params] if prox_mu > 0 else []
+    names, params = _trained(model, rules)
+    for rule in rules:
+        rule.start(names, params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     update = ClientUpdate(state={}, samples=len(train))
@@ -125,17 +110,17 @@ def client_update(
             model.eval()
             raise NonFiniteLossError(f"loss is {float(loss)} at local step {step}")
         objective = loss
-        if anchors:
-            prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
-            objective = loss + 0.5 * prox_mu * prox
+        for rule in rules:
+            term = rule.penalty(params)
+            if term is not None:
+                objective = objective + term
         opt.zero_grad(set_to_none=True)
         objective.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        with torch.no_grad():
-            for p, c in corrections:  # outside AdamW's normalisation: it keeps its scale
-                p.add_(c, alpha=-cfg.lr)
+        for rule in rules:
+            rule.after_step(cfg.lr)
         update.losses.append(float(loss.detach()))
         update.tokens_seen += tokens
         bar.set_postfix(loss=f"{update.losses[-1]:.3f}")
@@ -146,13 +131,20 @@ def client_update(
     return update
 
 
-def _corrections(
-    correction: dict[str, torch.Tensor] | None, names: list[str], params: list[torch.Tensor]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(parameter, tensor added to its gradient)`` pairs for the trained parameters."""
-    if not correction:
-        return []
-    missing = [n for n in names if n not in correction]
-    if missing:
-        raise ValueError(f"step_correction lacks {missing[:3]}")
-    return [(p, correction[n].to(p.device, p.dtype)) for n, p in zip(names, params, strict=True)]
+def _trained(
+    model: PreTrainedModel, rules: Sequence[LocalRule]
+) -> tuple[list[str], list[torch.Tensor]]:
+    """Names and tensors of the LoRA factors every rule lets train (module order, A then B);
+    the others have ``requires_grad`` off."""
+    names, params = [], []
+    for name, m in lora_modules(model).items():
+        for part in ("lora_A", "lora_B"):
+            p, full = getattr(m, part), f"{name}.{part}"
+            trains = all(rule.trains(full) for rule in rules)
+            p.requires_grad_(trains)
+            if trains:
+                names.append(full)
+                params.append(p)
+    if not params:
+        raise ValueError("the local rules leave nothing to train")
+    return names, params

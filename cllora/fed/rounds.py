@@ -9,7 +9,7 @@ Usage::
 Every client pool (:mod:`cllora.fed.loop`) trains a trainee with :func:`train_trainee`: in this
 process (:class:`cllora.fed.pool.LocalPool`) or on the SuperNode that holds its data
 (:mod:`cllora.flower.node`). The algorithm (:mod:`cllora.fed.algorithms`) decides how the client
-trains (:meth:`~cllora.fed.algorithms.base.Algorithm.local_rule`) and what goes up
+trains (:meth:`~cllora.fed.algorithms.base.Algorithm.local_rules`) and what goes up
 (:meth:`~cllora.fed.algorithms.base.Algorithm.uplink`). A trainee that fails (an exception, a
 non-finite loss, adapter or local evaluation, a simulated crash) is left out and logged
 (``client_failed``).
@@ -83,30 +83,28 @@ def train_trainee(
     ``trainer``: what holds the model and the client's evaluation: an object with the
     attributes ``cfg``, ``model``, ``pad_id``, ``algorithm``, ``evaluator`` and ``timer`` (the
     in-process pool, or a Flower node)."""
-    run = trainer
-    cfg, out = run.cfg, TraineeOutcome(t)
-    rule = run.algorithm.local_rule(t.index, down)
+    cfg, out = trainer.cfg, TraineeOutcome(t)
+    rules = trainer.algorithm.local_rules(t.index, down)
     try:
-        with run.timer.phase("train"):
+        with trainer.timer.phase("train"):
             u = client_update(
-                run.model, down.adapter, data, cfg.train, run.pad_id,
+                trainer.model, down.adapter, data, cfg.train, trainer.pad_id,
                 seed=client_seed(cfg.seed, r, max(t.index, 0)),
-                prox_mu=rule.prox_mu, freeze_a=rule.freeze_a, freeze_b=rule.freeze_b,
-                step_correction=rule.step_correction, steps=t.steps,
+                rules=rules, steps=t.steps,
                 fail_after=t.steps // 2 if fail else None,
                 desc=f"round {r} {t.name}", progress=cfg.progress,
             )  # fmt: skip
         local = []
         if _evaluates_local(cfg, r) and t.index >= 0:  # the model holds the local adapter
-            with run.timer.phase("local_eval"):  # non-finite: fails the client
-                local = run.evaluator.local(run.model, t.index, r)
-        out.uplink = run.algorithm.uplink(t.index, down, u.state)
+            with trainer.timer.phase("local_eval"):  # non-finite: fails the client
+                local = trainer.evaluator.local(trainer.model, t.index, r)
+        out.uplink = trainer.algorithm.uplink(t.index, down, u.state)
     except Exception as err:  # one client's failure must not stop the round
         log.warning("round %d: client %s failed: %s: %s", r, t.name, type(err).__name__, err)
         log.debug("traceback", exc_info=True)
         out.records = [ClientFailed(round=r, client=t.name, error=f"{type(err).__name__}: {err}")]
         return out
-    rank = run.algorithm.client_rank(t.index)
+    rank = trainer.algorithm.client_rank(t.index)
     out.records = [
         ClientTrain(round=r, client=t.name, rank=rank, losses=u.losses, samples=u.samples,
                     tokens_seen=u.tokens_seen, seconds=round(u.seconds, 3)),

@@ -14,8 +14,8 @@ pytest.importorskip("flwr")
 
 from cllora.flower.pool import FlowerSettings, check_flower_config
 
-ON_FLOWER = {"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "exact",
-             "hetlora", "frozen_a", "scaffold"}  # fmt: skip
+ON_FLOWER = {"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedamsgrad",
+             "exact", "hetlora", "frozen_a", "scaffold"}  # fmt: skip
 MEAN = {"fedavg", "fedprox"}
 SUMMED = ON_FLOWER - {"exact", "hetlora", "scaffold"}
 

@@ -78,12 +78,13 @@ def _kill_mid_round(argv: list[str], metrics: Path, round_idx: int) -> None:
         proc.wait()
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedamsgrad"])
 def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path, strategy):
     """SIGKILL after a client of round 2 trained (round 2 half done), then ``--resume``: the
-    metrics, summary and adapter equal those of a run that was never interrupted. fedadam: the
-    server optimizer's moments travel through the checkpoint; client sampling and simulated
-    failures draw from RNGs whose states travel too."""
+    metrics, summary and adapter equal those of a run that was never interrupted. fedadam and
+    fedamsgrad (with its running maximum v_hat): the server optimizer's moments travel through
+    the checkpoint; client sampling and simulated failures draw from RNGs whose states travel
+    too."""
     common = dict(fed__rounds=3, fed__strategy=strategy, fed__sample_fraction=0.6,
                   fed__client_failure_rate=0.2, train__threads=1)  # fmt: skip
     ref = run_experiment(load_config(None, tiny_run_overrides(tmp_path, run_name="ref", **common)))

@@ -5,7 +5,7 @@ Usage::
     from cllora.fed.algorithms import make_algorithm
     algo = make_algorithm(cfg)                 # the class fed.strategy names, checked against cfg
     down = algo.downlink(i, global_state)      # what client i receives (bytes counted)
-    rule = algo.local_rule(i, down)            # how it trains differently (prox, frozen A, ...)
+    rules = algo.local_rules(i, down)          # how it trains differently (prox, frozen A, ...)
     up = algo.uplink(i, down, trained_state)   # what it sends back (bytes counted)
     agg = algo.aggregate(global_state, [ClientResult(i, up, weight), ...])
     algo.state_dict() / algo.load_state_dict(d)   # server (and simulated client) state: checkpoints
@@ -17,11 +17,15 @@ overrides only what differs from FedAvg:
 - :meth:`Algorithm.check_config` — settings it refuses (a :class:`~cllora.config.ConfigError`);
 - :meth:`Algorithm.trainees` — who trains this round and for how many steps (``centralized``
   pools every client's data into one trainer);
-- :meth:`Algorithm.downlink` / :meth:`Algorithm.local_rule` / :meth:`Algorithm.uplink` — what
-  travels down, what the client does differently, what travels up (only what is in a
-  :class:`Downlink` / :class:`Uplink` is counted in ``bytes_down`` / ``bytes_up``);
-- :meth:`Algorithm.aggregate` — the new global adapter from the uplinks (pure maths live in
-  :mod:`cllora.fed.strategy` and :mod:`cllora.fed.lora_algebra`);
+- :meth:`Algorithm.downlink` / :meth:`Algorithm.local_rules` / :meth:`Algorithm.uplink` — what
+  travels down, what the client does differently (a list of
+  :class:`~cllora.fed.local_rule.LocalRule` objects: a proximal term, frozen factors, a step
+  correction), what travels up (only what is in a :class:`Downlink` / :class:`Uplink` is counted
+  in ``bytes_down`` / ``bytes_up``);
+- :meth:`Algorithm.aggregate` — the new global adapter from the uplinks; the default is FedAvg of
+  the factors (:meth:`Algorithm.average_factors`). The algorithm owns its maths: it calls the pure
+  functions of :mod:`cllora.fed.strategy` and :mod:`cllora.fed.lora_algebra` it needs, and a
+  server optimizer implements its own rule (:mod:`cllora.fed.algorithms._fedopt`);
 - :meth:`Algorithm.apply_global` / :meth:`Algorithm.export` — how the global model is put into
   the shared model, and saved (algorithms that fold updates into the base override both);
 - :meth:`Algorithm.keep` — where what a client keeps is stored (``self.state["clients"]``);
@@ -30,7 +34,9 @@ overrides only what differs from FedAvg:
   attributes that say what the Flower apps, secure aggregation and central DP may do with it; a
   new algorithm declares them, and nothing outside the algorithm lists algorithm names;
 - ``self.state`` — everything it keeps between rounds, saved in every checkpoint and restored
-  on ``--resume`` (tensors, numbers, strings, lists, nested dicts). State a real client would
+  on ``--resume`` (tensors, numbers, strings, lists, nested dicts); state kept in typed
+  attributes instead (the server optimizers' step and moments) overrides
+  :meth:`Algorithm.state_dict` / :meth:`Algorithm.load_state_dict`. State a real client would
   keep on its own machine (its own B, its control variate) lives under ``self.state["clients"]``
   in the in-process pool (:meth:`Algorithm.keep`), and on the client's SuperNode under Flower;
   it never counts as traffic.
@@ -45,8 +51,9 @@ from typing import Any, ClassVar
 import torch
 
 from cllora.config import Config, ConfigError
+from cllora.fed.local_rule import LocalRule
 from cllora.fed.lora_algebra import A_SUFFIX, B_SUFFIX
-from cllora.fed.strategy import AggregateResult, StrategyOptions, aggregate, to_client_rank
+from cllora.fed.strategy import AggregateResult, fedavg_factors, to_client_rank
 from cllora.model.lora import set_lora_state, state_nbytes
 
 State = dict[str, torch.Tensor]
@@ -88,20 +95,6 @@ class Downlink:
         if not self.counted:
             return 0
         return state_nbytes(self.adapter) + sum(state_nbytes(s) for s in self.extra.values())
-
-
-@dataclass
-class LocalRule:
-    """How a client's local training differs from plain AdamW on A and B.
-
-    ``prox_mu``: FedProx's ``mu/2 ||theta - theta_start||^2``; ``freeze_a`` / ``freeze_b``:
-    factors kept fixed; ``step_correction``: each adapter tensor it names moves by
-    ``-lr * correction`` after every optimizer step (SCAFFOLD's ``c - c_i``)."""
-
-    prox_mu: float = 0.0
-    freeze_a: bool = False
-    freeze_b: bool = False
-    step_correction: State | None = None
 
 
 @dataclass
@@ -195,14 +188,6 @@ class Algorithm:
         f = self.cfg.fed
         return f.server_lr if f.server_lr is not None else (self.default_server_lr or 1.0)
 
-    def options(self) -> StrategyOptions:
-        """Server-optimizer settings for :func:`cllora.fed.strategy.aggregate`."""
-        f = self.cfg.fed
-        return StrategyOptions(
-            server_lr=self.server_lr, momentum=f.server_momentum, beta1=f.beta1,
-            beta2=f.beta2, tau=f.tau,
-        )  # fmt: skip
-
     # -- ranks ---------------------------------------------------------------------------
 
     def global_rank(self) -> int:
@@ -216,6 +201,12 @@ class Algorithm:
 
     def scaling(self, rank: int) -> float:
         return self.cfg.lora.alpha / rank
+
+    def scalings(self, results: list[ClientResult]) -> tuple[list[float], float]:
+        """``(each uplink's scaling at its client's rank, the global adapter's scaling)``: the
+        ``client_scalings, global_scaling`` arguments of :mod:`cllora.fed.strategy`."""
+        clients = [self.scaling(self.client_rank(r.index)) for r in results]
+        return clients, self.scaling(self.global_rank())
 
     # -- one round -----------------------------------------------------------------------
 
@@ -235,8 +226,9 @@ class Algorithm:
         )
         return Downlink(adapter)
 
-    def local_rule(self, index: int, down: Downlink) -> LocalRule:
-        return LocalRule()
+    def local_rules(self, index: int, down: Downlink) -> list[LocalRule]:
+        """How client ``index`` trains differently from plain AdamW (none: it does not)."""
+        return []
 
     def uplink(self, index: int, down: Downlink, trained: State) -> Uplink:
         return Uplink(trained)
@@ -249,27 +241,18 @@ class Algorithm:
             self.state.setdefault("clients", {})[str(index)] = dict(kept)
 
     def aggregate(self, global_state: State, results: list[ClientResult]) -> AggregateResult:
-        """FedAvg-family aggregation (``self.name`` as the strategy of the maths)."""
-        return self._aggregate_as(self.name or "fedavg", global_state, results)
+        """FedAvg of the factors (:meth:`average_factors`)."""
+        return self.average_factors(global_state, results)
 
-    def _aggregate_as(
-        self, strategy: str, global_state: State, results: list[ClientResult]
-    ) -> AggregateResult:
-        """:func:`cllora.fed.strategy.aggregate` over the uplinks, with ``self.state`` as the
-        server optimizer's state (updated in place)."""
-        agg = aggregate(
-            strategy,
+    def average_factors(self, global_state: State, results: list[ClientResult]) -> AggregateResult:
+        """:func:`cllora.fed.strategy.fedavg_factors` over the uplinks, at their ranks' scalings
+        (the info's ``strategy`` is ``fedavg``)."""
+        return fedavg_factors(
             global_state,
             [r.uplink.adapter for r in results],
             [r.weight for r in results],
-            self.state.get("server", {}),
-            self.options(),
-            client_scalings=[self.scaling(self.client_rank(r.index)) for r in results],
-            global_scaling=self.scaling(self.global_rank()),
+            *self.scalings(results),
         )
-        if agg.server_state:
-            self.state["server"] = agg.server_state
-        return agg
 
     # -- the global model ------------------------------------------------------------------
 

@@ -3,12 +3,19 @@
 Usage: ``cllora run fed.strategy=fedadagrad fed.server_lr=0.01`` (also ``fed.beta1``, ``fed.beta2``,
 ``fed.tau``).
 The server state (step, moments) is checkpointed; see :mod:`cllora.fed.algorithms._fedopt`.
+With bias correction only m is corrected: v is a sum, not an average.
 """
 
 from __future__ import annotations
 
-from cllora.fed.algorithms._fedopt import FedOpt
+import torch
+
+from cllora.fed.algorithms._fedopt import AdaptiveFedOpt
 
 
-class FedAdagrad(FedOpt):
+class FedAdagrad(AdaptiveFedOpt):
     name = "fedadagrad"
+    corrects_v = False
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        return v + d2

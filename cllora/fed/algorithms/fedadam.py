@@ -8,8 +8,13 @@ The server state (step, moments) is checkpointed; see :mod:`cllora.fed.algorithm
 
 from __future__ import annotations
 
-from cllora.fed.algorithms._fedopt import FedOpt
+import torch
+
+from cllora.fed.algorithms._fedopt import AdaptiveFedOpt
 
 
-class FedAdam(FedOpt):
+class FedAdam(AdaptiveFedOpt):
     name = "fedadam"
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        return self.beta2 * v + (1 - self.beta2) * d2

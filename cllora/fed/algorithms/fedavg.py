@@ -2,7 +2,7 @@
 
 Usage: ``cllora run fed.strategy=fedavg`` (the default). Averaging the factors is not averaging
 the updates (``mean(B) mean(A) != mean(B A)``): ``exact`` and ``fedex`` do the latter. Mixed
-ranks are zero-padded to the largest (:func:`cllora.fed.strategy.aggregate`).
+ranks are zero-padded to the largest (:func:`cllora.fed.strategy.fedavg_factors`).
 """
 
 from __future__ import annotations

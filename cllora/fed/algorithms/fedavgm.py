@@ -7,9 +7,18 @@ checkpointed (:mod:`cllora.fed.algorithms._fedopt`).
 
 from __future__ import annotations
 
-from cllora.fed.algorithms._fedopt import FedOpt
+import torch
+
+from cllora.fed.algorithms._fedopt import FedOpt, Moments
 
 
 class FedAvgM(FedOpt):
     name = "fedavgm"
     default_server_lr = 1.0
+    moment_names = ("m",)
+
+    def rule(
+        self, x: torch.Tensor, d: torch.Tensor, prev: Moments, t: int
+    ) -> tuple[torch.Tensor, Moments]:
+        m = self.momentum * prev["m"] + d
+        return x + self.lr * m, {"m": m}

@@ -7,7 +7,7 @@ Usage: ``cllora run fed.strategy=fedex`` (any mix of ``lora.client_ranks``; ``mo
 Maths, per LoRA module, with client weights ``w_k`` (summing to 1) and scalings
 ``s_k = alpha / r_k``: the global adapter is FedAvg's, ``A = sum_k w_k A_k``,
 ``B = sum_k w_k B_k`` (mixed ranks zero-padded to the global rank ``r``, each client's factors
-multiplied by ``sqrt(s_k / s)`` first, as :func:`cllora.fed.strategy.aggregate`), and the
+multiplied by ``sqrt(s_k / s)`` first, as :func:`cllora.fed.strategy.fedavg_factors`), and the
 residual ``E = sum_k w_k s_k B_k A_k - s B A`` (``s = alpha / r``) is added to the base weight:
 ``W <- W + E``. Then ``W + s B A = sum_k w_k (W + s_k B_k A_k)``: the global model is the
 weighted average of the clients' models, to fp32 precision. ``E`` is computed from the stacked
@@ -63,7 +63,7 @@ class FedEx(MergingAlgorithm):
 
     def aggregate(self, global_state: State, results: list[ClientResult]) -> AggregateResult:
         """FedAvg of the factors; the residual goes into ``state["delta"]`` (the base)."""
-        agg = self._aggregate_as("fedavg", global_state, results)
+        agg = self.average_factors(global_state, results)
         clients = [r.uplink.adapter for r in results]
         weights = [r.weight for r in results]
         alpha = self.cfg.lora.alpha

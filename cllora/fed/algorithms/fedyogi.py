@@ -7,8 +7,13 @@ The server state (step, moments) is checkpointed; see :mod:`cllora.fed.algorithm
 
 from __future__ import annotations
 
-from cllora.fed.algorithms._fedopt import FedOpt
+import torch
+
+from cllora.fed.algorithms._fedopt import AdaptiveFedOpt
 
 
-class FedYogi(FedOpt):
+class FedYogi(AdaptiveFedOpt):
     name = "fedyogi"
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        return v - (1 - self.beta2) * d2 * torch.sign(v - d2)

@@ -5,7 +5,9 @@ Usage: ``cllora run fed.strategy=frozen_a``. Needs one rank for every client.
 
 Bytes: only B travels, both ways. A is the shared initialisation every client builds from the
 run's seed (FFA-LoRA's premise), so the downlink counts B alone and the uplink holds B alone;
-the server puts its own (unchanged) A back before aggregating.
+the server puts its own (unchanged) A back before aggregating
+(:func:`cllora.fed.strategy.frozen_a_aggregate`). The clients train B only (:class:`FreezeA`, a
+:class:`~cllora.fed.local_rule.LocalRule`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from cllora.fed.algorithms.base import (
     Algorithm,
     ClientResult,
     Downlink,
-    LocalRule,
     State,
     Uplink,
     a_part,
     b_part,
 )
-from cllora.fed.strategy import AggregateResult
+from cllora.fed.local_rule import LocalRule
+from cllora.fed.lora_algebra import A_SUFFIX
+from cllora.fed.strategy import AggregateResult, frozen_a_aggregate
 from cllora.model.lora import state_nbytes
 
 
@@ -38,6 +41,13 @@ class SharedInitDownlink(Downlink):
         return state_nbytes(b_part(self.adapter)) + extra
 
 
+class FreezeA(LocalRule):
+    """Only the B factors train; every A keeps its starting value."""
+
+    def trains(self, name: str) -> bool:
+        return not name.endswith(A_SUFFIX)
+
+
 class FrozenA(Algorithm):
     name = "frozen_a"
 
@@ -49,8 +59,8 @@ class FrozenA(Algorithm):
                 f"but lora.client_ranks={cfg.lora.client_ranks}"
             )
 
-    def local_rule(self, index: int, down: Downlink) -> LocalRule:
-        return LocalRule(freeze_a=True)
+    def local_rules(self, index: int, down: Downlink) -> list[LocalRule]:
+        return [FreezeA()]
 
     def downlink(self, index: int, global_state: State) -> Downlink:
         return SharedInitDownlink(global_state)
@@ -60,8 +70,9 @@ class FrozenA(Algorithm):
 
     def aggregate(self, global_state: State, results: list[ClientResult]) -> AggregateResult:
         shared_a = a_part(global_state)
-        full = [
-            ClientResult(r.index, Uplink({**shared_a, **r.uplink.adapter}), r.weight)
-            for r in results
-        ]
-        return self._aggregate_as(self.name, global_state, full)
+        return frozen_a_aggregate(
+            global_state,
+            [{**shared_a, **r.uplink.adapter} for r in results],
+            [r.weight for r in results],
+            *self.scalings(results),
+        )

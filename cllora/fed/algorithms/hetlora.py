@@ -12,7 +12,7 @@ Maths, with global rank ``R = max(lora.r, client ranks)``, client k of rank ``r_
 - aggregation (the paper's sparsity-weighted aggregation): ``n_k = ||Delta W_k||_F`` with
   ``||Delta W_k||_F^2 = sum_modules ||s_k B_k A_k||_F^2`` (one norm per client over all its
   modules, as the paper's per-client norm of its LoRA product), ``p_k = w_k n_k / sum_j w_j
-  n_j``, then the zero-padded average of :func:`cllora.fed.strategy.aggregate` (``fedavg``:
+  n_j``, then the zero-padded average of :func:`cllora.fed.strategy.fedavg_factors` (``fedavg``:
   ``A = sum_k p_k sqrt(s_k / s) pad(A_k)``, ``B`` alike) at rank R.
 
 Decisions: truncation rather than the base class's SVD re-factoring on the way down (HetLoRA's
@@ -81,6 +81,6 @@ class HetLoRA(Algorithm):
         weighted = [
             ClientResult(r.index, r.uplink, w) for r, w in zip(results, weights, strict=True)
         ]
-        agg = self._aggregate_as("fedavg", global_state, weighted)
+        agg = self.average_factors(global_state, weighted)
         agg.info.update(strategy=self.name, update_norms=norms, norm_weights=weights)
         return agg

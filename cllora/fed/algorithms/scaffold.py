@@ -9,7 +9,7 @@ server control variate, ``c_i`` client i's (all zeros at the start), ``K = train
 number of clients:
 
 - client i starts from ``y_i = x`` and takes K AdamW steps, each followed by
-  ``y_i -= lr (c - c_i)`` (:class:`~cllora.fed.algorithms.base.LocalRule.step_correction`);
+  ``y_i -= lr (c - c_i)`` (:class:`StepCorrection`, a :class:`~cllora.fed.local_rule.LocalRule`);
 - then option II: ``c_i+ = c_i - c + (x - y_i) / (K lr)``; it sends ``y_i`` and
   ``delta_c_i = c_i+ - c_i`` and keeps ``c_i+``;
 - server: ``x+ = x + eta * sum_{i in S} w_i (y_i - x)`` (``eta = 1``: ``sum_i w_i y_i``, FedAvg
@@ -39,6 +39,7 @@ Decisions:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -47,12 +48,12 @@ from cllora.fed.algorithms.base import (
     Algorithm,
     ClientResult,
     Downlink,
-    LocalRule,
     State,
     Trainee,
     Uplink,
     require_one_rank,
 )
+from cllora.fed.local_rule import LocalRule
 from cllora.fed.strategy import AggregateResult, fedavg
 
 
@@ -64,6 +65,29 @@ def zeros_like_state(state: State) -> State:
 def correction(c: State, c_i: State) -> State:
     """The gradient correction ``c - c_i``."""
     return {k: c[k] - c_i[k] for k in c}
+
+
+class StepCorrection(LocalRule):
+    """After every optimizer step, each trained tensor moves by ``-lr * correction[name]``
+    (``c - c_i``; see the module doc for why it is not added to the gradient)."""
+
+    def __init__(self, correction: State) -> None:
+        self.correction = correction
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def start(self, names: Sequence[str], params: Sequence[torch.Tensor]) -> None:
+        missing = [n for n in names if n not in self.correction]
+        if missing:
+            raise ValueError(f"the step correction lacks {missing[:3]}")
+        self.pairs = [
+            (p, self.correction[n].to(p.device, p.dtype))
+            for n, p in zip(names, params, strict=True)
+        ]
+
+    def after_step(self, lr: float) -> None:
+        with torch.no_grad():
+            for p, c in self.pairs:  # outside AdamW's normalisation: it keeps its scale
+                p.add_(c, alpha=-lr)
 
 
 def client_control(c_i: State, c: State, x: State, y: State, steps: int, lr: float) -> State:
@@ -122,9 +146,9 @@ class Scaffold(Algorithm):
     def downlink(self, index: int, global_state: State) -> Downlink:
         return Downlink(global_state, extra={"c": self._server_c(global_state)})
 
-    def local_rule(self, index: int, down: Downlink) -> LocalRule:
+    def local_rules(self, index: int, down: Downlink) -> list[LocalRule]:
         c_i = self._client_c(index, down.adapter)
-        return LocalRule(step_correction=correction(down.extra["c"], c_i))
+        return [StepCorrection(correction(down.extra["c"], c_i))]
 
     def uplink(self, index: int, down: Downlink, trained: State) -> Uplink:
         c, c_i = down.extra["c"], self._client_c(index, down.adapter)

@@ -9,6 +9,7 @@ from cllora.config import ConfigError, load_config
 from cllora.fed.algorithms import make_algorithm
 from cllora.fed.algorithms.base import ClientResult
 from cllora.fed.algorithms.scaffold import (
+    StepCorrection,
     client_control,
     correction,
     server_control,
@@ -53,8 +54,9 @@ def test_two_rounds_of_control_variates_through_the_algorithm(tmp_path):
     down = algo.downlink(0, x)
     assert down.nbytes() == 2 * state_nbytes(x)  # x and c
     assert torch.equal(down.extra["c"]["m.lora_A"], torch.zeros(1, 2))
-    rule = algo.local_rule(0, down)
-    assert all(torch.equal(t, torch.zeros_like(t)) for t in rule.step_correction.values())
+    (rule,) = algo.local_rules(0, down)
+    assert isinstance(rule, StepCorrection)
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in rule.correction.values())
     y0 = {"m.lora_A": torch.tensor([[0.75, 1.25]]), "m.lora_B": torch.tensor([[0.25], [0.0]])}
     y1 = {"m.lora_A": torch.tensor([[1.25, 1.25]]), "m.lora_B": torch.tensor([[0.0], [0.5]])}
     up0, up1 = algo.uplink(0, down, y0), algo.uplink(1, algo.downlink(1, x), y1)
@@ -71,11 +73,11 @@ def test_two_rounds_of_control_variates_through_the_algorithm(tmp_path):
     # c = (1/4) (delta_0 + delta_1) = (1/4) ([1, -1] + [-1, -1]) = [0, -0.5]
     assert torch.equal(algo.state["c"]["m.lora_A"], torch.tensor([[0.0, -0.5]]))
     assert torch.equal(algo.state["c"]["m.lora_B"], torch.tensor([[-0.25], [-0.5]]))
-    rule = algo.local_rule(0, algo.downlink(0, agg.state))  # round 2: c - c_0
-    assert torch.equal(rule.step_correction["m.lora_A"], torch.tensor([[-1.0, 0.5]]))
-    assert torch.equal(rule.step_correction["m.lora_B"], torch.tensor([[0.75], [-0.5]]))
-    rule = algo.local_rule(3, algo.downlink(3, agg.state))  # never trained: c_3 = 0
-    assert torch.equal(rule.step_correction["m.lora_A"], torch.tensor([[0.0, -0.5]]))
+    (rule,) = algo.local_rules(0, algo.downlink(0, agg.state))  # round 2: c - c_0
+    assert torch.equal(rule.correction["m.lora_A"], torch.tensor([[-1.0, 0.5]]))
+    assert torch.equal(rule.correction["m.lora_B"], torch.tensor([[0.75], [-0.5]]))
+    (rule,) = algo.local_rules(3, algo.downlink(3, agg.state))  # never trained: c_3 = 0
+    assert torch.equal(rule.correction["m.lora_A"], torch.tensor([[0.0, -0.5]]))
 
 
 def test_mixed_ranks_are_refused(tmp_path):
