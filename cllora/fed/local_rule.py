@@ -7,7 +7,7 @@ Usage::
     rules = algorithm.local_rules(i, down)     # e.g. [ProximalTerm(0.01)]
     client_update(model, down.adapter, train, cfg.train, pad_id, seed=1, rules=rules)
 
-A rule is a :class:`LocalRule` with three hooks, each a no-op here, that
+A rule is a :class:`LocalRule` with four hooks, each a no-op here, that
 :func:`cllora.fed.client.client_update` calls in this order:
 
 - :meth:`LocalRule.trains` — whether an adapter tensor (``"<module>.lora_A"`` /
@@ -19,7 +19,7 @@ A rule is a :class:`LocalRule` with three hooks, each a no-op here, that
 - :meth:`LocalRule.after_step` — after each optimizer step, with the learning rate.
 
 Concrete rules live next to the algorithm that uses them: ``ProximalTerm`` in
-:mod:`cllora.fed.algorithms.fedprox`, ``FrozenA`` in :mod:`cllora.fed.algorithms.frozen_a`,
+:mod:`cllora.fed.algorithms.fedprox`, ``FreezeA`` in :mod:`cllora.fed.algorithms.frozen_a`,
 ``StepCorrection`` in :mod:`cllora.fed.algorithms.scaffold`. A rule object is made per client
 and round by ``Algorithm.local_rules``; it may keep state between :meth:`LocalRule.start` and
 the last step.
