@@ -48,6 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cllora.config import Config, config_to_dict
+from cllora.fed.algorithms import ignored_settings
 from cllora.fed.algorithms.base import Algorithm, Downlink, Trainee
 from cllora.fed.checkpoint import Checkpoint, rng_states, save_checkpoint, set_rng_states
 from cllora.fed.evaluation import add_local_means
@@ -182,6 +183,11 @@ def aggregation_weights(
 
 def run_loop(run: Run, ckpt: Checkpoint | None) -> RunResult:
     """Round 0 (or ``ckpt``'s state), every round to ``fed.rounds``, the finish; the result."""
+    ignored = ignored_settings(run.cfg)
+    if ignored:  # said once, in run.log: a sweep may set a setting for every arm
+        log.warning("%s: fed.strategy=%s does not read %s (another algorithm's setting)",
+                    ", ".join(ignored), run.cfg.fed.strategy,
+                    "it" if len(ignored) == 1 else "them")  # fmt: skip
     first = start(run, ckpt)
     show = run.cfg.progress and run.pool.progress
     for r in tqdm(range(first, run.cfg.fed.rounds + 1), desc="rounds", disable=not show):

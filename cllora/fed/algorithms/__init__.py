@@ -5,6 +5,7 @@ Usage::
     from cllora.fed.algorithms import algorithm_names, make_algorithm
     algorithm_names()            # ('centralized', 'exact', 'fedadam', ..., 'frozen_a', ...)
     algo = make_algorithm(cfg)   # an instance of the class in cllora/fed/algorithms/<name>.py
+    ignored_settings(cfg)        # ['fed.prox_mu=0.1'] when fed.strategy=fedavg (fedprox's)
     algorithm_summary("fedavg")  # '(McMahan et al., 2017) on LoRA factors: A = sum_k w_k A_k, ...'
 
 Adding an algorithm: a file ``<name>.py`` here with one subclass of
@@ -55,6 +56,22 @@ def make_algorithm(cfg: Config) -> Algorithm:
     cls = algorithm_class(cfg.fed.strategy)
     cls.check_config(cfg)
     return cls(cfg)
+
+
+def ignored_settings(cfg: Config) -> list[str]:
+    """The algorithm settings ``cfg`` sets away from their defaults that ``fed.strategy`` does
+    not read (each algorithm's :attr:`~cllora.fed.algorithms.base.Algorithm.settings`), as
+    ``fed.<key>=<value>``, for a warning: a sweep may set them for every arm."""
+    from cllora.config import FedConfig
+
+    mine = set(algorithm_class(cfg.fed.strategy).settings)
+    others = {key for name in algorithm_names() for key in algorithm_class(name).settings}
+    default = FedConfig()
+    return [
+        f"fed.{key}={getattr(cfg.fed, key)}"
+        for key in sorted(others - mine)
+        if getattr(cfg.fed, key) != getattr(default, key)
+    ]
 
 
 def algorithm_summary(name: str) -> str:

@@ -56,6 +56,7 @@ class FedOpt(Algorithm):
     """A server optimizer: subclasses name their moments and implement :meth:`rule`."""
 
     default_server_lr = 1e-2
+    settings = ("server_lr",)
     #: the moments the optimizer keeps, in checkpoint order ("m" starts at 0, the others at v_0)
     moment_names: ClassVar[tuple[str, ...]] = ("m", "v")
 
@@ -180,6 +181,7 @@ class FedOpt(Algorithm):
 class AdaptiveFedOpt(FedOpt):
     """Adam-like server optimizers: subclasses give :meth:`second_moment`."""
 
+    settings = ("server_lr", "beta1", "beta2", "tau")
     #: bias correction divides v by ``1 - b2^t`` (False where v is a sum, as Adagrad's)
     corrects_v: ClassVar[bool] = True
 

@@ -129,6 +129,10 @@ class Algorithm:
     name: ClassVar[str] = ""  # the fed.strategy value: the file's module name
     #: the server learning rate when ``fed.server_lr`` is empty (None: the algorithm has none)
     default_server_lr: ClassVar[float | None] = None
+    #: its own settings: the ``fed.*`` keys it reads (validated by the config's ranges and its
+    #: :meth:`check_config`); a run that sets one that the chosen algorithm does not read is
+    #: told it is ignored (:func:`cllora.fed.algorithms.ignored_settings`)
+    settings: ClassVar[tuple[str, ...]] = ()
 
     # -- what it can do (read by the Flower apps, SecAgg+ and central DP; no name lists) --
     #: it keeps state per client between rounds (``Uplink.kept``: SCAFFOLD's control variates,

@@ -15,6 +15,7 @@ from cllora.fed.algorithms._fedopt import FedOpt, Moments
 class FedAvgM(FedOpt):
     name = "fedavgm"
     default_server_lr = 1.0
+    settings = ("server_lr", "server_momentum")
     moment_names = ("m",)
 
     def rule(

@@ -38,6 +38,7 @@ class ProximalTerm(LocalRule):
 class FedProx(Algorithm):
     name = "fedprox"
     mean_of_uplinks = True
+    settings = ("prox_mu",)
 
     def local_rules(self, index: int, down: Downlink) -> list[LocalRule]:
         return [ProximalTerm(self.cfg.fed.prox_mu)]

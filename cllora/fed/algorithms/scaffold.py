@@ -122,6 +122,7 @@ def state_norm(state: State) -> float:
 class Scaffold(Algorithm):
     name = "scaffold"
     keeps_client_state = True
+    settings = ("server_lr",)
     uplink_extra = ("delta_c",)
 
     def __init__(self, cfg: Config) -> None:
