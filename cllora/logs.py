@@ -72,11 +72,13 @@ _FILTERS: dict[str, _DropNoise] = {}
 def configure_logging(debug: bool = False) -> None:
     """Set up the command's logging (see the module doc); calling it again re-applies it."""
     root = logging.getLogger()
-    if not any(getattr(h, "_cllora", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._cllora = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
+    for old in [h for h in root.handlers if getattr(h, "_cllora", False)]:
+        root.removeHandler(old)  # called again in one process (tests): today's stderr, not a
+        # stream an earlier caller had (it may be closed); never flushed, as it may be closed
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._cllora = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.WARNING)
     logging.getLogger("cllora").setLevel(logging.DEBUG if debug else logging.INFO)
     for name, drop in _FILTERS.items():

