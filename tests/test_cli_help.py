@@ -121,20 +121,45 @@ def test_list_models_gives_every_known_name_and_its_size(capsys):
     assert re.search(r"^smollm2-135m +embedded +134.5M ", out, flags=re.M)
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-mistral", "mistral-7b-v0.3", "qwen2.5-7b"])
-def test_parameter_count_is_the_models(name):
-    """The sizes ``list models`` prints are those of the models built (on the meta device)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+COUNTED = ["tiny-qwen2", "tiny-mistral", "mistral-7b-v0.3", "qwen2.5-7b"]
+# Built on the meta device in a fresh interpreter: in a pytest worker that has run bitsandbytes'
+# CPU 4-bit decoder (tests/kernels/test_nf4.py), `with torch.device("meta")` no longer reaches
+# transformers' layers and a 7B model is allocated for real (the worker is killed for memory).
+_BUILT = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from cllora.model.load import tiny_config
+from cllora.model.presets import preset_config
+out = {}
+for name in sys.argv[1:]:
+    config = tiny_config(name[5:], 49152) if name.startswith("tiny-") else preset_config(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    out[name] = sum(p.numel() for p in model.parameters())
+print(json.dumps(out))
+"""
 
+
+@pytest.fixture(scope="module")
+def built_counts() -> dict[str, int]:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _BUILT, *COUNTED], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", COUNTED)
+def test_parameter_count_is_the_models(name, built_counts):
+    """The sizes ``list models`` prints are those of the models built (on the meta device)."""
     from cllora.catalog import parameter_count
     from cllora.model.load import tiny_config
     from cllora.model.presets import preset_config
 
     config = tiny_config(name[5:], 49152) if name.startswith("tiny-") else preset_config(name)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    assert parameter_count(config) == sum(p.numel() for p in model.parameters())
+    assert parameter_count(config) == built_counts[name]
 
 
 def test_list_algorithms_reads_the_registry(capsys):
