@@ -7,7 +7,9 @@ Usage::
     replies = exchange(grid, {node_id: message, ...}, timeout=600)    # replies by node id
 
 :func:`discover` waits for the SuperNodes and asks each (a ``query`` Message) for its client:
-name, sizes, quality score, ``clients.csv`` row, test sample ids, length counts. A node that
+name, sizes, quality score, ``clients.csv`` row, test sample ids, length counts; the
+federation's ``clients.csv`` rows and data counts are made from them (:func:`site_rows`,
+:func:`data_stats`). A node that
 cannot load its client answers an error, which :func:`node_error` turns into its name and one
 line (its traceback logged when it is a bug, not the user's data). :func:`exchange` sends one
 message per node and waits for the replies, not for a node that has left.
@@ -21,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
@@ -124,3 +127,26 @@ def exchange(grid: Grid, msgs: dict[int, Message], timeout: float) -> dict[int, 
         if waiting:
             time.sleep(POLL)
     return replies
+
+
+def site_rows(sites: list[Site]) -> list[dict[str, Any]]:
+    """The rows of ``clients.csv``, from what the nodes told (``tv_len``: each client's length
+    mix against the federation's)."""
+    counts = np.array([s.length_counts for s in sites], dtype=float)  # (clients, buckets)
+    mix = counts.sum(axis=0) / max(1.0, counts.sum())
+    for s, c in zip(sites, counts, strict=True):
+        s.row["tv_len"] = float(0.5 * np.abs(c / max(1.0, c.sum()) - mix).sum())
+    return [s.row for s in sites]
+
+
+def data_stats(per_node: list[dict[str, Any]]) -> dict[str, Any]:
+    """The data pipeline's counts of the whole federation: a value every node reports alike
+    (a simulation's nodes read the same data) as it is, else integers summed."""
+    out = {}
+    for key in per_node[0]:
+        values = [d.get(key) for d in per_node]
+        if all(v == values[0] for v in values):
+            out[key] = values[0]
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            out[key] = sum(values)
+    return out

@@ -82,7 +82,15 @@ from cllora.fed.rounds import RoundOutcome, write_outcomes
 from cllora.fed.rundir import attach_log_file, make_run_dir
 from cllora.fed.strategy import AggregateResult
 from cllora.flower.client_app import CONFIG_KEY, DP_ACTION
-from cllora.flower.exchange import Site, discover, exchange, failure_lines, node_error
+from cllora.flower.exchange import (
+    Site,
+    data_stats,
+    discover,
+    exchange,
+    failure_lines,
+    node_error,
+    site_rows,
+)
 from cllora.flower.messages import (
     config_of,
     downlink_content,
@@ -183,10 +191,10 @@ class FlowerPool(ClientPool):
 
     def start(self, run: Run) -> None:
         """``clients.csv``, the ``partition`` / ``client_stats`` / ``test_samples`` records."""
-        rows = _site_rows(self.sites)
+        rows = site_rows(self.sites)
         write_csv(run.run_dir / "clients.csv", rows)
         summary = {**heterogeneity_summary(rows),
-                   **_data_stats([s.data_stats for s in self.sites])}  # fmt: skip
+                   **data_stats([s.data_stats for s in self.sites])}  # fmt: skip
         run.metrics.write(FreeRecord(Kind.PARTITION, summary))
         for s in self.sites:
             fields = {**s.row, "samples": int(s.stats["samples"]),
@@ -220,7 +228,7 @@ class FlowerPool(ClientPool):
             )
         if not (run.run_dir / "clients.csv").exists():
             log.warning("clients.csv was missing from %s: rewritten (recomputed)", run.run_dir)
-            write_csv(run.run_dir / "clients.csv", _site_rows(self.sites))
+            write_csv(run.run_dir / "clients.csv", site_rows(self.sites))
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"flower": {"sites": self.names, "privacy": _privacy(self.settings)}}
@@ -448,29 +456,6 @@ def _open(cfg: Config | None, settings: FlowerSettings) -> tuple[Config, Checkpo
 
 def _write_info(run_dir: Path, info: dict[str, Any]) -> None:
     (run_dir / "flower.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-
-
-def _site_rows(sites: list[Site]) -> list[dict[str, Any]]:
-    """The rows of ``clients.csv``, from what the nodes told (``tv_len``: each client's length
-    mix against the federation's)."""
-    counts = np.array([s.length_counts for s in sites], dtype=float)  # (clients, buckets)
-    mix = counts.sum(axis=0) / max(1.0, counts.sum())
-    for s, c in zip(sites, counts, strict=True):
-        s.row["tv_len"] = float(0.5 * np.abs(c / max(1.0, c.sum()) - mix).sum())
-    return [s.row for s in sites]
-
-
-def _data_stats(per_node: list[dict[str, Any]]) -> dict[str, Any]:
-    """The data pipeline's counts of the whole federation: a value every node reports alike
-    (a simulation's nodes read the same data) as it is, else integers summed."""
-    out = {}
-    for key in per_node[0]:
-        values = [d.get(key) for d in per_node]
-        if all(v == values[0] for v in values):
-            out[key] = values[0]
-        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            out[key] = sum(values)
-    return out
 
 
 def add_noise(
