@@ -93,9 +93,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import cllora
-from cllora.bench.cells import ROOT, BenchSpec, Cell, engine_config, max_context_cuda, run_cell
+from cllora.bench.cells import BenchSpec, Cell, engine_config, max_context_cuda, run_cell
 from cllora.bench.figure import plot
 from cllora.bench.providers import NAMES, parse_provider
+from cllora.plan.report import commit
 
 FIELDS = ("provider", "workload", "context", "batch", "metric", "value", "unit", "device",
           "dtype", "commit", "timestamp")  # fmt: skip
@@ -174,18 +175,6 @@ def failed_cells(path: Path) -> int:
         if r["metric"] == "error" or (r["metric"], r["value"]) == ("status", "error")
     ]
     return len({(r["provider"], r["workload"], r["context"]) for r in failed})
-
-
-def commit() -> str:
-    """Short commit of the checkout (``CLLORA_COMMIT`` where the tree travels without .git)."""
-    if os.environ.get("CLLORA_COMMIT"):
-        return os.environ["CLLORA_COMMIT"]
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def device_name(spec: BenchSpec) -> str:

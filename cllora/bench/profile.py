@@ -48,7 +48,6 @@ from cllora.bench.cells import BenchSpec, Cell, batches, build_provider, device_
 from cllora.bench.e2e import (
     cell_command,
     cell_env,
-    commit,
     device_name,
     error_line,
     exit_status,
@@ -56,6 +55,7 @@ from cllora.bench.e2e import (
     write_csv,
 )
 from cllora.bench.providers import NAMES, parse_provider
+from cllora.plan.report import commit
 
 CATEGORIES = ("attention", "base_matmul", "lora_matmul", "loss", "norm_act", "optimizer", "other")
 _MATMUL = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmul", "aten::linear",

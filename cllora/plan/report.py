@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -104,7 +105,10 @@ def kinds_table(points: list[PlanPoint], card: GPU) -> str:
 
 
 def commit() -> str:
-    """Short commit of the checkout ("unknown" outside git)."""
+    """Short commit of the checkout: ``CLLORA_COMMIT`` where the tree travels without .git (a
+    lent GPU machine), else git's ("unknown" outside git). The benchmark's and the plan's."""
+    if os.environ.get("CLLORA_COMMIT"):
+        return os.environ["CLLORA_COMMIT"]
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL

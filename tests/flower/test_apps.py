@@ -18,7 +18,6 @@ pytest.importorskip("flwr")
 from flwr.app import Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.supercore.differential_privacy import compute_stdv
-from flwr.supercore.task_identity import TaskIdentity
 
 from cllora.cli import main as cli_main
 from cllora.config import ConfigError, config_to_dict, load_config
@@ -47,15 +46,6 @@ from cllora.model.lora import lora_state_dict
 from cllora.report.records import ClientFailed, GlobalEval
 from tests.conftest import metrics_without_times, tiny_run_overrides
 from tests.flower.grid import InProcessGrid
-
-
-@pytest.fixture
-def task_identity():
-    """What a ClientApp process has set before it makes Messages (restored after)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def _norm(a: dict, b: dict) -> float:

@@ -16,24 +16,21 @@ everything else equal.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 pytest.importorskip("flwr")
 
-from flwr.supercore.task_identity import TaskIdentity
 
 from cllora.config import load_config
 from cllora.fed.algorithms import algorithm_class, algorithm_names
 from cllora.fed.runner import run_experiment
 from cllora.flower.pool import FlowerSettings, run_federation
 from tests.conftest import metrics_without_times, tiny_run_overrides
+from tests.flower.conftest import REL, assert_close
 from tests.flower.grid import InProcessGrid
 
-REL = 1e-5  # the stated tolerance (docs/flower.md)
 NODES = 2
 
 # What each algorithm needs beyond the common tiny config to do something FedAvg does not (an
@@ -68,31 +65,6 @@ SETTINGS: dict[str, dict] = {
 }
 
 FLOWER = [n for n in algorithm_names() if algorithm_class(n).runs_on_flower()]
-
-
-@pytest.fixture
-def task_identity():
-    """What a ClientApp process has set before it makes Messages (restored after)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-def _close(a, b, where: str) -> None:
-    if isinstance(a, dict):
-        assert set(a) == set(b), (where, sorted(set(a) ^ set(b)))
-        for k in a:
-            _close(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _close(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and not isinstance(b, str):
-        same = math.isclose(a, b, rel_tol=REL, abs_tol=1e-9)
-        assert same or (math.isnan(a) and math.isnan(b)), (where, a, b)
-    else:
-        assert a == b, (where, a, b)
 
 
 def _overrides(tmp_path, name: str) -> list[str]:
@@ -133,12 +105,12 @@ def test_flower_run_has_the_in_process_numbers(tmp_path, task_identity, name):
     assert [r["kind"] for r in a] == [r["kind"] for r in b]
     _exercised(name, a)
     for k, (x, y) in enumerate(zip(a, b, strict=True)):
-        _close(x, y, f"record {k} ({x['kind']})")
+        assert_close(x, y, f"record {k} ({x['kind']})")
     rounds = [(r["round"], r["bytes_down"], r["bytes_up"]) for r in a if r["kind"] == "round"]
     assert rounds == [(r["round"], r["bytes_down"], r["bytes_up"])
                       for r in b if r["kind"] == "round"]  # fmt: skip
     assert [r for _, *r in rounds if min(r) <= 0] == []  # something travelled each round
-    _close(ref.rows, flower.rows, "rows")
+    assert_close(ref.rows, flower.rows, "rows")
     assert set(flower.global_state) == set(ref.global_state)
     for k, t in ref.global_state.items():
         torch.testing.assert_close(flower.global_state[k], t, rtol=REL, atol=1e-7, msg=k)

@@ -11,21 +11,12 @@ import torch
 pytest.importorskip("flwr")
 
 from flwr.app import Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from cllora.config import ConfigError, load_config
 from cllora.flower.kept import KEEP, KeptStore
 from cllora.flower.pool import FlowerSettings, run_federation
 from tests.conftest import tiny_run_overrides
 from tests.flower.grid import InProcessGrid
-
-
-@pytest.fixture
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def _kept(r: int) -> dict[str, dict[str, torch.Tensor]]:

@@ -7,7 +7,6 @@ losses are combined); the record kinds, their order and every other field exactl
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -21,8 +20,7 @@ from cllora.fed.runner import run_experiment
 from cllora.flower.pool import FlowerSettings
 from cllora.flower.simulation import simulate
 from tests.conftest import tiny_run_overrides
-
-REL = 1e-5  # the stated tolerance (docs/flower.md)
+from tests.flower.conftest import REL, assert_close
 
 
 def _records(run_dir) -> list[dict]:
@@ -32,25 +30,6 @@ def _records(run_dir) -> list[dict]:
         record.pop("seconds", None)  # wall-clock times differ
         out.append(record)
     return out
-
-
-def _close(a, b, where: str) -> None:
-    if isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            _close(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _close(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and not isinstance(b, str):
-        assert math.isclose(a, b, rel_tol=REL, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b)), (
-            where,
-            a,
-            b,
-        )
-    else:
-        assert a == b, (where, a, b)
 
 
 def test_simulation_matches_cllora_run(tmp_path):
@@ -63,11 +42,11 @@ def test_simulation_matches_cllora_run(tmp_path):
     a, b = _records(ref.run_dir), _records(sim.run_dir)
     assert [r["kind"] for r in a] == [r["kind"] for r in b]
     for k, (x, y) in enumerate(zip(a, b, strict=True)):
-        _close(x, y, f"record {k} ({x['kind']})")
+        assert_close(x, y, f"record {k} ({x['kind']})")
     assert (sim.run_dir / "summary.csv").read_text().splitlines()[0] == (
         (ref.run_dir / "summary.csv").read_text().splitlines()[0]
     )
-    _close(ref.rows, sim.rows, "rows")
+    assert_close(ref.rows, sim.rows, "rows")
     for name in ("clients.csv", "sample_losses.csv"):
         assert (sim.run_dir / name).is_file(), name
     weights = "adapter/adapter_model.safetensors"
