@@ -7,7 +7,7 @@ Usage::
     result = run_loop(run, ckpt)   # round 0 (or a checkpoint's state), every round, the finish
     result.rows, result.global_state
 
-A :class:`ClientPool` is where the clients are and train: :class:`cllora.fed.runner.LocalPool`
+A :class:`ClientPool` is where the clients are and train: :class:`cllora.fed.pool.LocalPool`
 (this process holds every client and one shared model; under torchrun each rank trains the
 trainees it owns) and :class:`cllora.flower.pool.FlowerPool` (each client on its SuperNode,
 reached through a Flower ``Grid``, in a simulation or a deployment). The loop never asks which

@@ -7,9 +7,10 @@ Usage::
         ...
     timer.as_dict()   # {"train": 1.23, ..., "other": 0.05, "total": 1.31, "cpu": {...}}
 
-Phases of a run (``cllora/fed/runner.py``, ``rounds.py``): ``load`` (model, tokenizer, data,
-partition), ``client_stats`` (tables and the quality score), ``global_eval``, ``train``,
-``local_eval``, ``aggregate``, ``checkpoint``, ``generation`` (``eval.generate_samples``);
+Phases of a run (``cllora/fed/loop.py``, ``pool.py``, ``rounds.py``): ``load`` (model,
+tokenizer, data, partition), ``client_stats`` (tables and the quality score), ``global_eval``,
+``train``, ``local_eval``, ``aggregate``, ``checkpoint``, ``generation``
+(``eval.generate_samples``);
 ``other`` is the rest of ``total`` (the wall time of this process from its setup to the end: a
 resumed run counts only its own part).
 Wall-clock numbers: compare phases of one run, or runs measured side by side. ``cpu`` holds the

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from cllora.config import Config, ConfigError
+from cllora.fed.loop import RunResult
 from cllora.fed.prepare import check_combination
-from cllora.fed.runner import RunResult
 from cllora.flower import require_flower
 from cllora.flower.pool import FlowerSettings, check_flower_config
 
