@@ -38,6 +38,7 @@ from cllora.fed.evaluation import Evaluator
 from cllora.fed.loop import ClientPool, Run
 from cllora.fed.prepare import client_stats, prepare_run
 from cllora.fed.rounds import RoundOutcome, TraineeOutcome, train_trainee, write_outcomes
+from cllora.fed.strategy import AggregateResult
 from cllora.fed.timing import PhaseTimer
 from cllora.report.metrics import MetricsLog
 from cllora.report.records import record_from_dict
@@ -124,9 +125,17 @@ class LocalPool(ClientPool):
             outcomes = self.share(trainees, downs, outcomes)
         local = write_outcomes(run.metrics, [outcomes[k].records for k in range(len(trainees))])
         uplinks = {k: o.uplink for k, o in outcomes.items() if o.uplink is not None}
-        for k in sorted(uplinks):  # every client lives here: it keeps its state here
-            self.algorithm.keep(trainees[k].index, uplinks[k].kept)
         return RoundOutcome(trainees, uplinks, sum(d.nbytes() for d in downs), local)
+
+    def aggregate(
+        self, run: Run, r: int, out: RoundOutcome, weights: list[float]
+    ) -> AggregateResult:
+        """Every client lives here, so what each finisher keeps is stored here, once the round
+        is aggregated (a round stopped for too few finishers leaves the state, and so the
+        previous round's checkpoint, as it was); then the algorithm's aggregation."""
+        for k in sorted(out.uplinks):
+            self.algorithm.keep(out.trainees[k].index, out.uplinks[k].kept)
+        return super().aggregate(run, r, out, weights)
 
     def evaluate(self, run: Run, r: int, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         return self.evaluator.global_round(self.model, r)

@@ -101,3 +101,34 @@ def test_scaffold_run_resumes_bit_exactly_and_counts_both_variates(tmp_path):
         mean = sum(kept[i]["c"][k] for i in kept) / len(kept)
         torch.testing.assert_close(t, mean, rtol=1e-5, atol=1e-5)
     assert any(float(t.abs().max()) > 0 for t in c.values())
+
+
+def test_a_round_stopped_for_too_few_finishers_leaves_the_kept_state_as_the_round_before(tmp_path):
+    """What clients keep is stored when their round is aggregated: a round that stops the run
+    (too few finishers) must not leak its finisher's control variate into the previous round's
+    checkpoint, which is what a resume starts from."""
+    from cllora.config import load_config
+    from cllora.fed.checkpoint import load_checkpoint
+    from cllora.fed.guards import TooFewClientsError
+    from cllora.fed.runner import run_experiment
+    from tests.conftest import tiny_run_overrides
+
+    # seed 0: both clients finish round 1; in round 2 one of the two crashes (min_clients=2)
+    common = dict(partition__method="iid", partition__num_clients=2, train__threads=1,
+                  fed__strategy="scaffold", fed__client_failure_rate=0.5, fed__min_clients=2,
+                  seed=0, eval__local=False)  # fmt: skip
+
+    def config(rounds: int, name: str):
+        overrides = tiny_run_overrides(tmp_path, **common, fed__rounds=rounds)
+        return load_config(None, [*overrides, f"run_name={name}"])
+
+    once = run_experiment(config(1, "a"))
+    with pytest.raises(TooFewClientsError):
+        run_experiment(config(2, "b"))
+    want = load_checkpoint(once.run_dir / "checkpoint").server_state
+    got = load_checkpoint(tmp_path / "b" / "checkpoint")
+    assert got.round == 1
+    assert set(got.server_state["clients"]) == set(want["clients"]) == {"0", "1"}
+    for i, kept in want["clients"].items():
+        for k, t in kept["c"].items():
+            assert torch.equal(got.server_state["clients"][i]["c"][k], t), (i, k)
