@@ -83,3 +83,15 @@ def test_fedprox_reads_prox_mu_into_its_rule_and_scaffold_reads_server_lr():
         moved = scaffold_step(**{key: CHANGED[key]})
         differs = any(not torch.equal(moved[k], base[k]) for k in base)
         assert differs == (key in algorithm_class("scaffold").settings), key
+
+
+def test_a_run_with_another_algorithms_setting_says_so_once_in_its_log(tmp_path):
+    from cllora.config import load_config
+    from cllora.fed.runner import run_experiment
+    from tests.conftest import tiny_run_overrides
+
+    overrides = tiny_run_overrides(tmp_path, fed__rounds=1, fed__prox_mu=0.3, train__threads=1)
+    result = run_experiment(load_config(None, [*overrides, "run_name=r"]))
+    log = (result.run_dir / "run.log").read_text()
+    line = "fed.prox_mu=0.3: fed.strategy=fedavg does not read it (another algorithm's setting)"
+    assert log.count(line) == 1, log
